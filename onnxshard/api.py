@@ -1,0 +1,118 @@
+"""The Python API: plan a model, load a plan, verify a split. Brings the partitioner and ONNX Runtime together."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onnxshard import partitioner
+from onnxshard.errors import PlanError
+from onnxshard.plan import PLAN_FILE, Plan, parse_bytes
+from onnxshard.runtime import tools
+
+DEFAULT_TOLERANCE = 1e-5
+
+
+def plan(
+    model: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    stages: int | None = None,
+    cuts: Sequence[str] = (),
+    max_stage_memory: int | str | None = None,
+    profile: bool = False,
+    optimize: bool = False,
+    copy_weights: bool = False,
+    dims: dict[str, int] | None = None,
+    allow_domains: Iterable[str] = (),
+) -> Plan:
+    """Split ``model`` into pipeline stages and save the plan to ``out`` (a new temporary folder if omitted).
+
+    stages: number of stages; with ``max_stage_memory`` alone, the fewest that fit; else the model's own
+        ``pipeline_stage`` annotations, else 1.
+    cuts: tensor names to cut after (each starts a new stage); overrides the automatic choice.
+    max_stage_memory: weight bytes one stage may hold (``"2GB"`` or an int).
+    profile: balance measured ONNX Runtime per-node times instead of analytic FLOPs.
+    optimize: apply ONNX Runtime's extended fusions before cutting (writes an optimised copy with its weights).
+    copy_weights: write a self-contained per-stage copy of the weights instead of linking the model's files.
+    dims: sizes for symbolic dims in cost estimates (others count 1), e.g. ``{"seq": 128}``.
+    """
+    if isinstance(max_stage_memory, str):
+        try:
+            max_stage_memory = parse_bytes(max_stage_memory)
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+    if stages is not None and stages < 1:
+        raise PlanError(f"--stages must be at least 1 (got {stages})")
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="onnxshard-plan-")) / "plan"
+    model = source = Path(model)
+    with tempfile.TemporaryDirectory(prefix="onnxshard-opt-", dir=_scratch_dir(out)) as scratch:
+        if optimize:
+            model = tools.optimize_model(model, Path(scratch) / model.name)
+        analysis = partitioner.analyse_model(model, dims=dims, type_oracle=tools.probe_types,
+                                             allow_domains=allow_domains)
+        node_times = None
+        if profile:
+            feeds = tools.random_feeds(tuple(analysis.specs[i] for i in analysis.graph.inputs), dims=dims)
+            node_times = tools.profile_node_times(analysis.graph.model, analysis.graph.folder, feeds)
+        result = partitioner.partition(analysis, out, stages=stages, cuts=cuts, max_stage_memory=max_stage_memory,
+                                       node_times=node_times, copy_weights=copy_weights or optimize,
+                                       source=source)
+    return result
+
+
+def _scratch_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent
+
+
+def load_plan(directory: str | os.PathLike) -> Plan:
+    """Read and check a saved plan folder."""
+    return Plan.load(directory)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The outcome of :func:`verify`: the max absolute difference per output against the unsplit model."""
+
+    plan: Plan
+    differences: dict[str, float]
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return all(d <= self.tolerance for d in self.differences.values())
+
+    def report(self) -> str:
+        lines = [f"{'output':<32} max |diff|"]
+        lines += [f"{name:<32} {d:.3g}{'' if d <= self.tolerance else '  MISMATCH'}"
+                  for name, d in self.differences.items()]
+        verdict = "OK" if self.ok else "FAILED"
+        lines.append(f"{verdict}: {self.plan.num_stages} stage(s) vs the unsplit model (tolerance {self.tolerance:g})")
+        return "\n".join(lines)
+
+
+def verify(model_or_plan: str | os.PathLike | Plan, *, stages: int | None = None,
+           feeds: dict[str, np.ndarray] | None = None, dims: dict[str, int] | None = None,
+           tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, **plan_options) -> Verification:
+    """Run the stages one after another in this process and compare each output with plain ONNX Runtime on the
+    whole model. A model path is planned first (into a temporary folder) with ``stages`` and ``plan_options``."""
+    if isinstance(model_or_plan, Plan):
+        the_plan = model_or_plan
+    elif (Path(model_or_plan) / PLAN_FILE).is_file():
+        the_plan = Plan.load(model_or_plan)
+    else:
+        with tempfile.TemporaryDirectory(prefix="onnxshard-verify-") as tmp:
+            the_plan = plan(model_or_plan, Path(tmp) / "plan", stages=stages, dims=dims, **plan_options)
+            return verify(the_plan, feeds=feeds, dims=dims, tolerance=tolerance, seed=seed)
+    if not Path(the_plan.model).is_file():
+        raise PlanError(f"the plan's source model {the_plan.model} is gone; verify needs it as the reference")
+    feeds = feeds if feeds is not None else tools.random_feeds(the_plan.inputs, dims=dims, seed=seed)
+    reference = tools.run_model(the_plan.model, feeds)
+    got = tools.run_stages(the_plan, feeds)
+    return Verification(the_plan, tools.max_differences(reference, got), tolerance)

@@ -1,0 +1,163 @@
+"""The ``onnxshard`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from onnxshard.errors import InputError, OnnxShardError
+from onnxshard.plan import PLAN_FILE, Plan, human_bytes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except OnnxShardError as e:
+        print(f"onnxshard: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxshard: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnxshard", description=__doc__.strip() + " Split ONNX models into "
+                                     "pipeline stages and run them on Ray.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("plan", help="split a model into pipeline stages and write a plan folder")
+    p.add_argument("model", help="the .onnx file (its external weights stay where they are)")
+    p.add_argument("--out", required=True, help="plan folder to write (created; replaced if it holds a plan)")
+    _plan_options(p)
+    p.set_defaults(handler=cmd_plan)
+
+    p = sub.add_parser("inspect", help="print the stage table of a plan folder, or a model's summary")
+    p.add_argument("target", help="a plan folder or an .onnx file")
+    p.add_argument("--tensors", action="store_true", help="list a model's tensors (candidates for --cut)")
+    _plan_options(p)
+    p.set_defaults(handler=cmd_inspect)
+
+    p = sub.add_parser("verify", help="run the stages one after another in ORT and compare with the whole model")
+    p.add_argument("target", help="a plan folder or an .onnx file (planned on the fly)")
+    p.add_argument("--inputs", help=".npz file of inputs (default: random inputs that fit the model)")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="max absolute difference allowed (default 1e-5)")
+    _plan_options(p)
+    p.set_defaults(handler=cmd_verify)
+    return parser
+
+
+def _plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stages", type=int, help="number of pipeline stages")
+    p.add_argument("--cut", action="append", default=[], metavar="TENSOR",
+                   help="start a new stage after the node making TENSOR (repeatable)")
+    p.add_argument("--max-stage-memory", metavar="SIZE", help="weight bytes per stage, e.g. 2GB; "
+                   "without --stages, the fewest stages that fit")
+    p.add_argument("--profile", action="store_true", help="balance measured ORT per-node times, not FLOPs")
+    p.add_argument("--optimize", action="store_true", help="apply ORT's extended fusions before cutting")
+    p.add_argument("--copy-weights", action="store_true", help="write a self-contained copy of each stage's weights")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
+                   help="size of a symbolic dim, for costs and random inputs (repeatable)")
+    p.add_argument("--allow-domain", action="append", default=[], metavar="DOMAIN",
+                   help="accept ops of this custom domain (your ORT has a custom-op library for it)")
+
+
+def _dims(args) -> dict[str, int]:
+    dims = {}
+    for item in args.dim:
+        name, _, size = item.partition("=")
+        if not name or not size.isdigit():
+            raise InputError(f"--dim {item!r} must look like NAME=SIZE, e.g. --dim seq=128")
+        dims[name] = int(size)
+    return dims
+
+
+def _plan_kwargs(args) -> dict:
+    return dict(stages=args.stages, cuts=args.cut, max_stage_memory=args.max_stage_memory, profile=args.profile,
+                optimize=args.optimize, copy_weights=args.copy_weights, dims=_dims(args),
+                allow_domains=args.allow_domain)
+
+
+def _is_plan(path: str) -> bool:
+    return (Path(path) / PLAN_FILE).is_file()
+
+
+def cmd_plan(args) -> int:
+    from onnxshard.api import plan
+
+    result = plan(args.model, args.out, **_plan_kwargs(args))
+    print(result.table())
+    print(f"wrote {len(result.stages)} stage(s) to {args.out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from onnxshard import partitioner
+    from onnxshard.api import plan
+    from onnxshard.runtime.tools import probe_types
+
+    if _is_plan(args.target):
+        loaded = Plan.load(args.target)
+        print(loaded.table())
+        if loaded.num_stages > 1:
+            print(loaded.boundaries())
+        return 0
+    if args.stages or args.cut or args.max_stage_memory:
+        with tempfile.TemporaryDirectory(prefix="onnxshard-inspect-") as tmp:
+            result = plan(args.target, Path(tmp) / "plan", **_plan_kwargs(args))
+            print(result.table())
+            if result.num_stages > 1:
+                print(result.boundaries())
+        return 0
+    analysis = partitioner.analyse_model(args.target, dims=_dims(args), type_oracle=probe_types,
+                                         allow_domains=args.allow_domain)
+    costs = analysis.costs
+    g = analysis.graph
+    print(f"model {args.target}: {len(g.nodes)} nodes (+{len(g.constants)} Constants), "
+          f"{human_bytes(sum(c.param_bytes for c in costs))} of weights, "
+          f"{sum(c.flops for c in costs) / 1e9:.4f} GFLOP/sample")
+    for kind, names in (("input", g.inputs), ("output", g.outputs)):
+        for name in names:
+            spec = analysis.specs.get(name)
+            print(f"  {kind:<6} {name}: {spec.dtype if spec else '?'} {list(spec.shape) if spec and spec.shape else '?'}")
+    if args.tensors:
+        print(f"{'position':>8}  {'tensor':<40} {'B/sample':>10}  made by")
+        for i, node in enumerate(g.nodes):
+            for out in node.output:
+                spec = analysis.specs.get(out)
+                from onnxshard.partitioner.cost import tensor_bytes
+
+                print(f"{i:>8}  {out:<40} {tensor_bytes(spec, analysis.dims):>10}  {node.op_type} {node.name}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from onnxshard.api import verify
+
+    feeds = _load_npz(args.inputs) if args.inputs else None
+    target = args.target if _is_plan(args.target) else Path(args.target)
+    options = {} if _is_plan(args.target) else {k: v for k, v in _plan_kwargs(args).items() if k not in ("dims",)}
+    result = verify(target, feeds=feeds, dims=_dims(args), tolerance=args.tolerance, **options)
+    print(result.plan.table())
+    print(result.report())
+    return 0 if result.ok else 1
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read inputs from {path}: {e}; write them with numpy.savez") from e
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The errors onnxshard raises. Every message names the thing at fault and says what to do."""
+
+
+class OnnxShardError(Exception):
+    """Base of every error onnxshard raises on purpose."""
+
+
+class ModelError(OnnxShardError):
+    """The ONNX model (or its external weights) cannot be used as given."""
+
+
+class PlanError(OnnxShardError):
+    """No valid plan can be made, or a saved plan is missing, altered or unsafe."""
+
+
+class InputError(OnnxShardError):
+    """Feeds do not match what the model or stage declares."""
+
+
+class WorkerError(OnnxShardError):
+    """A stage worker failed while running a micro-batch."""
+
+    def __init__(self, message: str, *, stage: int | None = None, micro_batch: int | None = None):
+        super().__init__(message)
+        self.stage = stage
+        self.micro_batch = micro_batch
+
+    def __reduce__(self):
+        return (_rebuild_worker_error, (str(self), self.stage, self.micro_batch))
+
+
+def _rebuild_worker_error(message, stage, micro_batch):
+    return WorkerError(message, stage=stage, micro_batch=micro_batch)

@@ -1,0 +1,276 @@
+"""Split an ONNX model into pipeline stages. Knows nothing of Ray or ONNX Runtime.
+
+``partition`` is pure planning plus file writing: model metadata in, a saved :class:`~onnxshard.plan.Plan` out.
+Whatever needs ONNX Runtime (measured costs, typing tensors shape inference cannot) comes in as plain data or a
+callback from :mod:`onnxshard.api`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxshard.errors import PlanError
+from onnxshard.partitioner import cost as costmod
+from onnxshard.partitioner.cuts import choose_bounds, cut_bytes_per_position, fewest_stages
+from onnxshard.partitioner.graph import Graph, analyse
+from onnxshard.partitioner.model import is_external, load_lazy, tensor_nbytes
+from onnxshard.partitioner.shards import (
+    StageGraph,
+    WeightWriter,
+    all_tensors,
+    all_tensors_of_node,
+    build_model,
+    links_possible,
+)
+from onnxshard.plan import PLAN_FILE, Plan, Stage, TensorSpec, Weights, human_bytes
+
+__all__ = ["Analysis", "analyse_model", "partition"]
+
+TypeOracle = Callable[[onnx.ModelProto, Path, list[str]], dict[str, TensorSpec]]
+
+
+@dataclass
+class Analysis:
+    """A model loaded lazily and analysed: graph, tensor specs and per-node costs."""
+
+    path: Path
+    graph: Graph
+    specs: dict[str, TensorSpec]
+    dims: dict[str, int]
+
+    @property
+    def costs(self) -> list[costmod.NodeCost]:
+        return costmod.node_costs(self.graph, self.specs, self.dims)
+
+
+def analyse_model(path: str | os.PathLike, *, dims: dict[str, int] | None = None,
+                  type_oracle: TypeOracle | None = None, allow_domains: Iterable[str] = ()) -> Analysis:
+    """Load ``path`` without weight bytes, infer types and shapes, and estimate each node's cost."""
+    path = Path(path)
+    model = load_lazy(path, allow_domains=frozenset(allow_domains))
+    graph = analyse(model, path.parent)
+    specs = costmod.infer_specs(graph)
+    untyped = [x for x in graph.inputs + [o for n in graph.nodes for o in n.output if o]
+               if x not in specs or specs[x].shape is None]
+    if untyped and type_oracle is not None:
+        specs = costmod.infer_specs(graph, known=type_oracle(graph.model, graph.folder, untyped))
+    return Analysis(path, graph, specs, dict(dims or {}))
+
+
+def partition(
+    analysis: Analysis,
+    out: str | os.PathLike,
+    *,
+    stages: int | None = None,
+    cuts: Sequence[str] = (),
+    max_stage_memory: int | None = None,
+    node_times: dict[str, float] | None = None,
+    copy_weights: bool = False,
+    source: str | os.PathLike | None = None,
+) -> Plan:
+    """Choose stage bounds and write the plan folder ``out`` (atomically: nothing half-written on error).
+
+    ``node_times`` (node name -> measured seconds) replaces the analytic FLOP estimate as the balance cost.
+    ``source`` is the model the plan reproduces, when ``analysis`` is of a rewritten copy of it.
+    """
+    out = Path(out)
+    _check_out(out)
+    graph = analysis.graph
+    pins = graph.pinned_stages()
+    if pins and all(p is not None for p in pins):
+        _reorder_for_pins(graph, pins)
+        pins = graph.pinned_stages()
+    costs = analysis.costs
+    n = len(graph.nodes)
+    balance = [c.flops for c in costs]
+    if node_times:
+        balance = [node_times.get(node.name, 0.0) for node in graph.nodes]
+    params = [c.param_bytes for c in costs]
+    cut_bytes = _cut_bytes(graph, analysis.specs, analysis.dims)
+    cap = float(max_stage_memory) if max_stage_memory else np.inf
+    pin_stages = 1 + max((p for p in pins if p is not None), default=-1)
+
+    if cuts:
+        bounds = _manual_bounds(graph, cuts, stages)
+    else:
+        if stages is None:
+            stages = pin_stages or (_fewest(graph, balance, params, cut_bytes, cap, pins) if np.isfinite(cap) else 1)
+        if pin_stages > stages:
+            raise PlanError(f"the model pins nodes to pipeline_stage {pin_stages - 1}, but only {stages} stages "
+                            f"were asked for; use --stages {pin_stages}")
+        if stages > n:
+            raise PlanError(f"the model has {n} nodes to place (Constants aside); it cannot make {stages} stages: "
+                            f"use --stages {n} or fewer")
+        bounds = choose_bounds(balance, params, cut_bytes, stages, max_memory=cap, pins=pins)
+        if bounds is None:
+            why = f"--max-stage-memory {human_bytes(cap)}" if np.isfinite(cap) else "the pipeline_stage annotations"
+            raise PlanError(f"no {stages}-stage split satisfies {why}; raise the cap, add stages, or fix the "
+                            "annotations")
+    pieces = _stage_graphs(graph, analysis.specs, bounds)
+    flops = [c.flops for c in costs]
+    return _write(analysis, pieces, bounds, flops, out, copy_weights, "profile" if node_times else "analytic", cap,
+                  Path(source or analysis.path))
+
+
+def _fewest(graph, balance, params, cut_bytes, cap, pins) -> int:
+    stages = fewest_stages(balance, params, cut_bytes, cap, pins=pins)
+    if not stages:
+        i = int(np.argmax(params))
+        raise PlanError(f"no split meets --max-stage-memory {human_bytes(cap)}: node {graph.nodes[i].name!r} alone "
+                        f"holds {human_bytes(params[i])} of weights; raise the cap or use tensor parallelism")
+    return stages
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / PLAN_FILE).is_file())):
+        raise PlanError(f"--out {out} exists and is not a plan folder; choose an empty or new folder")
+
+
+def _reorder_for_pins(graph: Graph, pins: list[int]) -> None:
+    """With every node pinned, order nodes by stage (stable), refusing a pin that reads from a later stage."""
+    stage_of = {o: p for node, p in zip(graph.nodes, pins) for o in node.output}
+    for node, reads, p in zip(graph.nodes, graph.reads, pins):
+        late = [r for r in reads if stage_of.get(r, -1) > p]
+        if late:
+            raise PlanError(f"node {node.name!r} is pinned to pipeline_stage {p} but reads {late[0]!r} from stage "
+                            f"{stage_of[late[0]]}; fix the annotations")
+    order = sorted(range(len(graph.nodes)), key=lambda i: (pins[i], i))
+    graph.nodes = [graph.nodes[i] for i in order]
+    graph.reads = [graph.reads[i] for i in order]
+    graph.producer = {o: i for i, n in enumerate(graph.nodes) for o in n.output if o}
+
+
+def _intervals(graph: Graph):
+    """(made_at, last_read_at) for every value that can cross a cut; graph outputs are read 'at the end'."""
+    n = len(graph.nodes)
+    made = {name: -1 for name in graph.inputs}
+    made.update({o: i for i, node in enumerate(graph.nodes) for o in node.output if o})
+    last = dict.fromkeys(made, -2)
+    for i, reads in enumerate(graph.reads):
+        for r in reads:
+            if r in last:
+                last[r] = max(last[r], i)
+    for name in graph.outputs:
+        if name in last:
+            last[name] = n
+    return made, last
+
+
+def _cut_bytes(graph: Graph, specs, dims) -> np.ndarray:
+    made, last = _intervals(graph)
+    names = list(made)
+    sizes = []
+    for name in names:
+        spec = specs.get(name)
+        sizes.append(np.inf if spec is not None and spec.dtype == "non-tensor" else
+                     costmod.tensor_bytes(spec, dims))
+    return cut_bytes_per_position(len(graph.nodes), [(made[x], last[x]) for x in names], sizes)
+
+
+def _manual_bounds(graph: Graph, cuts: Sequence[str], stages: int | None) -> list[int]:
+    positions = []
+    for name in cuts:
+        if name not in graph.producer:
+            close = difflib.get_close_matches(name, list(graph.producer), n=5)
+            hint = f"; similar names: {close}" if close else "; `onnxshard inspect MODEL --tensors` lists them"
+            raise PlanError(f"--cut {name!r} is not a tensor made by a node of the model{hint}")
+        positions.append(graph.producer[name] + 1)
+    positions = sorted(set(positions))
+    if positions[-1] >= len(graph.nodes):
+        raise PlanError(f"--cut {cuts[-1]!r} is made by the last node; nothing would be left for a later stage")
+    if stages is not None and stages != len(positions) + 1:
+        raise PlanError(f"{len(cuts)} --cut names make {len(positions) + 1} stages, but --stages {stages} was given")
+    return [0, *positions, len(graph.nodes)]
+
+
+def _stage_graphs(graph: Graph, specs, bounds) -> list[StageGraph]:
+    made, last = _intervals(graph)
+    order = {name: i for i, name in enumerate(made)}
+    out_set = set(graph.outputs)
+    num = len(bounds) - 1
+
+    def received(k):  # what arrives at stage k: R_0 = graph inputs, R_num = graph outputs
+        if k == num:
+            return list(graph.outputs)
+        if k == 0:
+            return list(graph.inputs)
+        p = bounds[k]
+        return sorted((x for x in made if made[x] < p and (last[x] >= p or x in out_set)), key=order.get)
+
+    pieces = []
+    for k in range(num):
+        nodes = graph.nodes[bounds[k]:bounds[k + 1]]
+        produced = {o for node in nodes for o in node.output if o}
+        reads = dict.fromkeys(r for rs in graph.reads[bounds[k]:bounds[k + 1]] for r in rs)
+        constants = [graph.constants[r] for r in reads if r in graph.constants]
+        inits = [graph.initializers[r] for r in reads if r in graph.initializers]
+        arriving, leaving = received(k), received(k + 1)
+        need = [r for r in reads if r not in produced and r not in graph.initializers and r not in graph.constants]
+        missing = [r for r in need if r not in arriving]
+        if missing:
+            raise PlanError(f"internal: stage {k} reads {missing} that do not reach it")
+        outputs = [x for x in leaving if x in produced]
+        carry = [x for x in leaving if x not in produced]
+        pieces.append(StageGraph(k, nodes, constants, inits, [_spec(specs, x) for x in need],
+                                 [_spec(specs, x) for x in outputs], carry))
+    return pieces
+
+
+def _spec(specs, name) -> TensorSpec:
+    spec = specs.get(name)
+    if spec is None:
+        raise PlanError(f"tensor {name!r} crosses a stage boundary but its element type is unknown (shape inference "
+                        "cannot type it); choose other cuts with --cut, or plan through `onnxshard plan`, which asks "
+                        "ONNX Runtime")
+    if spec.dtype == "non-tensor":
+        raise PlanError(f"tensor {name!r} is not a plain tensor (sequence, map or a type Arrow cannot carry) and "
+                        "cannot cross a stage boundary; choose cuts with --cut that avoid it")
+    return spec
+
+
+def _write(analysis, pieces, bounds, flops, out, copy_weights, cost_source, cap, model_path) -> Plan:
+    graph, specs, dims = analysis.graph, analysis.specs, analysis.dims
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        models = [build_model(graph.model, piece, len(pieces)) for piece in pieces]
+        mode = "none"
+        if any(is_external(t) for m in models for t in all_tensors(m.graph)):
+            mode = "copy" if copy_weights else "link" if links_possible(graph.folder, tmp) else "external"
+        writer = WeightWriter(graph.folder, tmp, mode)
+        stages = []
+        for piece, model, lo, hi in zip(pieces, models, bounds, bounds[1:]):
+            writer.rewrite(piece.index, model.graph)
+            file = f"stage{piece.index}.onnx"
+            onnx.save(model, str(tmp / file))
+            param_bytes = sum(tensor_nbytes(t) for t in piece.initializers)
+            param_bytes += sum(tensor_nbytes(t) for c in piece.constants for t in all_tensors_of_node(c))
+            if param_bytes > cap:
+                raise PlanError(f"stage {piece.index} holds {human_bytes(param_bytes)} of weights (shared weights "
+                                f"count in each stage), over --max-stage-memory {human_bytes(cap)}; add stages")
+            sends = sum(costmod.tensor_bytes(specs.get(x), dims) for x in [t.name for t in piece.outputs] + piece.carry)
+            stages.append(Stage(index=piece.index, file=file, inputs=tuple(piece.inputs),
+                                outputs=tuple(piece.outputs), carry=tuple(piece.carry), nodes=hi - lo,
+                                param_bytes=param_bytes, flops=float(sum(flops[lo:hi])), sends_bytes=sends))
+        weights = Weights(mode=mode, dir=str(graph.folder.resolve()) if mode == "external" else "weights",
+                          files=writer.files)
+        plan = Plan(model=str(model_path.resolve()), inputs=tuple(_spec(specs, x) for x in graph.inputs),
+                    outputs=tuple(_spec(specs, x) for x in graph.outputs), stages=tuple(stages), weights=weights,
+                    cost_source=cost_source)
+        plan.save(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Plan.load(out)

@@ -1,0 +1,153 @@
+"""The cost model: element types and shapes from ONNX shape inference, FLOPs, parameter and activation bytes.
+
+Costs are per sample: symbolic dims count as 1 unless the caller gives them a size (``dims={"seq": 128}``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import onnx
+from onnx import TensorProto
+
+from onnxshard import dtypes
+from onnxshard.partitioner.graph import Graph
+from onnxshard.partitioner.model import is_external, read_external, tensor_nbytes
+from onnxshard.plan import TensorSpec
+
+SMALL_INT_BYTES = 1 << 16  # external int64 initializers up to this size are read to help shape inference
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    flops: float
+    param_bytes: int  # bytes of initializers this node is the first to read, and of the Constants it reads
+    out_bytes: int
+
+
+def infer_specs(graph: Graph, known: dict[str, TensorSpec] | None = None) -> dict[str, TensorSpec]:
+    """Type and shape of every tensor ONNX shape inference can tell, starting from ``known`` (tensors typed by
+    other means, e.g. outputs of contrib ops). Names it cannot type are absent, and non-tensor values (sequences,
+    maps, optionals) get dtype ``"non-tensor"``."""
+    model = onnx.ModelProto()
+    model.CopyFrom(graph.model)
+    for spec in (known or {}).values():
+        if spec.dtype != "non-tensor":
+            model.graph.value_info.append(onnx.helper.make_tensor_value_info(
+                spec.name, dtypes.to_elem_type(spec.dtype), None if spec.shape is None else list(spec.shape)))
+    for tensor in model.graph.initializer:
+        # Reshape/Slice/Expand shapes are small int64 tensors; shape inference needs their values.
+        if is_external(tensor) and tensor.data_type == TensorProto.INT64 and tensor_nbytes(tensor) <= SMALL_INT_BYTES:
+            raw = read_external(tensor, graph.folder)
+            del tensor.external_data[:]
+            tensor.data_location = TensorProto.DEFAULT
+            tensor.raw_data = raw
+    try:
+        model = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError, ValueError):
+        pass  # keep what the model declares; untyped boundaries are typed later by the caller's oracle
+    specs: dict[str, TensorSpec] = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        spec = spec_from_value_info(vi)
+        if spec is not None:
+            specs[vi.name] = spec
+    for name, spec in (known or {}).items():
+        if name not in specs or specs[name].shape is None:
+            specs[name] = spec
+    for t in model.graph.initializer:
+        specs[t.name] = TensorSpec(t.name, _dtype(t.data_type), tuple(t.dims))
+    for name, node in graph.constants.items():
+        t = constant_tensor(node)
+        if t is not None:
+            specs[name] = TensorSpec(name, _dtype(t.data_type), tuple(t.dims))
+    return specs
+
+
+def spec_from_value_info(vi: onnx.ValueInfoProto) -> TensorSpec | None:
+    kind = vi.type.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind != "tensor_type":
+        return TensorSpec(vi.name, "non-tensor", None)
+    tt = vi.type.tensor_type
+    if tt.elem_type == TensorProto.UNDEFINED:
+        return None
+    shape = None
+    if tt.HasField("shape"):
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+    return TensorSpec(vi.name, _dtype(tt.elem_type), shape)
+
+
+def _dtype(elem_type: int) -> str:
+    try:
+        return dtypes.from_elem_type(elem_type)
+    except ValueError:
+        return "non-tensor"  # float8, int4, ...: cannot cross a stage boundary as Arrow
+
+
+def constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return attr.t
+    return None
+
+
+def concrete(spec: TensorSpec | None, dims: dict[str, int]) -> tuple[int, ...] | None:
+    if spec is None or spec.shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else dims.get(d, 1) if isinstance(d, str) else 1 for d in spec.shape)
+
+
+def tensor_bytes(spec: TensorSpec | None, dims: dict[str, int]) -> int:
+    shape = concrete(spec, dims)
+    if shape is None or spec.dtype == "non-tensor":
+        return 0
+    return math.prod(shape) * dtypes.itemsize(spec.dtype)
+
+
+def node_costs(graph: Graph, specs: dict[str, TensorSpec], dims: dict[str, int]) -> list[NodeCost]:
+    seen: set[str] = set()
+    costs = []
+    for node, reads in zip(graph.nodes, graph.reads):
+        params = 0
+        for name in reads:
+            if name in graph.constants:
+                t = constant_tensor(graph.constants[name])
+                params += tensor_nbytes(t) if t is not None else 0
+            elif name in graph.initializers and name not in seen:
+                seen.add(name)
+                params += tensor_nbytes(graph.initializers[name])
+        out_bytes = sum(tensor_bytes(specs.get(o), dims) for o in node.output if o)
+        costs.append(NodeCost(node_flops(node, specs, dims), params, out_bytes))
+    return costs
+
+
+def node_flops(node: onnx.NodeProto, specs: dict[str, TensorSpec], dims: dict[str, int]) -> float:
+    """Multiply-adds count twice; everything else is about one operation per output element."""
+
+    def shape(name):
+        return concrete(specs.get(name), dims)
+
+    out = shape(node.output[0]) if node.output and node.output[0] else None
+    out_elems = math.prod(out) if out is not None else 1
+    op = node.op_type
+    if op in ("MatMul", "MatMulInteger", "FusedMatMul", "QLinearMatMul", "MatMulNBits"):
+        a = shape(node.input[0])
+        k = a[-1] if a else 1
+        return 2.0 * out_elems * k
+    if op == "Gemm":
+        a = shape(node.input[0])
+        trans_a = any(x.name == "transA" and x.i for x in node.attribute)
+        k = (a[0] if trans_a else a[-1]) if a else 1
+        return 2.0 * out_elems * k
+    if op in ("Conv", "ConvTranspose", "QLinearConv", "ConvInteger"):
+        w = shape(node.input[1] if op != "QLinearConv" else node.input[3])
+        if w and len(w) >= 2:
+            per_out = math.prod(w[1:]) if op != "ConvTranspose" else math.prod(w[2:]) * w[0] // max(1, w[1])
+            return 2.0 * out_elems * per_out
+    subgraph_flops = 0.0
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            subgraph_flops = max(subgraph_flops, sum(node_flops(n, specs, dims) for n in attr.g.node))
+    return float(max(out_elems, 1)) + subgraph_flops

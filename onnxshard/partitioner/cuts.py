@@ -1,0 +1,132 @@
+"""Choosing where to cut a topologically ordered node list into contiguous stages. Pure functions on arrays.
+
+Stage ``k`` holds nodes ``[bounds[k], bounds[k+1])`` (half-open). A cut at position ``p`` sends every tensor
+made before ``p`` and read at or after ``p``; ``cut_bytes[p]`` is what that costs per sample (``inf`` where a
+non-tensor value would have to cross).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxshard.errors import PlanError
+
+BALANCE_SLACK = 0.03  # cuts may make the slowest stage this much slower to send fewer bytes
+
+
+def choose_bounds(cost, params, cut_bytes, stages: int, *, max_memory: float = np.inf,
+                  pins=None) -> list[int]:
+    """Bounds of ``stages`` stages that minimise the slowest stage's cost under ``max_memory`` parameter bytes
+    per stage, then (within ``BALANCE_SLACK`` of that) the bytes crossing the cuts. ``pins[i]`` is the stage
+    node ``i`` must land in, or ``None``."""
+    n = len(cost)
+    if stages < 1:
+        raise PlanError(f"stages must be at least 1 (got {stages})")
+    if stages > n:
+        raise PlanError(f"cannot cut {n} nodes into {stages} stages; use --stages {n} or fewer")
+    ccost = np.concatenate([[0.0], np.cumsum(np.asarray(cost, dtype=float))])
+    cparams = np.concatenate([[0.0], np.cumsum(np.asarray(params, dtype=float))])
+    cut = np.asarray(cut_bytes, dtype=float)
+    allowed = _pin_masks(pins, stages, n)
+    best = _minimax(ccost, cparams, cut, stages, max_memory, allowed)
+    if not np.isfinite(best):
+        return None
+    limit = best * (1 + BALANCE_SLACK) + 1e-9
+    return _min_bytes(ccost, cparams, cut, stages, max_memory, limit, allowed)
+
+
+def fewest_stages(cost, params, cut_bytes, max_memory: float, *, pins=None, most: int | None = None) -> int:
+    """The smallest stage count whose stages each hold at most ``max_memory`` parameter bytes."""
+    n = len(cost)
+    for s in range(1, min(n, most or n) + 1):
+        if choose_bounds(cost, params, cut_bytes, s, max_memory=max_memory, pins=pins) is not None:
+            return s
+    return 0
+
+
+def _pin_masks(pins, stages, n):
+    """``allowed[k][i, j]`` is implied by ``bad[k][j] - bad[k][i] == 0``: no node pinned elsewhere in [i, j)."""
+    if pins is None or all(p is None for p in pins):
+        return None
+    bad = np.zeros((stages, n + 1))
+    for k in range(stages):
+        bad[k, 1:] = np.cumsum([p is not None and p != k for p in pins])
+    return bad
+
+
+def _segments_ok(k, j, ccost, cparams, max_memory, allowed, limit=np.inf):
+    """Boolean mask over start positions i < j for which [i, j) may be stage ``k``."""
+    i = np.arange(j)
+    ok = (cparams[j] - cparams[:j] <= max_memory) & (ccost[j] - ccost[:j] <= limit)
+    if allowed is not None:
+        ok &= allowed[k, j] - allowed[k, :j] == 0
+    return i, ok
+
+
+def _minimax(ccost, cparams, cut, stages, max_memory, allowed) -> float:
+    n = len(ccost) - 1
+    f = np.full(n + 1, np.inf)
+    f[0] = 0.0
+    for k in range(stages):
+        g = np.full(n + 1, np.inf)
+        for j in range(k + 1, n + 1):
+            i, ok = _segments_ok(k, j, ccost, cparams, max_memory, allowed)
+            ok &= np.isfinite(f[:j])
+            if k > 0:
+                ok &= np.isfinite(cut[:j])
+            ok[:k] = False
+            if ok.any():
+                g[j] = np.max([f[:j][ok], ccost[j] - ccost[:j][ok]], axis=0).min()
+        f = g
+    return f[n]
+
+
+def _min_bytes(ccost, cparams, cut, stages, max_memory, limit, allowed) -> list[int]:
+    """Least bytes crossing the cuts; among equals, the most even stages (least sum of squared stage costs)."""
+    n = len(ccost) - 1
+    scale = max(ccost[n], 1e-12)
+    f = np.full(n + 1, np.inf)
+    f[0] = 0.0
+    sq = np.zeros(n + 1)
+    back = np.zeros((stages, n + 1), dtype=int)
+    for k in range(stages):
+        g, gsq = np.full(n + 1, np.inf), np.zeros(n + 1)
+        for j in range(k + 1, n + 1):
+            _, ok = _segments_ok(k, j, ccost, cparams, max_memory, allowed, limit)
+            ok[:k] = False
+            if not ok.any():
+                continue
+            total = np.where(ok, f[:j] + (cut[:j] if k > 0 else 0.0), np.inf)
+            lowest = total.min()
+            if not np.isfinite(lowest):
+                continue
+            evenness = np.where(total <= lowest + 1e-9 * max(1.0, lowest),
+                                sq[:j] + ((ccost[j] - ccost[:j]) / scale) ** 2, np.inf)
+            i = int(np.argmin(evenness))
+            g[j], gsq[j], back[k, j] = total[i], evenness[i], i
+        f, sq = g, gsq
+    bounds = [n]
+    for k in range(stages - 1, -1, -1):
+        bounds.append(int(back[k, bounds[-1]]))
+    return bounds[::-1]
+
+
+def cut_bytes_per_position(n: int, intervals, sizes) -> np.ndarray:
+    """``intervals`` are (made_at, last_read_at) node positions per tensor (-1 for graph inputs); a tensor
+    crosses cut ``p`` when ``made_at < p <= last_read_at``. ``sizes`` may hold ``inf``."""
+    finite = np.zeros(n + 2)
+    blocked = np.zeros(n + 2)
+    for (made, last), size in zip(intervals, sizes):
+        lo, hi = made + 1, last + 1  # cuts lo..last cross it
+        if lo > last:
+            continue
+        if np.isfinite(size):
+            finite[lo] += size
+            finite[hi] -= size
+        else:
+            blocked[lo] += 1
+            blocked[hi] -= 1
+    out = np.cumsum(finite)[: n + 1]
+    out[np.cumsum(blocked)[: n + 1] > 0] = np.inf
+    out[0] = 0.0
+    return out

@@ -1,0 +1,145 @@
+"""Load an ONNX model without its weight bytes and check that every external-data reference is sound."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto
+
+from onnxshard.errors import ModelError
+
+# Ops whose domains onnxshard accepts without a schema in the `onnx` package (ONNX Runtime implements them).
+KNOWN_RUNTIME_DOMAINS = frozenset({"com.microsoft", "com.microsoft.nchwc", "ai.onnx.contrib", "com.ms.internal.nhwc"})
+
+
+@dataclass(frozen=True)
+class ExternalRef:
+    """Where one initializer's bytes live: ``location`` relative to the model folder, a byte range in it."""
+
+    location: str
+    offset: int
+    length: int
+
+
+def load_lazy(path: str | os.PathLike, *, allow_domains: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    """Parse ``path`` with ``load_external_data=False`` and check it; weight bytes stay on disk."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as e:
+        raise ModelError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e}); "
+                         "check the file is complete (not truncated) and re-export it if needed") from e
+    if not model.HasField("graph") or not model.graph.node:
+        raise ModelError(f"{path} holds no ONNX graph with nodes (is it an ONNX file, and complete?)")
+    check_domains(model, path, allow_domains)
+    check_external_data(model, path.parent)
+    return model
+
+
+def check_domains(model: onnx.ModelProto, path: Path, allow_domains: frozenset[str]) -> None:
+    imported = {o.domain or "" for o in model.opset_import}
+    functions = {(f.domain, f.name) for f in model.functions}
+    version = {o.domain or "": o.version for o in model.opset_import}
+    for node in iter_nodes(model.graph):
+        domain = node.domain or ""
+        if domain == "ai.onnx":
+            domain = ""
+        if (node.domain, node.op_type) in functions:
+            continue
+        if domain not in imported:
+            raise ModelError(f"node {node.name or node.op_type!r} in {path.name} uses domain {domain!r}, which the "
+                             f"model does not import (opset_import has {sorted(imported)}); fix the export")
+        if domain in ("", "ai.onnx.ml", "ai.onnx.preview.training"):
+            if not onnx.defs.has(node.op_type, domain):
+                raise ModelError(f"node {node.name or node.op_type!r} in {path.name} uses op {node.op_type!r}, "
+                                 f"which is not in ONNX domain {domain or 'ai.onnx'!r} (opset {version[domain]})")
+        elif domain not in KNOWN_RUNTIME_DOMAINS and domain not in allow_domains:
+            raise ModelError(f"node {node.name or node.op_type!r} in {path.name} uses custom domain {domain!r} "
+                             f"({node.op_type}); if your ONNX Runtime has a custom-op library for it, pass "
+                             f"--allow-domain {domain}")
+
+
+def iter_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of its subgraphs, depth first."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_nodes(g)
+
+
+def iter_initializers(graph: onnx.GraphProto):
+    """Every initializer of ``graph`` and its subgraphs (subgraphs may hold weights too)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_initializers(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_initializers(g)
+
+
+def is_external(tensor: TensorProto) -> bool:
+    return tensor.data_location == TensorProto.EXTERNAL
+
+
+def external_ref(tensor: TensorProto) -> ExternalRef:
+    info = {e.key: e.value for e in tensor.external_data}
+    if "location" not in info:
+        raise ModelError(f"initializer {tensor.name!r} is marked external but names no location")
+    length = int(info["length"]) if "length" in info else tensor_nbytes(tensor)
+    return ExternalRef(info["location"], int(info.get("offset", 0)), length)
+
+
+def tensor_nbytes(tensor: TensorProto) -> int:
+    n = 1
+    for d in tensor.dims:
+        n *= d
+    if tensor.data_type == TensorProto.STRING:
+        return 0
+    return n * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
+    """Refuse locations that leave ``folder``, missing files and files shorter than the ranges they must hold."""
+    sizes: dict[str, int] = {}
+    real_folder = os.path.realpath(folder)
+    tensors = list(iter_initializers(model.graph))
+    tensors += [a.t for n in iter_nodes(model.graph) for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    for tensor in tensors:
+        if not is_external(tensor):
+            continue
+        ref = external_ref(tensor)
+        loc = ref.location
+        target = os.path.realpath(folder / loc)
+        if os.path.isabs(loc) or os.path.commonpath([real_folder, target]) != real_folder:
+            raise ModelError(f"initializer {tensor.name!r} points to external data {loc!r}, outside the model "
+                             f"folder {folder}; move the weight file next to the model")
+        if loc not in sizes:
+            try:
+                sizes[loc] = os.stat(target).st_size
+            except FileNotFoundError:
+                raise ModelError(f"external-data file {folder / loc} (for initializer {tensor.name!r}) is missing; "
+                                 "copy it next to the model") from None
+        if ref.offset + ref.length > sizes[loc]:
+            raise ModelError(f"external-data file {folder / loc} is {sizes[loc]} bytes but initializer "
+                             f"{tensor.name!r} needs bytes {ref.offset}..{ref.offset + ref.length}; the file is "
+                             "truncated or belongs to another export")
+
+
+def read_external(tensor: TensorProto, folder: Path) -> bytes:
+    """The raw bytes of one external initializer (a single range read)."""
+    ref = external_ref(tensor)
+    with open(folder / ref.location, "rb") as f:
+        f.seek(ref.offset)
+        return f.read(ref.length)

@@ -1,0 +1,298 @@
+"""The plan: what a partitioned model is, as frozen data that round-trips through ``plan.json``.
+
+A plan folder holds ``plan.json``, one ONNX file per stage and (unless the plan references the model's own
+folder) a ``weights/`` folder. Loading a plan parses JSON only, never pickle, and refuses any path that leaves
+the plan folder or the model folder it names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from onnxshard import dtypes
+from onnxshard.errors import PlanError
+
+FORMAT = "onnxshard.plan"
+VERSION = 1
+PLAN_FILE = "plan.json"
+
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor at a boundary: its name, element type and shape (symbolic dims kept as names; ``None`` unknown)."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...] | None = None
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": None if self.shape is None else list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> TensorSpec:
+        if d.get("dtype") not in dtypes.NAMES:
+            raise PlanError(f"tensor {d.get('name')!r} has unknown dtype {d.get('dtype')!r}")
+        shape = d.get("shape")
+        return cls(str(d["name"]), d["dtype"], None if shape is None else tuple(shape))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: a standalone ONNX file plus the names it reads, writes and passes through.
+
+    ``carry`` names tensors the stage receives and hands on unchanged (skip connections to later stages and
+    graph outputs made earlier); the batch a stage sends on is its ``outputs`` plus its ``carry``.
+    """
+
+    index: int
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    carry: tuple[str, ...] = ()
+    nodes: int = 0
+    param_bytes: int = 0
+    flops: float = 0.0
+    sends_bytes: int = 0
+    sha256: str = ""
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["inputs"] = [t.to_json() for t in self.inputs]
+        d["outputs"] = [t.to_json() for t in self.outputs]
+        d["carry"] = list(self.carry)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Stage:
+        return cls(
+            index=int(d["index"]), file=str(d["file"]),
+            inputs=tuple(TensorSpec.from_json(t) for t in d["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t) for t in d["outputs"]),
+            carry=tuple(d.get("carry", ())), nodes=int(d.get("nodes", 0)), param_bytes=int(d.get("param_bytes", 0)),
+            flops=float(d.get("flops", 0.0)), sends_bytes=int(d.get("sends_bytes", 0)), sha256=str(d.get("sha256", "")),
+        )
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where the stages' external weights live.
+
+    ``mode`` is ``link`` (hard links to the model's weight files in ``weights/``: no bytes copied), ``copy``
+    (a self-contained per-stage copy in ``weights/``), ``external`` (the model's own folder, ``dir`` absolute;
+    used when hard links are impossible) or ``none`` (all weights inline in the stage files).
+    ``files`` maps each weight file, relative to ``dir``, to its size in bytes.
+    """
+
+    mode: str = "none"
+    dir: str = "weights"
+    files: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A partitioned model. ``root`` is the folder it was saved to or loaded from (not serialised)."""
+
+    model: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    stages: tuple[Stage, ...]
+    weights: Weights = Weights()
+    cost_source: str = "analytic"
+    root: Path | None = field(default=None, compare=False)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def stage_path(self, stage: Stage | int) -> Path:
+        stage = self.stages[stage] if isinstance(stage, int) else stage
+        if self.root is None:
+            raise PlanError("this plan has not been saved; call plan.save(dir) or onnxshard.load_plan(dir) first")
+        return self.root / stage.file
+
+    def weights_dir(self) -> Path | None:
+        """The folder ONNX Runtime must resolve external-data locations against, or ``None`` for the stage's own."""
+        return Path(self.weights.dir) if self.weights.mode == "external" else None
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT, "version": VERSION, "model": self.model, "cost_source": self.cost_source,
+            "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
+            "weights": asdict(self.weights), "stages": [s.to_json() for s in self.stages],
+        }
+
+    def save(self, directory: str | os.PathLike) -> Plan:
+        """Write ``plan.json`` into ``directory`` (where the stage files already are) and return the bound plan."""
+        root = Path(directory)
+        stages = tuple(replace(s, sha256=_sha256(root / s.file)) for s in self.stages)
+        bound = replace(self, stages=stages, root=root)
+        tmp = root / (PLAN_FILE + ".tmp")
+        tmp.write_text(json.dumps(bound.to_json(), indent=1))
+        tmp.replace(root / PLAN_FILE)
+        return bound
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Plan:
+        """Read and check a plan folder: format, paths, stage file hashes and weight file sizes."""
+        root = Path(directory)
+        path = root / PLAN_FILE
+        if not path.is_file():
+            raise PlanError(f"{root} is not a plan folder: {PLAN_FILE} is missing; make one with `onnxshard plan`")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"{path} is not valid JSON ({e}); re-run `onnxshard plan`") from e
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise PlanError(f"{path} is not an onnxshard plan (format {d.get('format') if isinstance(d, dict) else d!r})")
+        if d.get("version") != VERSION:
+            raise PlanError(f"{path} has plan version {d.get('version')}, this onnxshard reads {VERSION}; re-plan")
+        try:
+            plan = cls(
+                model=str(d["model"]), cost_source=str(d.get("cost_source", "analytic")),
+                inputs=tuple(TensorSpec.from_json(t) for t in d["inputs"]),
+                outputs=tuple(TensorSpec.from_json(t) for t in d["outputs"]),
+                stages=tuple(Stage.from_json(s) for s in d["stages"]),
+                weights=Weights(**d.get("weights", {})), root=root,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanError(f"{path} is malformed ({type(e).__name__}: {e}); re-run `onnxshard plan`") from e
+        plan.check_files()
+        return plan
+
+    def check_files(self) -> None:
+        """Raise :class:`PlanError` unless every stage and weight file is present, inside its folder and unaltered."""
+        if not self.stages:
+            raise PlanError(f"plan in {self.root} has no stages")
+        for i, stage in enumerate(self.stages):
+            if stage.index != i:
+                raise PlanError(f"plan in {self.root}: stage {i} is listed with index {stage.index}")
+            file = contained(self.root, stage.file, what=f"stage {i} file")
+            if not file.is_file():
+                raise PlanError(f"stage {i} file {file} is missing; re-run `onnxshard plan`")
+            if stage.sha256 and _sha256(file) != stage.sha256:
+                raise PlanError(f"stage {i} file {file} was altered after planning (sha256 differs); re-run `onnxshard plan`")
+        if self.weights.mode == "none":
+            return
+        if self.weights.mode == "external":
+            wdir = Path(self.weights.dir)
+            if not wdir.is_absolute():
+                raise PlanError(f"external weights folder {wdir} must be absolute in plan.json")
+        elif self.weights.mode in ("link", "copy"):
+            wdir = self.root
+        else:
+            raise PlanError(f"plan in {self.root} has unknown weights mode {self.weights.mode!r}")
+        for name, size in self.weights.files.items():
+            file = contained(wdir, name, what="weight file")
+            if not file.is_file():
+                raise PlanError(f"weight file {file} is missing; restore it or re-plan with --copy-weights")
+            if file.stat().st_size != size:
+                raise PlanError(f"weight file {file} is {file.stat().st_size} bytes, the plan expects {size}; "
+                                "it changed after planning: re-run `onnxshard plan`")
+
+    def spec(self, name: str) -> TensorSpec:
+        """The spec of any tensor the plan names (graph inputs and outputs, stage boundaries)."""
+        for t in self.inputs + self.outputs + tuple(t for s in self.stages for t in s.inputs + s.outputs):
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def boundaries(self) -> str:
+        """What crosses each cut, a line per tensor with its bytes per sample (symbolic dims counted as 1)."""
+        lines = []
+        for s in self.stages[:-1]:
+            lines.append(f"stage {s.index} -> {s.index + 1}:")
+            for name in s.output_names + list(s.carry):
+                t = self.spec(name)
+                how = "carried" if name in s.carry else "made"
+                lines.append(f"  {name:<30} {t.dtype:<8} {_shape(t.shape):<20} {spec_bytes(t):>10} B/sample ({how})")
+        return "\n".join(lines)
+
+    def table(self) -> str:
+        """The stage table `onnxshard inspect` prints."""
+        rows = [("stage", "nodes", "params", "GFLOP/sample", "inputs", "sends (bytes/sample)")]
+        for s in self.stages:
+            ins = ", ".join(s.input_names) or "-"
+            sends = ", ".join(s.output_names + list(s.carry)) or "-"
+            rows.append((str(s.index), str(s.nodes), human_bytes(s.param_bytes), f"{s.flops / 1e9:.4f}",
+                         _clip(ins), f"{_clip(sends)} ({s.sends_bytes})"))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        total = sum(s.flops for s in self.stages)
+        if total and self.num_stages > 1:
+            slowest = max(s.flops for s in self.stages)
+            lines.append(f"slowest stage {slowest / (total / self.num_stages):.3f}x the mean; "
+                         f"weights: {self.weights.mode}; cost: {self.cost_source}")
+        return "\n".join(lines)
+
+
+def contained(root: Path, relative: str, *, what: str) -> Path:
+    """``root / relative``, refusing absolute paths and any path (symlinks included) that resolves outside ``root``."""
+    if os.path.isabs(relative) or not relative:
+        raise PlanError(f"{what} path {relative!r} must be relative to {root}")
+    path = root / relative
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+        raise PlanError(f"{what} path {relative!r} leaves its folder {root}; refusing to read it")
+    return path
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def parse_bytes(text: str) -> int:
+    """``"2GB"`` -> 2_000_000_000; ``"512MiB"``, ``"1.5G"`` and plain integers work too."""
+    units = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+             "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        if unit not in units:
+            raise ValueError
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 2GB, 512MiB or 1000000") from None
+
+
+def spec_bytes(spec: TensorSpec) -> int:
+    """Bytes of one sample of ``spec``: symbolic and unknown dims count as 1."""
+    n = 1
+    for d in spec.shape or ():
+        n *= d if isinstance(d, int) and d > 0 else 1
+    return n * dtypes.itemsize(spec.dtype)
+
+
+def _shape(shape) -> str:
+    return "?" if shape is None else "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _clip(text: str, width: int = 48) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,39 @@
+"""Dependencies flow downward: the partitioner knows neither Ray nor ONNX Runtime; the runtime does not know Ray."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parent.parent / "onnxshard"
+BANNED = {
+    "partitioner": {"ray", "onnxruntime", "onnxshard.runtime", "onnxshard.workers", "onnxshard.distributed"},
+    "runtime": {"ray", "onnxshard.workers", "onnxshard.distributed"},
+    "workers": {"onnxshard.distributed"},
+}
+SHARED = ["plan.py", "errors.py", "dtypes.py", "models.py"]  # imported by every layer: must stay free of both
+
+
+def _imports(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.module
+
+
+def _offending(files, banned):
+    return [(f.name, m) for f in files for m in _imports(f)
+            if any(m == b or m.startswith(b + ".") for b in banned)]
+
+
+@pytest.mark.parametrize("layer", sorted(BANNED))
+def test_layer_does_not_import_upward(layer):
+    files = list((PACKAGE / layer).rglob("*.py"))
+    assert files
+    assert _offending(files, BANNED[layer]) == []
+
+
+def test_shared_modules_import_neither_ray_nor_onnxruntime():
+    assert _offending([PACKAGE / f for f in SHARED], {"ray", "onnxruntime"}) == []

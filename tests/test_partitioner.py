@@ -1,0 +1,190 @@
+"""Partitioner correctness on the zoo: every stage count reproduces the unsplit model in plain ONNX Runtime."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import zoo
+
+import onnxshard
+from onnxshard.errors import PlanError
+from onnxshard.runtime import tools
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_every_stage_count_matches_unsplit_model(name, save_model, tmp_path):
+    path = save_model(zoo.ZOO[name]())
+    feeds = None
+    for stages in range(1, 7):
+        plan = onnxshard.plan(path, tmp_path / f"plan{stages}", stages=stages)
+        assert plan.num_stages == stages
+        feeds = feeds or tools.random_feeds(plan.inputs, dims={"batch": 3, "seq": 5})
+        result = onnxshard.verify(plan, feeds=feeds, tolerance=1e-6)
+        assert result.ok, (stages, result.differences)
+
+
+@pytest.mark.parametrize("name", ["transformer", "control_flow", "multi_io"])
+def test_external_weights_are_linked_not_copied(name, save_model, tmp_path):
+    path = save_model(zoo.ZOO[name](), external=True)
+    plan = onnxshard.plan(path, tmp_path / "plan", stages=3)
+    assert plan.weights.mode == "link"
+    linked = tmp_path / "plan" / "weights" / "model.onnx.data"
+    assert linked.stat().st_ino == (path.parent / "model.onnx.data").stat().st_ino  # same file, no bytes copied
+    assert onnxshard.verify(plan, tolerance=1e-6).ok
+
+
+def test_each_stage_is_a_standalone_onnx_file_plain_ort_loads(save_model, tmp_path):
+    path = save_model(zoo.transformer(layers=3), external=True)
+    plan = onnxshard.plan(path, tmp_path / "plan", stages=3)
+    feeds = tools.random_feeds(plan.inputs, dims={"batch": 2, "seq": 4})
+    env = dict(feeds)
+    for stage in plan.stages:
+        session = ort.InferenceSession(str(tmp_path / "plan" / stage.file))  # plain ORT, from the plan folder
+        assert [i.name for i in session.get_inputs()] == stage.input_names
+        env.update(zip(stage.output_names, session.run(stage.output_names, {n: env[n] for n in stage.input_names})))
+    reference = tools.run_model(path, feeds)
+    np.testing.assert_allclose(env["y"], reference["y"], rtol=0, atol=1e-6)
+
+
+def test_plan_json_is_versioned_and_lists_stages_in_order(save_model, tmp_path):
+    plan = onnxshard.plan(save_model(zoo.mlp()), tmp_path / "plan", stages=3)
+    data = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert data["format"] == "onnxshard.plan" and data["version"] == 1
+    assert [s["file"] for s in data["stages"]] == ["stage0.onnx", "stage1.onnx", "stage2.onnx"]
+    assert all({"inputs", "outputs", "carry", "sha256"} <= set(s) for s in data["stages"])
+    assert onnxshard.load_plan(tmp_path / "plan") == plan
+
+
+def test_transformer_12_layers_4_stages_balanced_cut_on_residual_stream(save_model, tmp_path):
+    path = save_model(zoo.transformer(layers=12, d=64, heads=4, ffn=256))
+    plan = onnxshard.plan(path, tmp_path / "plan", stages=4, dims={"seq": 32})
+    flops = [s.flops for s in plan.stages]
+    assert max(flops) <= 1.05 * np.mean(flops)
+    for stage in plan.stages[:-1]:
+        sent = set(stage.output_names) | set(stage.carry)
+        residual = [n for n in sent if n.endswith(".out") or n == "x"]
+        assert len(residual) == 1 and sent - set(residual) <= {"bias"}, sent  # bias: the mask, broadcast form
+
+
+def test_skip_connection_is_carried_through_middle_stages(save_model, tmp_path):
+    plan = onnxshard.plan(save_model(zoo.multi_io()), tmp_path / "plan", cuts=["early", "t1", "t2"])
+    assert plan.num_stages == 4
+    assert "s0" in plan.stages[1].carry and "s0" in plan.stages[2].carry  # made in 0, read in 3
+    assert "early" in plan.stages[0].output_names and "early" in plan.stages[1].carry  # early graph output
+    assert onnxshard.verify(plan, tolerance=0).ok
+
+
+def test_shared_initializer_lands_in_each_stage_that_reads_it(save_model, tmp_path):
+    plan = onnxshard.plan(save_model(zoo.multi_io()), tmp_path / "plan", cuts=["early", "t2"])
+    holders = [s.index for s in plan.stages
+               if "Wshared" in {i.name for i in onnx.load(str(tmp_path / "plan" / s.file)).graph.initializer}]
+    assert holders == [0, 2]
+
+
+def test_constant_held_weights_are_replicated_and_counted(save_model, tmp_path):
+    plan = onnxshard.plan(save_model(zoo.constant_weights()), tmp_path / "plan", stages=4)
+    assert all(s.param_bytes == 8 * 8 * 4 for s in plan.stages)  # one Constant weight per stage, none crossing
+    assert all(not s.carry and len(s.inputs) == 1 for s in plan.stages)
+
+
+def test_stage_files_record_pipeline_stage_and_local_functions(save_model, tmp_path):
+    plan = onnxshard.plan(save_model(zoo.local_function()), tmp_path / "plan", stages=3)
+    for stage in plan.stages:
+        model = onnx.load(str(tmp_path / "plan" / stage.file))
+        assert {c.pipeline_stage for n in model.graph.node for c in n.device_configurations} == {stage.index}
+        called = {n.op_type for n in model.graph.node if n.domain == "custom.fn"}
+        defined = {f.name for f in model.functions}
+        assert called <= defined
+        if "SwishPlus" in called:
+            assert "Swish" in defined  # transitively used
+        assert model.configuration[0].num_devices == 3
+
+
+def test_pipeline_stage_annotations_in_the_model_are_honoured(save_model, tmp_path):
+    model = zoo.mlp(layers=4)
+    for i, node in enumerate(model.graph.node):
+        node.device_configurations.add(configuration_id="user", pipeline_stage=0 if i < 2 else 1 if i < 9 else 2)
+    plan = onnxshard.plan(save_model(model), tmp_path / "plan")
+    assert [s.nodes for s in plan.stages] == [2, 7, 3]
+    assert onnxshard.verify(plan, tolerance=0).ok
+
+
+def test_partial_annotations_constrain_the_automatic_split(save_model, tmp_path):
+    model = zoo.mlp(layers=6)
+    model.graph.node[0].device_configurations.add(pipeline_stage=0)
+    model.graph.node[-1].device_configurations.add(pipeline_stage=1)
+    model.graph.node[3].device_configurations.add(pipeline_stage=1)
+    plan = onnxshard.plan(save_model(model), tmp_path / "plan")
+    assert plan.num_stages == 2 and plan.stages[0].nodes <= 3
+
+
+def test_max_stage_memory_chooses_the_stage_count(save_model, tmp_path):
+    path = save_model(zoo.mlp(layers=6, width=64))  # each layer ~16.6 KB of weights
+    plan = onnxshard.plan(path, tmp_path / "plan", max_stage_memory="40KB")
+    assert plan.num_stages == 3 and all(s.param_bytes <= 40_000 for s in plan.stages)
+    with pytest.raises(PlanError, match="max-stage-memory"):
+        onnxshard.plan(path, tmp_path / "plan2", max_stage_memory="10KB")
+
+
+def test_copy_weights_makes_a_self_contained_plan(save_model, tmp_path):
+    import shutil
+
+    path = save_model(zoo.transformer(layers=2), external=True)
+    plan = onnxshard.plan(path, tmp_path / "plan", stages=2, copy_weights=True)
+    assert plan.weights.mode == "copy" and set(plan.weights.files) == {"weights/stage0.bin", "weights/stage1.bin"}
+    feeds = tools.random_feeds(plan.inputs)
+    reference = tools.run_model(path, feeds)
+    shutil.rmtree(path.parent)
+    got = tools.run_stages(onnxshard.load_plan(tmp_path / "plan"), feeds)
+    assert tools.max_differences(reference, got) == {"y": 0.0}
+
+
+def test_profile_and_optimize_options(save_model, tmp_path):
+    path = save_model(zoo.transformer(layers=4), external=True)
+    plan = onnxshard.plan(path, tmp_path / "p1", stages=2, profile=True)
+    assert plan.cost_source == "profile" and onnxshard.verify(plan, tolerance=1e-6).ok
+    plan = onnxshard.plan(path, tmp_path / "p2", stages=2, optimize=True)
+    assert plan.weights.mode == "copy"
+    assert onnxshard.verify(plan, tolerance=1e-5).ok
+
+
+def test_contrib_op_outputs_are_typed_by_onnx_runtime(save_model, tmp_path):
+    path = save_model(zoo.transformer(layers=2, gelu_contrib=True))
+    plan = onnxshard.plan(path, tmp_path / "plan", cuts=["l0.g"])  # Gelu's output: onnx cannot infer it
+    spec = plan.spec("l0.g")
+    assert spec.dtype == "float32" and spec.shape == ("batch", "seq", 64)
+    assert onnxshard.verify(plan, tolerance=0).ok
+
+
+def test_loaded_plan_rejects_altered_files(save_model, tmp_path):
+    path = save_model(zoo.mlp(), external=True)
+    onnxshard.plan(path, tmp_path / "plan", stages=2)
+    stage = tmp_path / "plan" / "stage1.onnx"
+    stage.write_bytes(stage.read_bytes() + b"\0")
+    with pytest.raises(PlanError, match="altered"):
+        onnxshard.load_plan(tmp_path / "plan")
+
+
+def test_loaded_plan_refuses_paths_leaving_the_folder(save_model, tmp_path):
+    onnxshard.plan(save_model(zoo.mlp()), tmp_path / "plan", stages=2)
+    plan_json = tmp_path / "plan" / "plan.json"
+    data = json.loads(plan_json.read_text())
+    data["stages"][0]["file"] = "../model/model.onnx"
+    plan_json.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="leaves its folder"):
+        onnxshard.load_plan(tmp_path / "plan")
+    data["stages"][0]["file"] = "/etc/passwd"
+    plan_json.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="must be relative"):
+        onnxshard.load_plan(tmp_path / "plan")
+
+
+def test_loaded_plan_notices_a_changed_weight_file(save_model, tmp_path):
+    path = save_model(zoo.mlp(width=64), external=True)
+    onnxshard.plan(path, tmp_path / "plan", stages=2)
+    with open(path.parent / "model.onnx.data", "ab") as f:
+        f.write(b"extra")
+    with pytest.raises(PlanError, match="changed after planning"):
+        onnxshard.load_plan(tmp_path / "plan")
