@@ -3,8 +3,20 @@
 from onnxshard.api import Verification, load_plan, plan, verify
 from onnxshard.errors import InputError, ModelError, OnnxShardError, PlanError, WorkerError
 from onnxshard.plan import Plan, Stage, TensorSpec
+from onnxshard.runtime import RuntimeConfig
 
 __all__ = [
-    "InputError", "ModelError", "OnnxShardError", "Plan", "PlanError", "Stage", "TensorSpec", "Verification",
-    "WorkerError", "load_plan", "plan", "verify",
+    "InputError", "ModelError", "OnnxShardError", "Pipeline", "PipelineConfig", "Plan", "PlanError", "RunStats",
+    "RuntimeConfig", "Stage", "TensorSpec", "Verification", "WorkerError", "load_plan", "plan", "verify",
 ]
+
+_DISTRIBUTED = {"Pipeline", "PipelineConfig", "RunStats"}
+
+
+def __getattr__(name: str):
+    # Ray is imported only when the pipeline is used, so planning stays light.
+    if name in _DISTRIBUTED:
+        from onnxshard import distributed
+
+        return getattr(distributed, name)
+    raise AttributeError(f"module 'onnxshard' has no attribute {name!r}")

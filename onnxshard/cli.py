@@ -52,7 +52,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-5, help="max absolute difference allowed (default 1e-5)")
     _plan_options(p)
     p.set_defaults(handler=cmd_verify)
+
+    p = sub.add_parser("run", help="run a plan (or a model, planned on the fly) as a pipeline on Ray")
+    p.add_argument("target", help="a plan folder or an .onnx file")
+    p.add_argument("--inputs", required=True, help=".npz file of model inputs")
+    p.add_argument("--outputs", required=True, help=".npz file to write the model outputs to")
+    p.add_argument("--stages", type=int, help="stages, when TARGET is a model (default 2)")
+    _pipeline_options(p)
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("demo", help="plan a small transformer, run it as a pipeline on local Ray, check it")
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--address", help="Ray address (default: a local embedded Ray)")
+    p.set_defaults(handler=cmd_demo)
     return parser
+
+
+def _pipeline_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--micro-batch-size", type=int, help="samples per micro-batch (default: ~4 x stages x replicas "
+                   "micro-batches per batch)")
+    p.add_argument("--replicas", type=int, default=1, help="data-parallel copies of the pipeline")
+    p.add_argument("--cpus-per-stage", type=float, default=1.0, help="CPUs per stage worker (= ORT threads)")
+    p.add_argument("--gpus-per-stage", type=float, default=0.0, help="GPUs per stage worker (fractions share one)")
+    p.add_argument("--batch-axis", action="append", default=[], metavar="TENSOR=AXIS",
+                   help="batch axis of an input or output (repeatable; AXIS 'none' for no batch axis)")
+    p.add_argument("--batch-dim", help="the symbolic dim name of the batch, e.g. batch_size")
+    p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local embedded Ray)")
 
 
 def _plan_options(p: argparse.ArgumentParser) -> None:
@@ -149,6 +178,59 @@ def cmd_verify(args) -> int:
     print(result.plan.table())
     print(result.report())
     return 0 if result.ok else 1
+
+
+def _batch_axes(args):
+    if args.batch_dim:
+        return args.batch_dim
+    if not args.batch_axis:
+        return None
+    axes = {}
+    for item in args.batch_axis:
+        name, _, axis = item.rpartition("=")
+        if not name or not (axis.isdigit() or axis.lower() == "none"):
+            raise InputError(f"--batch-axis {item!r} must look like TENSOR=AXIS, e.g. --batch-axis state=1")
+        axes[name] = None if axis.lower() == "none" else int(axis)
+    return axes
+
+
+def cmd_run(args) -> int:
+    from onnxshard.distributed import Pipeline
+
+    feeds = _load_npz(args.inputs)
+    target = args.target if _is_plan(args.target) else Path(args.target)
+    options = dict(micro_batch_size=args.micro_batch_size, replicas=args.replicas, cpus_per_stage=args.cpus_per_stage,
+                   gpus_per_stage=args.gpus_per_stage, batch_axes=_batch_axes(args))
+    with Pipeline(target, stages=args.stages, address=args.address, **options) as pipe:
+        print(pipe.plan.table())
+        outputs = pipe.run(feeds, progress=_progress_bar())
+        print(pipe.stats.table())
+    np.savez(args.outputs, **outputs)
+    print(f"wrote {', '.join(f'{k} {list(v.shape)}' for k, v in outputs.items())} to {args.outputs}")
+    return 0
+
+
+def _progress_bar():
+    """A one-line progress bar on stderr when it is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, submitted: int) -> None:
+        width = 30
+        filled = width * done // max(submitted, 1)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{submitted} micro-batches")
+        if done == submitted:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_demo(args) -> int:
+    from onnxshard.demo import run_demo
+
+    return run_demo(stages=args.stages, batch=args.batch, seq=args.seq, layers=args.layers,
+                    micro_batch_size=args.micro_batch_size, address=args.address)
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:

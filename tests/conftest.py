@@ -16,3 +16,18 @@ def save_model(tmp_path):
         return zoo.save(model, tmp_path / name, external=external)
 
     return save
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (ray.init takes seconds here). Logical CPUs are oversubscribed
+    so several small pipelines fit on this 2-core machine."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()

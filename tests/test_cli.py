@@ -57,3 +57,26 @@ def test_plan_json_round_trips_through_the_cli(save_model, tmp_path):
     assert main(["plan", str(save_model(zoo.cnn())), "--out", str(tmp_path / "p"), "--stages", "3"]) == 0
     data = json.loads((tmp_path / "p" / "plan.json").read_text())
     assert len(data["stages"]) == 3
+
+
+def test_run_a_model_through_the_pipeline_from_the_cli(save_model, tmp_path, ray_session, capsys):
+    path = save_model(zoo.transformer(layers=2))
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((5, 4, 32)).astype(np.float32), "mask": np.ones((5, 4), np.float32)}
+    np.savez(tmp_path / "in.npz", **feeds)
+    code = main(["run", str(path), "--inputs", str(tmp_path / "in.npz"), "--outputs", str(tmp_path / "out.npz"),
+                 "--stages", "2", "--micro-batch-size", "2", "--cpus-per-stage", "0.5"])
+    assert code == 0
+    assert "3 micro-batches" in capsys.readouterr().out
+    from onnxshard.runtime import tools
+
+    with np.load(tmp_path / "out.npz") as out:
+        np.testing.assert_array_equal(out["y"], tools.run_model(path, feeds)["y"])
+
+
+def test_demo_runs_and_checks_itself(ray_session, capsys):
+    from onnxshard.demo import run_demo
+
+    assert run_demo(stages=2, batch=4, seq=8, layers=2, micro_batch_size=2, repeats=1) == 0
+    out = capsys.readouterr().out
+    assert "-> OK" in out and "samples/s" in out

@@ -118,6 +118,21 @@ def check_feeds(feeds: dict[str, np.ndarray], specs: tuple[TensorSpec, ...], *, 
         raise InputError(f"{where}: unknown input(s) {extra}; it takes {sorted(names)}")
     for spec in specs:
         check_array(feeds[spec.name], spec, where=where)
+    check_symbolic_dims(feeds, specs, where=where)
+
+
+def check_symbolic_dims(feeds: dict[str, np.ndarray], specs: tuple[TensorSpec, ...], *, where: str) -> None:
+    """Inputs that share a symbolic dim (``batch``, ``seq``) must agree on its size."""
+    seen: dict[str, tuple[str, int]] = {}
+    for spec in specs:
+        for axis, dim in enumerate(spec.shape or ()):
+            if not isinstance(dim, str):
+                continue
+            size = feeds[spec.name].shape[axis]
+            first = seen.setdefault(dim, (spec.name, size))
+            if first[1] != size:
+                raise InputError(f"{where}: inputs disagree on dim {dim!r}: {first[0]!r} has {first[1]}, "
+                                 f"{spec.name!r} has {size} (axis {axis}); give them the same size")
 
 
 def check_array(value, spec: TensorSpec, *, where: str) -> None:

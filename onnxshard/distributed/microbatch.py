@@ -1,0 +1,145 @@
+"""Splitting a batch into micro-batches and merging results back: a matching pair.
+
+``split`` cuts every input that has a batch axis into consecutive chunks of ``size`` along that axis (the last
+chunk may be smaller; a batch of ``size`` or fewer is one micro-batch) and hands every input without a batch axis
+whole to each micro-batch (broadcast). ``merge`` concatenates each output's chunks in order along its batch axis.
+Chunks are numpy views: splitting copies nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxshard.errors import InputError
+from onnxshard.plan import Plan, TensorSpec
+
+# Symbolic dim names that exporters use for the batch (torch: batch_size, N; TF: unk__, Keras: None -> "N").
+_BATCH_NAMES = re.compile(r"^(batch|batch_size|batchsize|bs|n|b|num_batches|batch_dim)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class BatchAxes:
+    """The batch axis of each model input and output; ``None`` for a tensor without one (broadcast / whole)."""
+
+    inputs: dict[str, int | None]
+    outputs: dict[str, int | None]
+
+    @property
+    def splittable(self) -> bool:
+        return any(a is not None for a in self.inputs.values()) and all(a is not None for a in self.outputs.values())
+
+
+def infer_batch_axes(plan: Plan, given: dict[str, int | None] | str | None = None) -> BatchAxes | None:
+    """Batch axes from the model, or ``None`` (with a warning) when they cannot be known.
+
+    ``given`` is either the symbolic dim name of the batch, or a map of tensor name -> axis (``None`` for no batch
+    axis); names the map leaves out are inferred from the dim the map's axes point at.
+    """
+    if isinstance(given, dict):
+        return _axes_from_map(plan, given)
+    if isinstance(given, str):
+        dim = given
+        if not any(_axis(t, dim) is not None for t in plan.inputs):
+            raise InputError(f"batch dim {dim!r} appears in no model input; inputs are "
+                             f"{[(t.name, t.shape) for t in plan.inputs]}")
+    else:
+        dim = _guess_dim(plan)
+        if dim is None:
+            return None
+    axes = BatchAxes({t.name: _axis(t, dim) for t in plan.inputs}, {t.name: _axis(t, dim) for t in plan.outputs})
+    if not axes.splittable:
+        whole = [n for n, a in axes.outputs.items() if a is None]
+        warnings.warn(f"outputs {whole} have no batch dim {dim!r}: the whole batch runs as one micro-batch; pass "
+                      "batch_axes to say how to split", stacklevel=3)
+        return None
+    return axes
+
+
+def _axes_from_map(plan: Plan, given: dict[str, int | None]) -> BatchAxes:
+    """Axes the user named, and for the other tensors the axis of the dim those axes point at."""
+    tensors = {t.name: t for t in plan.inputs + plan.outputs}
+    unknown = [n for n in given if n not in tensors]
+    if unknown:
+        raise InputError(f"batch_axes names {unknown}, which are not model inputs or outputs ({list(tensors)})")
+    pointed = set()
+    for name, axis in given.items():
+        shape = tensors[name].shape
+        if axis is None or shape is None:
+            continue
+        if not 0 <= axis < len(shape):
+            raise InputError(f"batch_axes[{name!r}] = {axis}, but {name!r} has rank {len(shape)}")
+        pointed.add(shape[axis])
+    dim = pointed.pop() if len(pointed) == 1 else None
+    dim = dim if isinstance(dim, str) else None
+    return BatchAxes({t.name: given[t.name] if t.name in given else _axis(t, dim) for t in plan.inputs},
+                     {t.name: given[t.name] if t.name in given else _axis(t, dim) for t in plan.outputs})
+
+
+def _axis(t: TensorSpec, dim: str | None) -> int | None:
+    if dim is None or t.shape is None:
+        return None
+    hits = [i for i, d in enumerate(t.shape) if d == dim]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _guess_dim(plan: Plan) -> str | None:
+    """A symbolic dim shared by inputs and outputs; if several are, only a conventional batch name decides."""
+    def names(specs):
+        return {d for t in specs if t.shape for d in t.shape if isinstance(d, str)}
+
+    shared = names(plan.inputs) & names(plan.outputs)
+    if len(shared) == 1:
+        return shared.pop()
+    conventional = [d for d in shared if _BATCH_NAMES.match(d)]
+    if len(conventional) == 1:
+        return conventional[0]
+    reason = f"symbolic dims {sorted(shared)} are all shared by inputs and outputs" if shared else \
+        "no symbolic dim is shared by inputs and outputs"
+    warnings.warn(f"cannot tell the batch axis ({reason}): the whole batch runs as one micro-batch; pass "
+                  "batch_axes={'input': axis, ...} or batch_axes='dim_name' to pipeline micro-batches", stacklevel=3)
+    return None
+
+
+def batch_size(feeds: dict[str, np.ndarray], axes: BatchAxes | None) -> int:
+    """The batch size all batched inputs agree on (1 when the batch is not split)."""
+    if axes is None:
+        return 1
+    sizes = {name: feeds[name].shape[a] for name, a in axes.inputs.items() if a is not None and name in feeds}
+    if len(set(sizes.values())) > 1:
+        raise InputError(f"inputs disagree on the batch size: {sizes}; give every batched input the same size")
+    size = next(iter(sizes.values()), 1)
+    if size == 0:
+        raise InputError(f"empty batch: {next(iter(sizes))!r} has 0 rows on its batch axis; send at least one")
+    return size
+
+
+def split(feeds: dict[str, np.ndarray], axes: BatchAxes | None, size: int | None) -> list[dict[str, np.ndarray]]:
+    """Micro-batches of ``size`` along each input's batch axis (views); broadcast inputs go to every one."""
+    total = batch_size(feeds, axes)
+    if axes is None or not size or size >= total:
+        return [feeds]
+    starts = range(0, total, size)
+    chunks = []
+    for start in starts:
+        chunk = {}
+        for name, value in feeds.items():
+            axis = axes.inputs.get(name)
+            if axis is None:
+                chunk[name] = value
+            else:
+                index = [slice(None)] * value.ndim
+                index[axis] = slice(start, start + size)
+                chunk[name] = value[tuple(index)]
+        chunks.append(chunk)
+    return chunks
+
+
+def merge(parts: list[dict[str, np.ndarray]], axes: BatchAxes | None) -> dict[str, np.ndarray]:
+    """The inverse of :func:`split` for outputs: concatenate in order along each output's batch axis."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    return {name: np.concatenate([p[name] for p in parts], axis=axes.outputs[name]) for name in parts[0]}

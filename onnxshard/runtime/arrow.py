@@ -1,0 +1,106 @@
+"""The Arrow tensor codec: a micro-batch is a one-row ``pa.RecordBatch`` with one column per tensor.
+
+Each column is a ``large_list`` whose single row holds the tensor's elements flattened in C order; the field's
+metadata carries the ONNX element type and the shape. Building a column wraps the numpy buffer (no copy for a
+contiguous numeric array) and decoding returns a read-only numpy view of the Arrow buffer (no copy). Types Arrow
+cannot hold as ONNX means them travel as views: bool as uint8, bfloat16 as uint16 (its bits); strings become a
+``large_string`` column (a copy: numpy object arrays hold Python objects).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from onnxshard import dtypes
+from onnxshard.errors import InputError
+
+ONNX_TYPE = b"onnx_type"
+SHAPE = b"shape"
+
+# How each ONNX type is stored in Arrow (the numpy dtype of the bytes, and the Arrow type of the values).
+_STORAGE = {
+    "float32": pa.float32(), "float64": pa.float64(), "float16": pa.float16(), "bfloat16": pa.uint16(),
+    "int8": pa.int8(), "int16": pa.int16(), "int32": pa.int32(), "int64": pa.int64(), "uint8": pa.uint8(),
+    "uint16": pa.uint16(), "uint32": pa.uint32(), "uint64": pa.uint64(), "bool": pa.uint8(),
+}
+
+
+def tensor_to_column(name: str, value: np.ndarray, onnx_type: str | None = None) -> tuple[pa.Field, pa.Array]:
+    """One tensor as a field and a one-row array. ``onnx_type`` says what a uint16 array holds (``bfloat16``)."""
+    value = np.asarray(value)
+    onnx_type = onnx_type or dtypes.from_numpy(value.dtype)
+    metadata = {ONNX_TYPE: onnx_type.encode(), SHAPE: json.dumps(list(value.shape)).encode()}
+    if onnx_type == "string":
+        flat = pa.array([str(v) for v in value.reshape(-1)], type=pa.large_string())
+    else:
+        storage = _STORAGE[onnx_type]
+        flat_np = np.ascontiguousarray(value).reshape(-1)  # copies only when the input is not C-contiguous
+        if onnx_type == "bool":
+            flat_np = flat_np.view(np.uint8)
+        flat = pa.Array.from_buffers(storage, flat_np.size, [None, pa.py_buffer(flat_np)])
+    offsets = pa.array([0, len(flat)], type=pa.int64())
+    column = pa.LargeListArray.from_arrays(offsets, flat)
+    return pa.field(name, column.type, nullable=False, metadata=metadata), column
+
+
+def column_to_tensor(field: pa.Field, column: pa.Array) -> np.ndarray:
+    """The numpy tensor a column holds: a read-only view of the Arrow buffer (strings: an object array)."""
+    meta = field.metadata or {}
+    if ONNX_TYPE not in meta or SHAPE not in meta:
+        raise InputError(f"Arrow column {field.name!r} is not an onnxshard tensor column (no onnx_type/shape metadata)")
+    onnx_type = meta[ONNX_TYPE].decode()
+    shape = tuple(json.loads(meta[SHAPE]))
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks != 1:
+            raise InputError(f"Arrow column {field.name!r} has {column.num_chunks} chunks; a tensor needs one row")
+        column = column.chunk(0)
+    values = column.values.slice(column.offsets[0].as_py(), column.value_lengths()[0].as_py())
+    if onnx_type == "string":
+        return np.array(values.to_pylist(), dtype=object).reshape(shape)
+    np_dtype = dtypes.numpy_dtype(onnx_type) if onnx_type != "bool" else np.dtype(np.uint8)
+    data = values.buffers()[1]
+    if data is None or len(values) == 0:
+        return np.empty(shape, dtype=np.bool_ if onnx_type == "bool" else np_dtype)
+    array = np.frombuffer(data, dtype=np_dtype, count=len(values), offset=values.offset * np_dtype.itemsize)
+    if onnx_type == "bool":
+        array = array.view(np.bool_)
+    return array.reshape(shape)
+
+
+def encode(tensors: dict[str, np.ndarray], onnx_types: dict[str, str] | None = None) -> pa.RecordBatch:
+    """A micro-batch from named tensors."""
+    fields, columns = [], []
+    for name, value in tensors.items():
+        f, c = tensor_to_column(name, value, (onnx_types or {}).get(name))
+        fields.append(f)
+        columns.append(c)
+    return pa.RecordBatch.from_arrays(columns, schema=pa.schema(fields))
+
+
+def decode(batch: pa.RecordBatch, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Named tensors from a micro-batch (all columns, or just ``names``)."""
+    schema = batch.schema
+    wanted = names if names is not None else schema.names
+    out = {}
+    for name in wanted:
+        i = schema.get_field_index(name)
+        if i < 0:
+            raise InputError(f"micro-batch has no tensor {name!r}; it holds {schema.names}")
+        out[name] = column_to_tensor(schema.field(i), batch.column(i))
+    return out
+
+
+def select(batch: pa.RecordBatch, names: list[str]) -> list[tuple[pa.Field, pa.Array]]:
+    """Columns of ``batch`` passed on unchanged (zero copy)."""
+    return [(batch.schema.field(n), batch.column(batch.schema.get_field_index(n))) for n in names]
+
+
+def assemble(columns: list[tuple[pa.Field, pa.Array]]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays([c for _, c in columns], schema=pa.schema([f for f, _ in columns]))
+
+
+def nbytes(batch: pa.RecordBatch) -> int:
+    return batch.nbytes

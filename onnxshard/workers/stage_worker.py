@@ -1,0 +1,103 @@
+"""The StageWorker actor: one stage's ONNX Runtime session, fed Arrow micro-batches, returning Arrow.
+
+A failure is a value: a micro-batch that fails comes back as a :class:`Failure` that later stages pass on
+untouched, so the coordinator learns which stage and micro-batch failed and why, and nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import ray
+
+from onnxshard.errors import OnnxShardError
+from onnxshard.plan import Plan
+from onnxshard.runtime import RuntimeConfig, ShardSession, arrow
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A micro-batch that failed at ``stage``, carried down the pipeline in place of its data."""
+
+    stage: int
+    micro_batch: int
+    message: str
+    kind: str = "WorkerError"
+
+
+@dataclass(frozen=True)
+class CallStats:
+    """What one stage call cost: compute seconds inside ORT, and the bytes it sent on."""
+
+    stage: int
+    micro_batch: int
+    started: float
+    compute_s: float
+    sent_bytes: int
+    failed: bool = False
+
+
+class StageWorker:
+    """Holds one stage's session. Made with ``ray.remote(StageWorker).options(...).remote(...)`` by the
+    coordinator; a plain instance works too, for tests and in-process runs."""
+
+    def __init__(self, plan_dir: str, stage_index: int, config: RuntimeConfig | None = None):
+        plan = Plan.load(plan_dir)  # checks the stage file's hash before ORT sees it
+        self.stage = plan.stages[stage_index]
+        self.index = stage_index
+        config = config or RuntimeConfig()
+        threads, device_id, provider = _assigned(config)
+        self.config = RuntimeConfig(intra_op_threads=threads, provider=provider, device_id=device_id,
+                                    prepacking=config.prepacking, optimization=config.optimization)
+        self.session = ShardSession(plan.stage_path(self.stage), self.stage.inputs, self.stage.outputs, self.config,
+                                    plan.weights_dir(), label=f"stage {stage_index}")
+        self._types = {t.name: t.dtype for t in self.stage.outputs}
+
+    def ready(self) -> dict:
+        """Where and how this worker runs (the coordinator waits on it after starting the actor)."""
+        return {"stage": self.index, "pid": os.getpid(), "providers": self.session.providers,
+                "threads": self.config.intra_op_threads, "node": _node_id()}
+
+    def run(self, batch: pa.RecordBatch | Failure, micro_batch: int) -> tuple[pa.RecordBatch | Failure, CallStats]:
+        """Run one micro-batch; the result holds this stage's outputs and its carried columns."""
+        started = time.time()
+        if isinstance(batch, Failure):
+            return batch, CallStats(self.index, micro_batch, started, 0.0, 0, failed=True)
+        t0 = time.perf_counter()
+        try:
+            feeds = arrow.decode(batch, self.stage.input_names)
+            outputs = self.session.run(feeds, micro_batch=micro_batch, stage=self.index)
+            columns = [arrow.tensor_to_column(n, v, self._types.get(n)) for n, v in outputs.items()]
+            result = arrow.assemble(columns + arrow.select(batch, list(self.stage.carry)))
+        except OnnxShardError as e:
+            failure = Failure(self.index, micro_batch, str(e), type(e).__name__)
+            return failure, CallStats(self.index, micro_batch, started, time.perf_counter() - t0, 0, failed=True)
+        except Exception as e:  # an unexpected bug still reaches the caller as a value, with its type
+            failure = Failure(self.index, micro_batch, f"stage {self.index}: {type(e).__name__}: {e}")
+            return failure, CallStats(self.index, micro_batch, started, time.perf_counter() - t0, 0, failed=True)
+        return result, CallStats(self.index, micro_batch, started, time.perf_counter() - t0, result.nbytes)
+
+
+def _assigned(config: RuntimeConfig) -> tuple[int, int, str]:
+    """Threads from the CPUs Ray gave this actor; CUDA device from its GPU, if it has one."""
+    threads, device_id, provider = config.intra_op_threads, config.device_id, config.provider
+    if not ray.is_initialized():
+        return threads, device_id, provider
+    ctx = ray.get_runtime_context()
+    cpus = ctx.get_assigned_resources().get("CPU", 0)
+    if not threads:
+        threads = max(1, int(round(cpus))) if cpus else 1
+    gpu_ids = ray.get_gpu_ids()
+    if gpu_ids and provider in ("auto", "cuda"):
+        # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs, so inside the actor the first one is device 0.
+        device_id, provider = 0, "cuda"
+    elif provider == "auto":
+        provider = "cpu"
+    return threads, device_id, provider
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"

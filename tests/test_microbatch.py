@@ -1,0 +1,35 @@
+"""Micro-batch split and merge, without Ray."""
+
+import numpy as np
+import pytest
+
+from onnxshard.distributed import microbatch
+from onnxshard.distributed.microbatch import BatchAxes
+from onnxshard.errors import InputError
+
+AXES = BatchAxes({"x": 0, "state": 1, "table": None}, {"y": 0, "state_out": 1})
+
+
+def _feeds(n):
+    return {"x": np.arange(n * 3).reshape(n, 3), "state": np.arange(2 * n).reshape(2, n), "table": np.ones(4)}
+
+
+@pytest.mark.parametrize("n,size,count", [(7, 3, 3), (6, 3, 2), (2, 5, 1), (5, 1, 5), (4, None, 1)])
+def test_split_makes_views_of_the_right_sizes_and_merge_inverts_it(n, size, count):
+    feeds = _feeds(n)
+    parts = microbatch.split(feeds, AXES, size)
+    assert len(parts) == count
+    assert all(p["table"] is feeds["table"] for p in parts)  # broadcast, not split
+    assert all(np.shares_memory(p["x"], feeds["x"]) for p in parts)
+    outputs = [{"y": p["x"] * 2, "state_out": p["state"] + 1} for p in parts]
+    merged = microbatch.merge(outputs, AXES)
+    np.testing.assert_array_equal(merged["y"], feeds["x"] * 2)
+    np.testing.assert_array_equal(merged["state_out"], feeds["state"] + 1)
+
+
+def test_batch_size_checks():
+    with pytest.raises(InputError, match="disagree"):
+        microbatch.batch_size({"x": np.ones((3, 3)), "state": np.ones((2, 4))}, AXES)
+    with pytest.raises(InputError, match="empty batch"):
+        microbatch.batch_size({"x": np.ones((0, 3)), "state": np.ones((2, 0))}, AXES)
+    assert microbatch.batch_size(_feeds(5), None) == 1

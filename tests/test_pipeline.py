@@ -1,0 +1,231 @@
+"""The pipeline on a real local Ray: outputs equal plain ONNX Runtime on the whole model."""
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import zoo
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+import onnxshard
+from onnxshard import InputError, PlanError, WorkerError
+from onnxshard.distributed import Pipeline
+from onnxshard.runtime import tools
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+BATCH = 6
+
+
+def _feeds(plan, seed=0, batch=BATCH):
+    return tools.random_feeds(plan.inputs, dims={"batch": batch, "seq": 5}, seed=seed)
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer", "cnn", "local_function", "constant_weights",
+                                  "embedding_transformer", "transformer_contrib"])
+def test_pipeline_equals_ort_for_1_to_4_stages_and_several_micro_batch_sizes(name, save_model, tmp_path):
+    path = save_model(zoo.ZOO[name](), external=True)
+    feeds = None
+    for stages in (1, 2, 3, 4):
+        plan = onnxshard.plan(path, tmp_path / f"p{stages}", stages=stages)
+        feeds = feeds or _feeds(plan)
+        reference = tools.run_model(path, feeds)
+        with Pipeline(plan, cpus_per_stage=0.5) as pipe:
+            assert pipe.axes is not None  # these models have a recognisable batch dim
+            for size in (None, 1, 2, 4, BATCH + 3):  # 4 does not divide 6; BATCH+3 is bigger than the batch
+                got = pipe.run(feeds, micro_batch_size=size)
+                assert tools.max_differences(reference, got) == dict.fromkeys(reference, 0.0), (stages, size)
+            expected = -(-BATCH // 4)
+            pipe.run(feeds, micro_batch_size=4)
+            assert pipe.stats.micro_batches == expected
+
+
+@pytest.mark.parametrize("name", ["multi_io", "control_flow"])
+def test_models_without_a_batch_dim_on_every_output_run_whole(name, save_model, tmp_path):
+    path = save_model(zoo.ZOO[name]())
+    plan = onnxshard.plan(path, tmp_path / "p", stages=3)
+    feeds = _feeds(plan)
+    with pytest.warns(UserWarning, match="one micro-batch"):
+        pipe = Pipeline(plan, cpus_per_stage=0.5)
+    with pipe:
+        assert tools.max_differences(tools.run_model(path, feeds), pipe.run(feeds, micro_batch_size=1)) == \
+            dict.fromkeys(pipe.plan.output_names if hasattr(pipe.plan, "output_names") else
+                          [t.name for t in plan.outputs], 0.0)
+        assert pipe.stats.micro_batches == 1
+
+
+def test_replicas_and_streaming_keep_order(save_model, tmp_path):
+    path = save_model(zoo.transformer(layers=4))
+    plan = onnxshard.plan(path, tmp_path / "p", stages=2)
+    batches = [_feeds(plan, seed=i, batch=1 + i % 5) for i in range(24)]
+    references = [tools.run_model(path, f) for f in batches]
+    with Pipeline(plan, replicas=2, micro_batch_size=2, cpus_per_stage=0.5, max_in_flight=6) as pipe:
+        results = list(pipe.stream(iter(batches)))
+        assert len(results) == len(references)
+        for ref, got in zip(references, results):
+            assert tools.max_differences(ref, got) == {"y": 0.0}
+        assert pipe.stats.micro_batches == sum(-(-(1 + i % 5) // 2) for i in range(24))
+        assert {c.stage for c in pipe.stats.calls} == {0, 1}
+        assert len(pipe.worker_info) == 4 and len({w["pid"] for w in pipe.worker_info}) == 4
+
+
+def test_stream_is_lazy_and_bounded(save_model, tmp_path):
+    plan = onnxshard.plan(save_model(zoo.mlp()), tmp_path / "p", stages=2)
+    pulled = []
+
+    def source():
+        for i in range(1000):
+            pulled.append(i)
+            yield _feeds(plan, seed=i, batch=2)
+
+    with Pipeline(plan, micro_batch_size=2, cpus_per_stage=0.5, max_in_flight=3) as pipe:
+        stream = pipe.stream(source())
+        for _ in range(5):
+            next(stream)
+        assert len(pulled) <= 5 + 3  # never more than the window ahead of what was consumed
+        stream.close()
+
+
+def test_batch_axis_other_than_zero_is_inferred(tmp_path, save_model):
+    """An RNN-style state [layers, batch, hidden] has its batch on axis 1."""
+    w = nh.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "W")
+    nodes = [h.make_node("MatMul", ["x", "W"], ["xm"]), h.make_node("Tanh", ["xm"], ["xt"]),
+             h.make_node("Add", ["state", "xt"], ["s1"]), h.make_node("Relu", ["s1"], ["new_state"]),
+             h.make_node("ReduceMean", ["new_state"], ["y"], axes=[0], keepdims=0) if False else
+             h.make_node("Sigmoid", ["xt"], ["y"])]
+    model = h.make_model(h.make_graph(
+        nodes, "rnn", [h.make_tensor_value_info("x", T.FLOAT, ["N", 4]),
+                       h.make_tensor_value_info("state", T.FLOAT, [2, "N", 4])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 4]), h.make_tensor_value_info("new_state", T.FLOAT, [2, "N", 4])],
+        [w]), opset_imports=[h.make_opsetid("", 17)])
+    path = save_model(model)
+    plan = onnxshard.plan(path, tmp_path / "p", stages=2)
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((5, 4)).astype(np.float32),
+             "state": rng.standard_normal((2, 5, 4)).astype(np.float32)}
+    with Pipeline(plan, micro_batch_size=2, cpus_per_stage=0.5) as pipe:
+        assert pipe.axes.inputs == {"x": 0, "state": 1} and pipe.axes.outputs == {"y": 0, "new_state": 1}
+        assert tools.max_differences(tools.run_model(path, feeds), pipe.run(feeds)) == {"y": 0.0, "new_state": 0.0}
+        assert pipe.stats.micro_batches == 3
+
+
+def test_ambiguous_batch_dim_warns_and_user_can_name_it(tmp_path, save_model):
+    model = zoo.transformer()
+    for vi in list(model.graph.input) + list(model.graph.output):  # dynamo-style names: batch s0, seq s1
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = {"batch": "s0", "seq": "s1"}[d.dim_param]
+    path = save_model(model)
+    plan = onnxshard.plan(path, tmp_path / "p", stages=2)
+    feeds = tools.random_feeds(plan.inputs, dims={"s0": 4, "s1": 3})
+    with pytest.warns(UserWarning, match="cannot tell the batch axis"):
+        pipe = Pipeline(plan, cpus_per_stage=0.5)
+    pipe.close()
+    with Pipeline(plan, batch_axes="s0", micro_batch_size=1, cpus_per_stage=0.5) as pipe:
+        assert tools.max_differences(tools.run_model(path, feeds), pipe.run(feeds)) == {"y": 0.0}
+        assert pipe.stats.micro_batches == 4
+    with pytest.raises(InputError, match="not model inputs or outputs"):
+        Pipeline(plan, batch_axes={"nope": 0})
+    with Pipeline(plan, batch_axes={"x": 0}, micro_batch_size=3, cpus_per_stage=0.5) as pipe:
+        assert pipe.axes.inputs == {"x": 0, "mask": 0} and pipe.axes.outputs == {"y": 0}
+        pipe.run(feeds)
+        assert pipe.stats.micro_batches == 2
+
+
+def _failing_gather_model():
+    """Stage 1 gathers rows of a table with indices from the input: out-of-range indices make ORT raise."""
+    table = nh.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "table")
+    nodes = [h.make_node("Relu", ["x"], ["r"]), h.make_node("Tanh", ["r"], ["t"]),
+             h.make_node("Gather", ["table", "idx"], ["g"]), h.make_node("Add", ["t", "g"], ["y"])]
+    return h.make_model(h.make_graph(
+        nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["batch", 4]),
+                     h.make_tensor_value_info("idx", T.INT64, ["batch"])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["batch", 4])], [table]), opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_ort_failure_inside_a_stage_names_stage_and_micro_batch_then_recovers(save_model, tmp_path):
+    path = save_model(_failing_gather_model())
+    plan = onnxshard.plan(path, tmp_path / "p", cuts=["t"])
+    good = {"x": np.ones((4, 4), np.float32), "idx": np.array([0, 1, 2, 3], np.int64)}
+    bad = {"x": np.ones((4, 4), np.float32), "idx": np.array([0, 1, 2, 99], np.int64)}
+    with Pipeline(plan, micro_batch_size=2, cpus_per_stage=0.5) as pipe:
+        with pytest.raises(WorkerError, match=r"stage 1, micro-batch \d+: ONNX Runtime failed") as info:
+            pipe.run(bad)
+        assert info.value.stage == 1 and info.value.micro_batch is not None
+        assert "out of" in str(info.value) or "indices" in str(info.value)
+        np.testing.assert_array_equal(pipe.run(good)["y"], tools.run_model(path, good)["y"])
+
+
+BAD_FEEDS = {
+    "missing": (lambda f: {}, "missing input"),
+    "extra": (lambda f: {**f, "z": f["x"]}, "unknown input"),
+    "misnamed": (lambda f: {"X": f["x"]}, "missing input"),
+    "dtype": (lambda f: {"x": f["x"].astype(np.float64)}, "expected float32"),
+    "rank": (lambda f: {"x": f["x"][None]}, "rank 3"),
+    "fixed_dim": (lambda f: {"x": f["x"][:, :3]}, "expected 16"),
+    "empty": (lambda f: {"x": f["x"][:0]}, "empty batch"),
+    "not_array": (lambda f: {"x": f["x"].tolist()}, "must be a numpy array"),
+    "not_dict": (lambda f: [f["x"]], "must be a dict"),
+}
+
+
+def test_bad_feeds_get_clear_errors_and_the_next_run_succeeds(save_model, tmp_path):
+    path = save_model(zoo.mlp())
+    plan = onnxshard.plan(path, tmp_path / "p", stages=2)
+    feeds = _feeds(plan)
+    reference = tools.run_model(path, feeds)
+    with Pipeline(plan, micro_batch_size=2, cpus_per_stage=0.5) as pipe:
+        for case, (make, message) in BAD_FEEDS.items():
+            with pytest.raises(InputError, match=message):
+                pipe.run(make(feeds))
+            assert tools.max_differences(reference, pipe.run(feeds)) == {"y": 0.0}, case
+
+
+def test_inconsistent_batch_sizes_are_refused(save_model, tmp_path):
+    plan = onnxshard.plan(save_model(zoo.multi_io()), tmp_path / "p", stages=2)
+    feeds = {"x1": np.ones((3, 8), np.float32), "x2": np.ones((4, 8), np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = Pipeline(plan, batch_axes="batch", cpus_per_stage=0.5)
+    with pipe:
+        with pytest.raises(InputError, match="disagree on dim .batch."):
+            pipe.run(feeds)
+
+
+def test_altered_plan_is_refused_before_any_worker_starts(save_model, tmp_path):
+    onnxshard.plan(save_model(zoo.mlp()), tmp_path / "p", stages=2)
+    stage = tmp_path / "p" / "stage0.onnx"
+    model = onnx.load(str(stage))
+    model.graph.node[0].op_type = "Sigmoid" if model.graph.node[0].op_type != "Sigmoid" else "Relu"
+    onnx.save(model, str(stage))
+    with pytest.raises(PlanError, match="altered"):
+        Pipeline(tmp_path / "p")
+
+
+def test_unsatisfiable_resources_fail_after_the_placement_timeout(save_model, tmp_path):
+    plan = onnxshard.plan(save_model(zoo.mlp()), tmp_path / "p", stages=2)
+    with pytest.raises(PlanError, match="GPU: need 2, cluster has 0"):
+        Pipeline(plan, gpus_per_stage=1, placement_timeout_s=1)
+
+
+def test_workers_use_their_cpus_as_ort_threads(save_model, tmp_path):
+    plan = onnxshard.plan(save_model(zoo.mlp()), tmp_path / "p", stages=2)
+    with Pipeline(plan, cpus_per_stage=2) as pipe:
+        assert [w["threads"] for w in pipe.worker_info] == [2, 2]
+        assert all(w["providers"] == ["CPUExecutionProvider"] for w in pipe.worker_info)
+
+
+def test_model_path_is_planned_on_the_fly(save_model):
+    path = save_model(zoo.cnn())
+    feeds = {"img": np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)}
+    with Pipeline(path, stages=3, cpus_per_stage=0.5, micro_batch_size=1) as pipe:
+        assert pipe.plan.num_stages == 3
+        np.testing.assert_allclose(pipe.run(feeds)["logits"], tools.run_model(path, feeds)["logits"], atol=1e-6)
+        stats = pipe.stats
+        assert stats.micro_batches == 3 and stats.samples == 3 and len(stats.stages) == 3
+        assert all(s.micro_batches == 3 and s.busy_s > 0 for s in stats.stages)
+        assert stats.stages[0].sent_bytes > 0 and 0 < stats.gpipe_bound < 1
+        assert "GPipe bound" in stats.table()
