@@ -38,7 +38,11 @@ def run_model(model_path: str | os.PathLike, feeds: dict[str, np.ndarray],
     """The whole model in plain ONNX Runtime: the reference every split is compared against."""
     session = open_session(model_path, config)
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
+    try:
+        return dict(zip(names, session.run(names, feeds)))
+    except Exception as e:
+        raise InputError(f"the unsplit model {model_path} itself fails on these inputs ({e}); give inputs it "
+                         "accepts with --inputs FILE.npz, or sizes for its symbolic dims with --dim NAME=SIZE") from None
 
 
 def random_feeds(specs: tuple[TensorSpec, ...], *, dims: dict[str, int] | None = None, default_dim: int = 2,
