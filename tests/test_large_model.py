@@ -39,15 +39,17 @@ def _big_model(folder):
 
 
 PLANNER = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
+    def proc(file, key):  # VmHWM, not ru_maxrss: that one keeps the forking parent's peak across exec
+        return int(next(l for l in open(file) if l.startswith(key)).split()[1])
     def rchar():
-        return int(next(l for l in open("/proc/self/io") if l.startswith("rchar")).split()[1])
+        return proc("/proc/self/io", "rchar")
     import onnxshard
     before, t0 = rchar(), time.perf_counter()
     plan = onnxshard.plan(sys.argv[1], sys.argv[2], stages=4)
     seconds, read = time.perf_counter() - t0, rchar() - before
     print(json.dumps({"seconds": seconds, "read": read, "stages": plan.num_stages, "mode": plan.weights.mode,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "peak_rss": proc("/proc/self/status", "VmHWM:") * 1024}))
 """)
 
 

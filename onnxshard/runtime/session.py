@@ -29,7 +29,7 @@ class RuntimeConfig:
     """
 
     intra_op_threads: int = 0
-    provider: str = "cpu"
+    provider: str = "auto"
     device_id: int = 0
     prepacking: bool = True
     optimization: str = "all"
