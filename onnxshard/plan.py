@@ -115,6 +115,10 @@ class Plan:
     root: Path | None = field(default=None, compare=False)
 
     @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
     def num_stages(self) -> int:
         return len(self.stages)
 
@@ -274,11 +278,11 @@ def parse_bytes(text: str) -> int:
         raise ValueError(f"cannot read {text!r} as a size; write e.g. 2GB, 512MiB or 1000000") from None
 
 
-def spec_bytes(spec: TensorSpec) -> int:
-    """Bytes of one sample of ``spec``: symbolic and unknown dims count as 1."""
+def spec_bytes(spec: TensorSpec, dims: dict[str, int] | None = None) -> int:
+    """Bytes of ``spec`` with symbolic dims sized by ``dims`` (others, and unknown dims, count as 1)."""
     n = 1
     for d in spec.shape or ():
-        n *= d if isinstance(d, int) and d > 0 else 1
+        n *= d if isinstance(d, int) and d > 0 else (dims or {}).get(d, 1) if isinstance(d, str) else 1
     return n * dtypes.itemsize(spec.dtype)
 
 

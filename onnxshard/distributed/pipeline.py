@@ -4,6 +4,12 @@ Micro-batch ``i`` goes to replica ``i % R``; on that replica it is a chain of ac
 straight from stage to stage, so activations never come through the coordinator. At most ``max_in_flight``
 micro-batches are in the pipeline at once, and results are taken oldest first, so they come back in order and
 memory stays flat over an unbounded stream.
+
+Recovery: Ray retries nothing (actors and calls have no retries, since a retried call can run twice and out of
+order). The coordinator holds every in-flight micro-batch's ObjectRefs stage by stage, so when a worker dies (or
+hangs past ``call_timeout_s`` and is killed) it starts a replacement in the same placement-group bundle and replays
+each affected micro-batch from the last stage input that still exists. A result is stored once per micro-batch id,
+so nothing is lost or repeated.
 """
 
 from __future__ import annotations
@@ -20,14 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from onnxshard.distributed import microbatch
 from onnxshard.distributed.stats import RunStats, summarise
 from onnxshard.errors import InputError, OnnxShardError, PlanError, WorkerError
-from onnxshard.plan import PLAN_FILE, Plan
+from onnxshard.plan import PLAN_FILE, Plan, human_bytes, spec_bytes
 from onnxshard.runtime import RuntimeConfig, arrow
 from onnxshard.runtime.session import check_feeds
 from onnxshard.workers import Failure, StageWorker
@@ -47,6 +53,13 @@ class PipelineConfig:
     max_in_flight: micro-batches in the pipeline at once (default 2 x stages x replicas).
     placement_timeout_s: how long to wait for the cluster to grant the workers' resources.
     batch_axes: the batch axis per input/output name, or the symbolic dim name of the batch; inferred if None.
+    max_batch_bytes: refuse a batch whose in-flight activations or outputs would need more bytes than this
+        (default: 80% of Ray's object store memory).
+    max_restarts: times each worker may be replaced after dying (or hanging) before the run fails.
+    max_retries: times one micro-batch may be replayed after losing a worker before the run fails.
+    call_timeout_s: a stage call running longer than this counts as a hung worker: it is killed and replaced.
+    run_timeout_s: a whole ``run``/``stream`` call taking longer than this fails.
+    worker_start_timeout_s: how long a (re)started worker may take to load its shard.
     """
 
     micro_batch_size: int | None = None
@@ -59,6 +72,47 @@ class PipelineConfig:
     placement_strategy: str = "PACK"
     batch_axes: dict[str, int | None] | str | None = None
     runtime: RuntimeConfig = RuntimeConfig()
+    max_batch_bytes: int | None = None
+    max_restarts: int = 3
+    max_retries: int = 3
+    call_timeout_s: float | None = None
+    run_timeout_s: float | None = None
+    worker_start_timeout_s: float = 120.0
+
+
+@dataclass
+class Flight:
+    """One micro-batch in the pipeline: ``refs[k]`` is stage k's input, ``stats[k]`` its call's stats."""
+
+    request: int
+    part: int
+    id: int
+    replica: int
+    refs: list
+    stats: list
+    replays: int = 0
+    submitted: float = 0.0
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """A worker replaced during a run."""
+
+    stage: int
+    replica: int
+    cause: str
+    seconds: float
+    replayed: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A batch left out of a ``stream(on_error="skip")`` because one of its micro-batches failed on its data."""
+
+    request: int
+    micro_batch: int
+    stage: int
+    message: str
 
 
 class Pipeline:
@@ -81,8 +135,14 @@ class Pipeline:
         self._owns_ray = False
         self._pg = None
         self.workers: list[list] = []
+        self.worker_info: list[list[dict]] = []
+        self.restarts: dict[tuple[int, int], int] = {}
+        self.recoveries: list[Recovery] = []
+        self.skipped: list[Skipped] = []
+        self.retired: list = []  # replaced workers, killed again at close()
         self.stats: RunStats | None = None
         self._next_id = 0
+        self._delivered = self._replayed = 0
         try:
             self._start(address)
         except BaseException:
@@ -120,20 +180,28 @@ class Pipeline:
             ray.get(self._pg.ready(), timeout=cfg.placement_timeout_s)
         except GetTimeoutError:
             raise PlanError(self._unsatisfiable(bundle, k * cfg.replicas)) from None
-        actor = ray.remote(StageWorker)
-        for r in range(cfg.replicas):
-            row = []
-            for s in range(k):
-                strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r * k + s)
-                row.append(actor.options(
-                    num_cpus=cfg.cpus_per_stage, num_gpus=cfg.gpus_per_stage, resources=cfg.resources or None,
-                    max_restarts=0, max_task_retries=0, scheduling_strategy=strategy, name=None,
-                ).remote(str(self.plan.root), s, cfg.runtime))
-            self.workers.append(row)
+        self.workers = [[self._spawn(r, s) for s in range(k)] for r in range(cfg.replicas)]
+        flat = [w for row in self.workers for w in row]
+        infos = self._await_ready(flat)
+        self.worker_info = [infos[r * k:(r + 1) * k] for r in range(cfg.replicas)]
+
+    def _spawn(self, replica: int, stage: int):
+        cfg = self.config
+        strategy = PlacementGroupSchedulingStrategy(
+            self._pg, placement_group_bundle_index=replica * self.plan.num_stages + stage)
+        return ray.remote(StageWorker).options(
+            num_cpus=cfg.cpus_per_stage, num_gpus=cfg.gpus_per_stage, resources=cfg.resources or None,
+            max_restarts=0, max_task_retries=0, scheduling_strategy=strategy,
+        ).remote(str(self.plan.root), stage, cfg.runtime)
+
+    def _await_ready(self, workers: list) -> list[dict]:
         try:
-            self.worker_info = ray.get([w.ready.remote() for row in self.workers for w in row])
+            return ray.get([w.ready.remote() for w in workers], timeout=self.config.worker_start_timeout_s)
         except RayActorError as e:
             raise WorkerError(f"a stage worker failed to start: {_cause(e)}") from None
+        except GetTimeoutError:
+            raise WorkerError(f"stage workers did not load their shards within {self.config.worker_start_timeout_s:g} "
+                              "s; raise worker_start_timeout_s for large shards") from None
 
     def _unsatisfiable(self, bundle: dict, count: int) -> str:
         total = ray.cluster_resources()
@@ -147,13 +215,12 @@ class Pipeline:
 
     def close(self) -> None:
         """Stop the workers, free their placement group, and shut Ray down if this pipeline started it."""
-        for row in self.workers:
-            for w in row:
-                try:
-                    ray.kill(w, no_restart=True)
-                except Exception:  # already dead
-                    pass
-        self.workers = []
+        for w in [w for row in self.workers for w in row] + self.retired:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # already dead
+                pass
+        self.workers, self.retired = [], []
         if self._pg is not None:
             try:
                 remove_placement_group(self._pg)
@@ -180,22 +247,35 @@ class Pipeline:
         return next(iter(self.stream([feeds], micro_batch_size=micro_batch_size, progress=progress)))
 
     def stream(self, batches: Iterable[dict[str, np.ndarray]], *, micro_batch_size: int | None = None,
-               progress: Progress | None = None) -> Iterator[dict[str, np.ndarray]]:
+               progress: Progress | None = None, on_error: str = "raise") -> Iterator[dict[str, np.ndarray]]:
         """Results for each batch of ``batches``, in order, with a bounded number of micro-batches in flight.
 
         ``micro_batch_size`` overrides the pipeline's for these batches; ``progress(done, submitted)`` is called as
-        each micro-batch completes."""
+        each micro-batch completes. ``on_error="skip"`` leaves out a batch whose micro-batch fails on its data
+        (ONNX Runtime raised on it) and lists it in ``self.skipped``; ``"raise"`` raises."""
         size = self.config.micro_batch_size if micro_batch_size is None else micro_batch_size
         if size is not None and size < 1:
             raise InputError(f"micro_batch_size must be at least 1 (got {size})")
+        if on_error not in ("raise", "skip"):
+            raise InputError(f"on_error must be 'raise' or 'skip' (got {on_error!r})")
         if not self.workers:
             raise WorkerError("the pipeline is closed")
         k, replicas = self.plan.num_stages, self.config.replicas
         window_size = self.config.max_in_flight or 2 * k * replicas
-        window: deque = deque()  # (request, part, micro-batch id, final ref, stats refs)
+        window: deque[Flight] = deque()
         pending: dict[int, list] = {}
         order: deque = deque()
-        calls, samples, count, started = [], 0, 0, time.perf_counter()
+        calls, samples, count, done, started = [], 0, 0, 0, time.perf_counter()
+        self._delivered, self._replayed = 0, 0
+        deadline = started + self.config.run_timeout_s if self.config.run_timeout_s else None
+
+        def finish_oldest():
+            nonlocal done
+            calls.extend(self._finish(window, pending, on_error, deadline))
+            done += 1
+            if progress:
+                progress(done, count)
+
         try:
             for request, feeds in enumerate(batches):
                 chunks = self._prepare(feeds, size)
@@ -204,61 +284,199 @@ class Pipeline:
                 order.append(request)
                 for part, chunk in enumerate(chunks):
                     while len(window) >= window_size:
-                        calls += self._finish(window.popleft(), pending)
-                        if progress:
-                            progress(len(calls) // k, count)
+                        finish_oldest()
                         yield from self._ready(order, pending)
                     window.append(self._submit(part, chunk, request))
                     count += 1
             while window:
-                calls += self._finish(window.popleft(), pending)
-                if progress:
-                    progress(len(calls) // k, count)
+                finish_oldest()
                 yield from self._ready(order, pending)
         finally:
             self.stats = summarise(calls, num_stages=k, replicas=replicas, samples=samples, micro_batches=count,
-                                   wall_s=time.perf_counter() - started)
+                                   wall_s=time.perf_counter() - started, delivered=self._delivered,
+                                   replayed=self._replayed)
 
     def _prepare(self, feeds, size: int | None) -> list[dict[str, np.ndarray]]:
         """Check a batch against the model's inputs and split it, before anything is scheduled."""
         if not isinstance(feeds, dict):
             raise InputError(f"feeds must be a dict of input name -> numpy array, got {type(feeds).__name__}")
         check_feeds(feeds, self.plan.inputs, where="model")
+        total = microbatch.batch_size(feeds, self.axes)
         if size is None and self.axes is not None:
-            total = microbatch.batch_size(feeds, self.axes)
             size = max(1, -(-total // (4 * self.plan.num_stages * self.config.replicas)))
+        count = 1 if self.axes is None or not size else -(-total // size)
+        self._check_size(feeds, total, count)
         return microbatch.split(feeds, self.axes, size)
 
-    def _submit(self, part: int, chunk: dict[str, np.ndarray], request: int):
+    def _check_size(self, feeds, total: int, count: int) -> None:
+        """Refuse a batch that would not fit, saying how much it needs, instead of exhausting memory."""
+        dims = {d: feeds[t.name].shape[i] for t in self.plan.inputs for i, d in enumerate(t.shape or ())
+                if isinstance(d, str)}
+        if self.axes is not None:  # per sample: the batch dim counts once
+            for t in self.plan.inputs:
+                axis = self.axes.inputs.get(t.name)
+                if axis is not None and t.shape and isinstance(t.shape[axis], str):
+                    dims[t.shape[axis]] = 1
+
+        def sample_bytes(names):
+            return sum(spec_bytes(self.plan.spec(n), dims) for n in names)
+
+        per_sample = max(sample_bytes(s.output_names + list(s.carry)) for s in self.plan.stages)
+        samples = total if self.axes is not None else 1
+        window = min(count, self.config.max_in_flight or 2 * self.plan.num_stages * self.config.replicas)
+        in_flight = window * -(-samples // count) * per_sample * (self.plan.num_stages + 1)
+        outputs = samples * sample_bytes(self.plan.output_names)
+        limit = self.config.max_batch_bytes or int(0.8 * ray.available_resources().get("object_store_memory", 2**62))
+        need = max(in_flight, outputs)
+        if need > limit:
+            raise InputError(f"this batch would need about {human_bytes(need)} ({human_bytes(in_flight)} of "
+                             f"activations in flight, {human_bytes(outputs)} of outputs), over the "
+                             f"{human_bytes(limit)} allowed; send smaller batches or micro-batches, or raise "
+                             "max_batch_bytes / Ray's object store memory")
+
+    def _submit(self, part: int, chunk: dict[str, np.ndarray], request: int) -> Flight:
         mb = self._next_id
         self._next_id += 1
-        row = self.workers[mb % self.config.replicas]
-        ref = arrow.encode(chunk, {t.name: t.dtype for t in self.plan.inputs})
-        stats = []
-        for worker in row:
-            ref, st = worker.run.options(num_returns=2).remote(ref, mb)
-            stats.append(st)
-        return request, part, mb, ref, stats
+        batch = arrow.encode(chunk, {t.name: t.dtype for t in self.plan.inputs})
+        flight = Flight(request, part, mb, mb % self.config.replicas, [ray.put(batch)], [])
+        self._launch(flight, 0)
+        return flight
 
-    def _finish(self, item, pending) -> list:
-        request, part, mb, ref, stats = item
-        try:
-            result = ray.get(ref)
-            calls = ray.get(stats)
-        except (RayActorError, RayTaskError) as e:
-            raise WorkerError(f"micro-batch {mb}: a stage worker died: {_cause(e)}", micro_batch=mb) from None
+    def _launch(self, flight: Flight, start: int) -> None:
+        """(Re)issue stage calls ``start..K-1`` for ``flight``, chaining each output into the next stage."""
+        del flight.refs[start + 1:], flight.stats[start:]
+        flight.submitted = time.monotonic()
+        row = self.workers[flight.replica]
+        for stage in range(start, self.plan.num_stages):
+            out, st = row[stage].run.options(num_returns=2).remote(flight.refs[stage], flight.id)
+            flight.refs.append(out)
+            flight.stats.append(st)
+
+    def _finish(self, window: deque[Flight], pending: dict, on_error: str, deadline: float | None) -> list:
+        """Wait for the oldest micro-batch, recovering lost workers on the way; store its result once."""
+        flight = window[0]
+        while True:
+            timeout = self._wait_budget(deadline)
+            ready, _ = ray.wait([flight.refs[-1]], timeout=timeout)
+            if not ready:
+                self._on_timeout(flight, window, deadline)
+                continue
+            try:
+                result = ray.get(flight.refs[-1])
+                calls = ray.get(flight.stats)
+                break
+            except (RayActorError, RayTaskError, ObjectLostError) as e:
+                self._recover(flight, window, cause=_cause(e))
+        window.popleft()
         if isinstance(result, Failure):
-            prefix = f"stage {result.stage}, micro-batch {mb}"
-            message = result.message if result.message.startswith(prefix) else f"{prefix}: {result.message}"
-            if result.kind == "InputError":
-                raise InputError(message)
-            raise WorkerError(message, stage=result.stage, micro_batch=mb)
-        pending[request][part] = arrow.decode(result, [t.name for t in self.plan.outputs])
+            self._fail_data(flight, result, pending, on_error)
+            return calls
+        if flight.request in pending and pending[flight.request] is not None:
+            if pending[flight.request][flight.part] is None:  # exactly once: a replayed duplicate is dropped
+                pending[flight.request][flight.part] = arrow.decode(result, [t.name for t in self.plan.outputs])
+                self._delivered += 1
         return calls
 
+    def _wait_budget(self, deadline: float | None) -> float | None:
+        budgets = [b for b in (self.config.call_timeout_s,
+                               None if deadline is None else max(0.0, deadline - time.perf_counter())) if b is not None]
+        return min(budgets) if budgets else None
+
+    def _on_timeout(self, flight: Flight, window: deque[Flight], deadline: float | None) -> None:
+        if deadline is not None and time.perf_counter() >= deadline:
+            raise WorkerError(f"run deadline of {self.config.run_timeout_s:g} s passed with micro-batch {flight.id} "
+                              f"still in the pipeline; raise run_timeout_s or check the workers",
+                              micro_batch=flight.id)
+        if self.config.call_timeout_s is None or time.monotonic() - flight.submitted < self.config.call_timeout_s:
+            return
+        stage = self._first_unfinished(flight)
+        worker = self.workers[flight.replica][stage]
+        log.warning("stage %d (replica %d) has run micro-batch %d for over %gs: killing it as hung",
+                    stage, flight.replica, flight.id, self.config.call_timeout_s)
+        ray.kill(worker, no_restart=True)
+        self._recover(flight, window, cause=f"hung for over {self.config.call_timeout_s:g} s (call deadline)",
+                      stage=stage)
+
+    def _first_unfinished(self, flight: Flight) -> int:
+        """The first stage whose call for ``flight`` has not finished successfully."""
+        for stage, st in enumerate(flight.stats):
+            ready, _ = ray.wait([st], timeout=0)
+            if not ready:
+                return stage
+            try:
+                ray.get(st)
+            except (RayActorError, RayTaskError, ObjectLostError):
+                return stage
+        return len(flight.stats) - 1
+
+    def _recover(self, flight: Flight, window: deque[Flight], *, cause: str, stage: int | None = None) -> None:
+        """Replace the dead worker of ``flight``'s replica and replay every in-flight micro-batch it lost."""
+        t0 = time.perf_counter()
+        stage = self._first_unfinished(flight) if stage is None else stage
+        key = (flight.replica, stage)
+        self.restarts[key] = self.restarts.get(key, 0) + 1
+        if self.restarts[key] > self.config.max_restarts:
+            raise WorkerError(f"stage {stage} worker (replica {flight.replica}) was lost "
+                              f"{self.restarts[key]} times, over max_restarts={self.config.max_restarts}; last "
+                              f"cause: {cause} (micro-batch {flight.id})", stage=stage, micro_batch=flight.id)
+        old = self.workers[flight.replica][stage]
+        self.retired.append(old)
+        try:
+            ray.kill(old, no_restart=True)
+        except Exception:
+            pass
+        log.warning("stage %d worker (replica %d) lost (%s); starting a replacement", stage, flight.replica, cause)
+        new = self._spawn(flight.replica, stage)
+        self.workers[flight.replica][stage] = new
+        self.worker_info[flight.replica][stage] = self._await_ready([new])[0]
+        replayed = 0
+        for other in window:  # oldest first, so the new worker gets them in order
+            if other.replica != flight.replica:
+                continue
+            start = self._first_unfinished(other)
+            if start > stage or self._finished(other):
+                continue
+            other.replays += 1
+            if other.replays > self.config.max_retries:
+                raise WorkerError(f"micro-batch {other.id} was replayed {other.replays - 1} times, over "
+                                  f"max_retries={self.config.max_retries}; last cause: {cause}",
+                                  stage=stage, micro_batch=other.id)
+            self._launch(other, start)
+            replayed += 1
+            self._replayed += 1
+        self.recoveries.append(Recovery(stage, flight.replica, cause, time.perf_counter() - t0, replayed))
+
+    def _finished(self, flight: Flight) -> bool:
+        ready, _ = ray.wait([flight.stats[-1]], timeout=0)
+        if not ready:
+            return False
+        try:
+            ray.get(flight.stats[-1])
+            return True
+        except (RayActorError, RayTaskError, ObjectLostError):
+            return False
+
+    def _fail_data(self, flight: Flight, failure: Failure, pending: dict, on_error: str) -> None:
+        prefix = f"stage {failure.stage}, micro-batch {flight.id}"
+        message = failure.message if failure.message.startswith(prefix) else f"{prefix}: {failure.message}"
+        if on_error == "skip":
+            if pending.get(flight.request) is not None:
+                self.skipped.append(Skipped(flight.request, flight.id, failure.stage, message))
+                pending[flight.request] = None  # the batch is left out; its other parts are dropped on arrival
+            return
+        if failure.kind == "InputError":
+            raise InputError(message)
+        raise WorkerError(message, stage=failure.stage, micro_batch=flight.id)
+
     def _ready(self, order: deque, pending: dict) -> Iterator[dict[str, np.ndarray]]:
-        while order and all(p is not None for p in pending[order[0]]):
-            parts = pending.pop(order.popleft())
+        while order:
+            parts = pending[order[0]]
+            if parts is None:  # skipped
+                pending.pop(order.popleft())
+                continue
+            if any(p is None for p in parts):
+                return
+            pending.pop(order.popleft())
             merged = microbatch.merge(parts, self.axes)
             yield {name: np.array(v) if len(parts) == 1 else v for name, v in merged.items()}
 

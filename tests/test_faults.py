@@ -1,0 +1,139 @@
+"""Fault injection on real Ray processes: killed and hung workers, exactly-once results, clean failure."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import psutil
+import pytest
+import ray
+import zoo
+
+import onnxshard
+from onnxshard import WorkerError
+from onnxshard.distributed import Pipeline
+from test_pipeline import _failing_gather_model
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+MICRO_BATCHES = 240
+
+
+def _kill(pipe, replica, stage, how):
+    if how == "ray.kill":
+        ray.kill(pipe.workers[replica][stage], no_restart=True)
+    else:
+        os.kill(pipe.worker_info[replica][stage]["pid"], signal.SIGKILL)
+
+
+def _run_with_fault(pipe, feeds, fault, at=60):
+    fired = []
+
+    def progress(done, submitted):
+        if done >= at and not fired:
+            fired.append(done)
+            fault()
+
+    out = pipe.run(feeds, progress=progress)
+    assert fired, "the fault was never injected"
+    return out
+
+
+@pytest.fixture(scope="module")
+def mlp_plan(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults")
+    path = zoo.save(zoo.mlp(layers=6, width=32), tmp / "model")
+    return onnxshard.plan(path, tmp / "plan", stages=3)
+
+
+def _feeds():
+    return {"x": np.random.default_rng(7).standard_normal((MICRO_BATCHES, 32)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_killed_workers_are_replaced_and_results_are_exact(mlp_plan, replicas):
+    feeds = _feeds()
+    with Pipeline(mlp_plan, micro_batch_size=1, replicas=replicas, cpus_per_stage=0.5, max_restarts=4) as pipe:
+        expected = pipe.run(feeds)["y"]
+        before = {w["pid"] for row in pipe.worker_info for w in row}
+        for stage in range(3):
+            for how in ("ray.kill", "os.kill"):
+                replica = stage % replicas
+                got = _run_with_fault(pipe, feeds, lambda s=stage, h=how, r=replica: _kill(pipe, r, s, h))["y"]
+                assert np.array_equal(got, expected), (stage, how)  # bit for bit
+                assert pipe.stats.micro_batches == MICRO_BATCHES
+                assert pipe.stats.delivered == MICRO_BATCHES  # none lost, none repeated
+                assert pipe.recoveries[-1].stage == stage and pipe.recoveries[-1].replica == replica
+        assert len(pipe.recoveries) == 6
+        print("recovery seconds:", sorted(round(r.seconds, 3) for r in pipe.recoveries))
+        all_pids = before | {w["pid"] for row in pipe.worker_info for w in row}
+    _assert_gone(all_pids)
+
+
+def test_hung_worker_is_killed_after_the_call_deadline_and_replaced(mlp_plan):
+    feeds = _feeds()
+    with Pipeline(mlp_plan, micro_batch_size=1, cpus_per_stage=0.5, call_timeout_s=2) as pipe:
+        expected = pipe.run(feeds)["y"]
+        stopped = pipe.worker_info[0][1]["pid"]
+        t0 = time.perf_counter()
+        got = _run_with_fault(pipe, feeds, lambda: os.kill(stopped, signal.SIGSTOP))["y"]
+        assert np.array_equal(got, expected)
+        assert pipe.recoveries[-1].stage == 1 and "call deadline" in pipe.recoveries[-1].cause
+        assert time.perf_counter() - t0 < 2 + 20
+    _assert_gone({stopped})
+
+
+def test_hung_worker_without_restarts_fails_within_the_deadline(mlp_plan):
+    with Pipeline(mlp_plan, micro_batch_size=1, cpus_per_stage=0.5, call_timeout_s=2, max_restarts=0) as pipe:
+        pid = pipe.worker_info[0][2]["pid"]
+        t0 = time.perf_counter()
+        with pytest.raises(WorkerError, match=r"stage 2 worker \(replica 0\) was lost 1 times.*call deadline"):
+            _run_with_fault(pipe, _feeds(), lambda: os.kill(pid, signal.SIGSTOP), at=10)
+        assert time.perf_counter() - t0 < 2 + 5
+        pids = {w["pid"] for w in pipe.worker_info[0]}
+    _assert_gone(pids)
+
+
+def test_repeated_kills_beyond_the_restart_limit_fail_cleanly(mlp_plan):
+    feeds = _feeds()
+    with Pipeline(mlp_plan, micro_batch_size=1, cpus_per_stage=0.5, max_restarts=1) as pipe:
+        pids = {pipe.worker_info[0][0]["pid"]}
+        _run_with_fault(pipe, feeds, lambda: _kill(pipe, 0, 0, "os.kill"))
+        pids.add(pipe.worker_info[0][0]["pid"])
+        with pytest.raises(WorkerError, match=r"was lost 2 times, over max_restarts=1"):
+            _run_with_fault(pipe, feeds, lambda: _kill(pipe, 0, 0, "os.kill"))
+        pids |= {w["pid"] for w in pipe.worker_info[0]}
+    _assert_gone(pids)
+
+
+def test_data_errors_are_skipped_or_raised_not_retried(tmp_path):
+    path = zoo.save(_failing_gather_model(), tmp_path / "m")
+    plan = onnxshard.plan(path, tmp_path / "p", cuts=["t"])
+    good = {"x": np.ones((4, 4), np.float32), "idx": np.array([0, 1, 2, 3], np.int64)}
+    bad = {"x": np.ones((4, 4), np.float32), "idx": np.array([0, 1, 2, 99], np.int64)}
+    with Pipeline(plan, micro_batch_size=2, cpus_per_stage=0.5) as pipe:
+        results = list(pipe.stream([good, bad, good, bad, good], on_error="skip"))
+        assert len(results) == 3
+        assert [s.request for s in pipe.skipped] == [1, 3] and all(s.stage == 1 for s in pipe.skipped)
+        assert not pipe.recoveries  # a data error is not a dead worker
+        with pytest.raises(WorkerError, match="stage 1, micro-batch"):
+            list(pipe.stream([good, bad], on_error="raise"))
+
+
+def test_run_deadline(mlp_plan):
+    with Pipeline(mlp_plan, micro_batch_size=1, cpus_per_stage=0.5, run_timeout_s=1.5, max_restarts=0) as pipe:
+        pid = pipe.worker_info[0][0]["pid"]
+        with pytest.raises(WorkerError, match="run deadline of 1.5 s"):
+            _run_with_fault(pipe, _feeds(), lambda: os.kill(pid, signal.SIGSTOP), at=5)
+        os.kill(pid, signal.SIGCONT)
+
+
+def _assert_gone(pids, wait=15.0):
+    """Every worker process, replaced ones included, has exited after close()."""
+    end = time.monotonic() + wait
+    alive = set(pids)
+    while alive and time.monotonic() < end:
+        alive = {p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+        time.sleep(0.2)
+    assert not alive, f"worker processes still alive after close(): {alive}"
