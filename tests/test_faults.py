@@ -13,7 +13,6 @@ import zoo
 import onnxshard
 from onnxshard import WorkerError
 from onnxshard.distributed import Pipeline
-from test_pipeline import _failing_gather_model
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -108,7 +107,7 @@ def test_repeated_kills_beyond_the_restart_limit_fail_cleanly(mlp_plan):
 
 
 def test_data_errors_are_skipped_or_raised_not_retried(tmp_path):
-    path = zoo.save(_failing_gather_model(), tmp_path / "m")
+    path = zoo.save(zoo.failing_gather(), tmp_path / "m")
     plan = onnxshard.plan(path, tmp_path / "p", cuts=["t"])
     good = {"x": np.ones((4, 4), np.float32), "idx": np.array([0, 1, 2, 3], np.int64)}
     bad = {"x": np.ones((4, 4), np.float32), "idx": np.array([0, 1, 2, 99], np.int64)}

@@ -136,19 +136,8 @@ def test_ambiguous_batch_dim_warns_and_user_can_name_it(tmp_path, save_model):
         assert pipe.stats.micro_batches == 2
 
 
-def _failing_gather_model():
-    """Stage 1 gathers rows of a table with indices from the input: out-of-range indices make ORT raise."""
-    table = nh.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "table")
-    nodes = [h.make_node("Relu", ["x"], ["r"]), h.make_node("Tanh", ["r"], ["t"]),
-             h.make_node("Gather", ["table", "idx"], ["g"]), h.make_node("Add", ["t", "g"], ["y"])]
-    return h.make_model(h.make_graph(
-        nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["batch", 4]),
-                     h.make_tensor_value_info("idx", T.INT64, ["batch"])],
-        [h.make_tensor_value_info("y", T.FLOAT, ["batch", 4])], [table]), opset_imports=[h.make_opsetid("", 17)])
-
-
 def test_ort_failure_inside_a_stage_names_stage_and_micro_batch_then_recovers(save_model, tmp_path):
-    path = save_model(_failing_gather_model())
+    path = save_model(zoo.failing_gather())
     plan = onnxshard.plan(path, tmp_path / "p", cuts=["t"])
     good = {"x": np.ones((4, 4), np.float32), "idx": np.array([0, 1, 2, 3], np.int64)}
     bad = {"x": np.ones((4, 4), np.float32), "idx": np.array([0, 1, 2, 99], np.int64)}

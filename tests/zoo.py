@@ -158,6 +158,16 @@ def constant_weights(seed=0):
                   [h.make_tensor_value_info("y", T.FLOAT, ["batch", 8])])
 
 
+def failing_gather():
+    """Stage 1 gathers rows of a table with indices from the input: out-of-range indices make ORT raise."""
+    table = nh.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "table")
+    nodes = [h.make_node("Relu", ["x"], ["r"]), h.make_node("Tanh", ["r"], ["t"]),
+             h.make_node("Gather", ["table", "idx"], ["g"]), h.make_node("Add", ["t", "g"], ["y"])]
+    return _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["batch", 4]),
+                          h.make_tensor_value_info("idx", T.INT64, ["batch"])],
+                  [h.make_tensor_value_info("y", T.FLOAT, ["batch", 4])], [table])
+
+
 ZOO = {
     "mlp": mlp,
     "transformer": transformer,
