@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", required=True, help=".npz file of model inputs")
     p.add_argument("--outputs", required=True, help=".npz file to write the model outputs to")
     p.add_argument("--stages", type=int, help="stages, when TARGET is a model (default 2)")
+    p.add_argument("--timeline", metavar="FILE", help="draw the run as a Gantt chart (.html or .png) and write a "
+                   "Chrome/Perfetto trace beside it (.trace.json)")
     _pipeline_options(p)
     p.set_defaults(handler=cmd_run)
 
@@ -205,6 +207,10 @@ def cmd_run(args) -> int:
         print(pipe.plan.table())
         outputs = pipe.run(feeds, progress=_progress_bar())
         print(pipe.stats.table())
+    if args.timeline:
+        from onnxshard.distributed.timeline import write_timeline
+
+        print("timeline:", ", ".join(str(p) for p in write_timeline(pipe.stats, args.timeline)))
     np.savez(args.outputs, **outputs)
     print(f"wrote {', '.join(f'{k} {list(v.shape)}' for k, v in outputs.items())} to {args.outputs}")
     return 0

@@ -65,9 +65,14 @@ def test_run_a_model_through_the_pipeline_from_the_cli(save_model, tmp_path, ray
     feeds = {"x": rng.standard_normal((5, 4, 32)).astype(np.float32), "mask": np.ones((5, 4), np.float32)}
     np.savez(tmp_path / "in.npz", **feeds)
     code = main(["run", str(path), "--inputs", str(tmp_path / "in.npz"), "--outputs", str(tmp_path / "out.npz"),
-                 "--stages", "2", "--micro-batch-size", "2", "--cpus-per-stage", "0.5"])
+                 "--stages", "2", "--micro-batch-size", "2", "--cpus-per-stage", "0.5",
+                 "--timeline", str(tmp_path / "run.html")])
     assert code == 0
     assert "3 micro-batches" in capsys.readouterr().out
+    page = (tmp_path / "run.html").read_text()
+    assert page.count("<rect") == 6 and "GPipe bound" in page  # 3 micro-batches x 2 stages
+    trace = json.loads((tmp_path / "run.trace.json").read_text())
+    assert sum(e["ph"] == "X" for e in trace["traceEvents"]) == 6
     from onnxshard.runtime import tools
 
     with np.load(tmp_path / "out.npz") as out:

@@ -363,7 +363,7 @@ class Pipeline:
                 continue
             try:
                 result = ray.get(flight.refs[-1])
-                calls = ray.get(flight.stats)
+                calls = [replace(c, replica=flight.replica) for c in ray.get(flight.stats)]
                 break
             except (RayActorError, RayTaskError, ObjectLostError) as e:
                 self._recover(flight, window, cause=_cause(e))

@@ -38,6 +38,7 @@ class CallStats:
     compute_s: float
     sent_bytes: int
     failed: bool = False
+    replica: int = 0  # filled in by the coordinator
 
 
 class StageWorker:
