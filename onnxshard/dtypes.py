@@ -23,11 +23,8 @@ _TYPES = {
 }
 _BY_ELEM = {elem: name for name, (elem, _, _) in _TYPES.items()}
 _BY_ORT = {ort: name for name, (_, _, ort) in _TYPES.items()}
-_BY_NUMPY = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64", np.dtype(np.float16): "float16",
-             np.dtype(np.int8): "int8", np.dtype(np.int16): "int16", np.dtype(np.int32): "int32",
-             np.dtype(np.int64): "int64", np.dtype(np.uint8): "uint8", np.dtype(np.uint16): "uint16",
-             np.dtype(np.uint32): "uint32", np.dtype(np.uint64): "uint64", np.dtype(np.bool_): "bool",
-             np.dtype(object): "string"}
+# numpy -> ONNX: bfloat16 shares uint16's storage, so uint16 arrays read as uint16.
+_BY_NUMPY = {np_dtype: name for name, (_, np_dtype, _) in _TYPES.items() if name != "bfloat16"}
 
 NAMES = tuple(_TYPES)
 

@@ -22,15 +22,8 @@ from onnxshard.errors import PlanError
 from onnxshard.partitioner import cost as costmod
 from onnxshard.partitioner.cuts import choose_bounds, cut_bytes_per_position, fewest_stages
 from onnxshard.partitioner.graph import Graph, analyse
-from onnxshard.partitioner.model import is_external, load_lazy, tensor_nbytes
-from onnxshard.partitioner.shards import (
-    StageGraph,
-    WeightWriter,
-    all_tensors,
-    all_tensors_of_node,
-    build_model,
-    links_possible,
-)
+from onnxshard.partitioner.model import is_external, iter_tensors, load_lazy, node_tensors, tensor_nbytes
+from onnxshard.partitioner.shards import StageGraph, WeightWriter, build_model, links_possible
 from onnxshard.plan import PLAN_FILE, Plan, Stage, TensorSpec, Weights, human_bytes
 
 __all__ = ["Analysis", "analyse_model", "partition"]
@@ -244,7 +237,7 @@ def _write(analysis, pieces, bounds, flops, out, copy_weights, cost_source, cap,
     try:
         models = [build_model(graph.model, piece, len(pieces)) for piece in pieces]
         mode = "none"
-        if any(is_external(t) for m in models for t in all_tensors(m.graph)):
+        if any(is_external(t) for m in models for t in iter_tensors(m.graph)):
             mode = "copy" if copy_weights else "link" if links_possible(graph.folder, tmp) else "external"
         writer = WeightWriter(graph.folder, tmp, mode)
         stages = []
@@ -253,7 +246,7 @@ def _write(analysis, pieces, bounds, flops, out, copy_weights, cost_source, cap,
             file = f"stage{piece.index}.onnx"
             onnx.save(model, str(tmp / file))
             param_bytes = sum(tensor_nbytes(t) for t in piece.initializers)
-            param_bytes += sum(tensor_nbytes(t) for c in piece.constants for t in all_tensors_of_node(c))
+            param_bytes += sum(tensor_nbytes(t) for c in piece.constants for t in node_tensors(c))
             if param_bytes > cap:
                 raise PlanError(f"stage {piece.index} holds {human_bytes(param_bytes)} of weights (shared weights "
                                 f"count in each stage), over --max-stage-memory {human_bytes(cap)}; add stages")

@@ -38,7 +38,10 @@ def choose_bounds(cost, params, cut_bytes, stages: int, *, max_memory: float = n
 def fewest_stages(cost, params, cut_bytes, max_memory: float, *, pins=None, most: int | None = None) -> int:
     """The smallest stage count whose stages each hold at most ``max_memory`` parameter bytes."""
     n = len(cost)
-    for s in range(1, min(n, most or n) + 1):
+    if max(params, default=0) > max_memory:
+        return 0  # one node alone is over the cap: no stage count helps
+    first = max(1, int(np.ceil(sum(params) / max_memory))) if max_memory > 0 else 1
+    for s in range(first, min(n, most or n) + 1):
         if choose_bounds(cost, params, cut_bytes, s, max_memory=max_memory, pins=pins) is not None:
             return s
     return 0

@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 
 from onnxshard.errors import ModelError
+from onnxshard.partitioner.model import subgraphs
 
 STAGE_CONFIG = "onnxshard"  # configuration_id onnxshard writes into device_configurations
 
@@ -67,9 +68,8 @@ def analyse(model: onnx.ModelProto, folder: Path) -> Graph:
 def node_reads(node: onnx.NodeProto) -> tuple[str, ...]:
     """The node's inputs plus every outer-scope name its If/Loop/Scan subgraphs read, recursively."""
     names = [i for i in node.input if i]
-    for attr in node.attribute:
-        for sub in _subgraphs(attr):
-            names.extend(outer_reads(sub))
+    for sub in subgraphs(node):
+        names.extend(outer_reads(sub))
     return tuple(dict.fromkeys(names))
 
 
@@ -82,13 +82,6 @@ def outer_reads(graph: onnx.GraphProto) -> list[str]:
         defined.update(node.output)
     used.extend(v.name for v in graph.output if v.name not in defined)
     return used
-
-
-def _subgraphs(attr: onnx.AttributeProto):
-    if attr.type == onnx.AttributeProto.GRAPH:
-        yield attr.g
-    elif attr.type == onnx.AttributeProto.GRAPHS:
-        yield from attr.graphs
 
 
 def _is_constant(node: onnx.NodeProto) -> bool:

@@ -46,7 +46,7 @@ def check_domains(model: onnx.ModelProto, path: Path, allow_domains: frozenset[s
     imported = {o.domain or "" for o in model.opset_import}
     functions = {(f.domain, f.name) for f in model.functions}
     version = {o.domain or "": o.version for o in model.opset_import}
-    for node in iter_nodes(model.graph):
+    for node in iter_nodes(model.graph.node):
         domain = node.domain or ""
         if domain == "ai.onnx":
             domain = ""
@@ -65,28 +65,37 @@ def check_domains(model: onnx.ModelProto, path: Path, allow_domains: frozenset[s
                              f"--allow-domain {domain}")
 
 
-def iter_nodes(graph: onnx.GraphProto):
-    """Every node of ``graph`` and of its subgraphs, depth first."""
-    for node in graph.node:
+def subgraphs(node: onnx.NodeProto):
+    """The If/Loop/Scan bodies held in ``node``'s attributes."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def iter_nodes(nodes):
+    """Every node of ``nodes`` (a graph's or a function's) and of their subgraphs, depth first."""
+    for node in nodes:
         yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from iter_nodes(g)
+        for sub in subgraphs(node):
+            yield from iter_nodes(sub.node)
 
 
-def iter_initializers(graph: onnx.GraphProto):
-    """Every initializer of ``graph`` and its subgraphs (subgraphs may hold weights too)."""
+def iter_tensors(graph: onnx.GraphProto):
+    """Every TensorProto in ``graph``: initializers and Constant values, its subgraphs' included."""
     yield from graph.initializer
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_initializers(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from iter_initializers(g)
+        yield from node_tensors(node)
+
+
+def node_tensors(node: onnx.NodeProto):
+    """The TensorProtos ``node`` holds: tensor attributes (Constant values) and its subgraphs' tensors."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.TENSOR:
+            yield attr.t
+    for sub in subgraphs(node):
+        yield from iter_tensors(sub)
 
 
 def is_external(tensor: TensorProto) -> bool:
@@ -114,9 +123,7 @@ def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
     """Refuse locations that leave ``folder``, missing files and files shorter than the ranges they must hold."""
     sizes: dict[str, int] = {}
     real_folder = os.path.realpath(folder)
-    tensors = list(iter_initializers(model.graph))
-    tensors += [a.t for n in iter_nodes(model.graph) for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
-    for tensor in tensors:
+    for tensor in iter_tensors(model.graph):
         if not is_external(tensor):
             continue
         ref = external_ref(tensor)

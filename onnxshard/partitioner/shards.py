@@ -13,7 +13,7 @@ from onnx import TensorProto
 
 from onnxshard import dtypes
 from onnxshard.partitioner.graph import STAGE_CONFIG
-from onnxshard.partitioner.model import external_ref, is_external
+from onnxshard.partitioner.model import external_ref, is_external, iter_nodes, iter_tensors
 from onnxshard.plan import TensorSpec
 
 WEIGHTS_DIR = "weights"
@@ -44,7 +44,7 @@ class WeightWriter:
     files: dict[str, int] = field(default_factory=dict)
 
     def rewrite(self, stage: int, graph: onnx.GraphProto) -> None:
-        tensors = [t for t in all_tensors(graph) if is_external(t)]
+        tensors = [t for t in iter_tensors(graph) if is_external(t)]
         if not tensors:
             return
         if self.mode == "copy":
@@ -130,41 +130,14 @@ def used_functions(model: onnx.ModelProto, graph: onnx.GraphProto) -> list[onnx.
     """The model-local functions ``graph`` calls, directly or through other functions and subgraphs."""
     by_key = {(f.domain, f.name, f.overload): f for f in model.functions}
     wanted: dict[tuple, onnx.FunctionProto] = {}
-    todo = list(_all_nodes(graph.node))
+    todo = list(iter_nodes(graph.node))
     while todo:
         node = todo.pop()
         key = (node.domain, node.op_type, node.overload)
         if key in by_key and key not in wanted:
             wanted[key] = by_key[key]
-            todo.extend(_all_nodes(by_key[key].node))
+            todo.extend(iter_nodes(by_key[key].node))
     return [f for key, f in by_key.items() if key in wanted]
-
-
-def _all_nodes(nodes):
-    for node in nodes:
-        yield node
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                yield from _all_nodes(sub.node)
-
-
-def all_tensors(graph: onnx.GraphProto):
-    """Every TensorProto in ``graph``: initializers, Constant values, and those of subgraphs."""
-    yield from graph.initializer
-    for node in graph.node:
-        yield from all_tensors_of_node(node)
-
-
-def all_tensors_of_node(node: onnx.NodeProto):
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.TENSOR:
-            yield attr.t
-        elif attr.type == onnx.AttributeProto.GRAPH:
-            yield from all_tensors(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            for sub in attr.graphs:
-                yield from all_tensors(sub)
 
 
 def _value_info(spec: TensorSpec) -> onnx.ValueInfoProto:
