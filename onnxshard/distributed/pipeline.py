@@ -143,6 +143,7 @@ class Pipeline:
         self.stats: RunStats | None = None
         self._next_id = 0
         self._delivered = self._replayed = 0
+        self._doomed: list = []  # refs of calls a replay replaced
         try:
             self._start(address)
         except BaseException:
@@ -344,6 +345,7 @@ class Pipeline:
 
     def _launch(self, flight: Flight, start: int) -> None:
         """(Re)issue stage calls ``start..K-1`` for ``flight``, chaining each output into the next stage."""
+        self._doomed += flight.refs[start + 1:] + flight.stats[start:]
         del flight.refs[start + 1:], flight.stats[start:]
         flight.submitted = time.monotonic()
         row = self.workers[flight.replica]
@@ -354,6 +356,7 @@ class Pipeline:
 
     def _finish(self, window: deque[Flight], pending: dict, on_error: str, deadline: float | None) -> list:
         """Wait for the oldest micro-batch, recovering lost workers on the way; store its result once."""
+        self._drain_doomed()
         flight = window[0]
         while True:
             timeout = self._wait_budget(deadline)
@@ -366,7 +369,7 @@ class Pipeline:
                 calls = [replace(c, replica=flight.replica) for c in ray.get(flight.stats)]
                 break
             except (RayActorError, RayTaskError, ObjectLostError) as e:
-                self._recover(flight, window, cause=_cause(e))
+                self._recover(flight, window, cause=_cause(e), stage=self._dead_stage(flight.replica, e))
         window.popleft()
         if isinstance(result, Failure):
             self._fail_data(flight, result, pending, on_error)
@@ -376,6 +379,17 @@ class Pipeline:
                 pending[flight.request][flight.part] = arrow.decode(result, [t.name for t in self.plan.outputs])
                 self._delivered += 1
         return calls
+
+    def _drain_doomed(self) -> None:
+        """Read the errors of calls abandoned by a replay, once they settle, so Ray does not log them as unhandled."""
+        if not self._doomed:
+            return
+        ready, self._doomed = ray.wait(self._doomed, num_returns=len(self._doomed), timeout=0)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception:
+                pass
 
     def _wait_budget(self, deadline: float | None) -> float | None:
         budgets = [b for b in (self.config.call_timeout_s,
@@ -396,6 +410,23 @@ class Pipeline:
         ray.kill(worker, no_restart=True)
         self._recover(flight, window, cause=f"hung for over {self.config.call_timeout_s:g} s (call deadline)",
                       stage=stage)
+
+    def _dead_stage(self, replica: int, error: Exception) -> int:
+        """The stage of ``replica`` whose worker died: named by the error, else found by asking each worker."""
+        dead_id = _dead_actor_id(error)
+        row = self.workers[replica]
+        for stage, worker in enumerate(row):
+            if dead_id is not None and worker._actor_id.hex() == dead_id:
+                return stage
+        probes = [w.__ray_ready__.remote() for w in row]
+        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=5)
+        for stage, probe in enumerate(probes):
+            if probe in ready:
+                try:
+                    ray.get(probe)
+                except Exception:
+                    return stage
+        raise WorkerError(f"a stage worker of replica {replica} failed ({_cause(error)}) but none is found dead")
 
     def _first_unfinished(self, flight: Flight) -> int:
         """The first stage whose call for ``flight`` has not finished successfully."""
@@ -433,15 +464,15 @@ class Pipeline:
         for other in window:  # oldest first, so the new worker gets them in order
             if other.replica != flight.replica:
                 continue
-            start = self._first_unfinished(other)
-            if start > stage or self._finished(other):
-                continue
+            if self._first_unfinished(other) > stage or self._finished(other):
+                continue  # already past the dead worker
             other.replays += 1
             if other.replays > self.config.max_retries:
                 raise WorkerError(f"micro-batch {other.id} was replayed {other.replays - 1} times, over "
                                   f"max_retries={self.config.max_retries}; last cause: {cause}",
                                   stage=stage, micro_batch=other.id)
-            self._launch(other, start)
+            # Stage ``stage``'s input is made (or being made) by a live worker: only the lost calls are reissued.
+            self._launch(other, stage)
             replayed += 1
             self._replayed += 1
         self.recoveries.append(Recovery(stage, flight.replica, cause, time.perf_counter() - t0, replayed))
@@ -479,6 +510,15 @@ class Pipeline:
             pending.pop(order.popleft())
             merged = microbatch.merge(parts, self.axes)
             yield {name: np.array(v) if len(parts) == 1 else v for name, v in merged.items()}
+
+
+def _dead_actor_id(error: Exception) -> str | None:
+    """The hex id of the actor whose death caused ``error`` (Ray wraps it when a later stage needed its output)."""
+    while error is not None:
+        if isinstance(error, RayActorError) and getattr(error, "actor_id", None):
+            return error.actor_id
+        error = getattr(error, "cause", None)
+    return None
 
 
 def _cause(e: Exception) -> str:
