@@ -2,34 +2,22 @@
 
     .venv/bin/python benchmarks/pipeline_vs_ort.py --layers 12 --d 768 --heads 12 --ffn 3072 --batch 16 --seq 128
 
-Prints medians of ``--repeats`` timed runs (after one warm-up) and ratios against baselines measured here:
-ORT on the whole model with 1 thread and with as many threads as the pipeline has stages.
+Builds a transformer in code and runs `onnxshard bench` on it: medians of ``--repeats`` timed runs (after a
+warm-up) and ratios against ORT on the whole model with 1 thread, with as many threads as stages, and as many
+1-thread processes as stages each on its share of the batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-import onnxshard
 from onnxshard import models
-from onnxshard.runtime import RuntimeConfig, open_session
-
-
-def timed(fn, repeats: int) -> tuple[float, list[float]]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+from onnxshard.bench import run_bench
 
 
 def main() -> None:
@@ -52,27 +40,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = models.save(models.transformer(layers=args.layers, d=args.d, heads=args.heads, ffn=args.ffn),
                             Path(tmp) / "model", external=True)
-        plan = onnxshard.plan(model, Path(tmp) / "plan", stages=args.stages, dims={"seq": args.seq})
         rng = np.random.default_rng(0)
         feeds = {"x": rng.standard_normal((args.batch, args.seq, args.d)).astype(np.float32),
                  "mask": np.ones((args.batch, args.seq), np.float32)}
-        rows = []
-        for threads in sorted({1, args.stages}):
-            session = open_session(model, RuntimeConfig(intra_op_threads=threads))
-            med, times = timed(lambda s=session: s.run(None, feeds), args.repeats)
-            rows.append((f"ORT whole model, {threads} thread(s)", med, times))
-        with onnxshard.Pipeline(plan, micro_batch_size=args.micro_batch_size, cpus_per_stage=1) as pipe:
-            med, times = timed(lambda: pipe.run(feeds), args.repeats)
-            rows.append((f"onnxshard {args.stages} stages x 1 thread, micro-batch {args.micro_batch_size}", med, times))
-            stats = pipe.stats
-        best_ort = rows[-2][1]
-        print(f"transformer {args.layers}x d={args.d} ffn={args.ffn}, batch {args.batch} x seq {args.seq}; "
-              f"medians of {args.repeats}")
-        print(f"{'':<52} {'samples/s':>10} {'spread':>16} {'vs ' + str(args.stages) + '-thread ORT':>16}")
-        for name, med, times in rows:
-            spread = f"{min(times) * 1e3:.0f}-{max(times) * 1e3:.0f} ms"
-            print(f"{name:<52} {args.batch / med:>10.1f} {spread:>16} {best_ort / med:>15.2f}x")
-        print(stats.table())
+        print(f"transformer {args.layers} layers, d={args.d}, ffn={args.ffn}, batch {args.batch} x seq {args.seq}")
+        print(run_bench(model, stages=args.stages, feeds=feeds, samples=args.batch,
+                        micro_batch_size=args.micro_batch_size, repeats=args.repeats))
     ray.shutdown()
 
 

@@ -63,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_options(p)
     p.set_defaults(handler=cmd_run)
 
+    p = sub.add_parser("bench", help="time the pipeline against plain ONNX Runtime on the same model and inputs")
+    p.add_argument("target", help="a plan folder or an .onnx file")
+    p.add_argument("--stages", type=int, default=2, help="stages, when TARGET is a model (default 2)")
+    p.add_argument("--inputs", help=".npz file of inputs (default: random, sized by --batch and --dim)")
+    p.add_argument("--batch", type=int, default=16, help="batch size of random inputs (default 16)")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE", help="size of a symbolic dim")
+    p.add_argument("--micro-batch-size", type=int)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch-dim", help="the symbolic dim name of the batch")
+    p.add_argument("--address", help="Ray address (default: a local embedded Ray)")
+    p.set_defaults(handler=cmd_bench)
+
     p = sub.add_parser("demo", help="plan a small transformer, run it as a pipeline on local Ray, check it")
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
@@ -230,6 +242,33 @@ def _progress_bar():
         sys.stderr.flush()
 
     return show
+
+
+def cmd_bench(args) -> int:
+    from onnxshard.bench import run_bench
+    from onnxshard.runtime.tools import random_feeds
+
+    target = Path(args.target)
+    plan_inputs = Plan.load(target).inputs if _is_plan(args.target) else None
+    if args.inputs:
+        feeds = _load_npz(args.inputs)
+    else:
+        if plan_inputs is None:
+            from onnxshard import partitioner
+            from onnxshard.runtime.tools import probe_types
+
+            analysis = partitioner.analyse_model(target, type_oracle=probe_types)
+            plan_inputs = tuple(analysis.specs[i] for i in analysis.graph.inputs)
+        dims = _dims(args)
+        batch_dim = args.batch_dim or next((d for t in plan_inputs for d in (t.shape or ())[:1] if isinstance(d, str)),
+                                           None)
+        if batch_dim:
+            dims.setdefault(batch_dim, args.batch)
+        feeds = random_feeds(plan_inputs, dims=dims)
+    samples = next(iter(feeds.values())).shape[0] if feeds else 1
+    print(run_bench(target, stages=args.stages, feeds=feeds, samples=samples, micro_batch_size=args.micro_batch_size,
+                    repeats=args.repeats, address=args.address, batch_axes=args.batch_dim))
+    return 0
 
 
 def cmd_demo(args) -> int:

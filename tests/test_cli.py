@@ -85,3 +85,13 @@ def test_demo_runs_and_checks_itself(ray_session, capsys):
     assert run_demo(stages=2, batch=4, seq=8, layers=2, micro_batch_size=2, repeats=1) == 0
     out = capsys.readouterr().out
     assert "-> OK" in out and "samples/s" in out
+
+
+def test_bench_prints_ratios_against_ort_baselines(save_model, ray_session, capsys):
+    path = save_model(zoo.mlp(layers=4, width=32))
+    assert main(["bench", str(path), "--stages", "2", "--batch", "8", "--repeats", "1", "--micro-batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    for row in ("ORT whole model, 1 thread(s)", "ORT whole model, 2 thread(s)", "ORT 2 processes x 1 thread",
+                "onnxshard 2 stages x 1 thread, micro-batch 2"):
+        assert row in out
+    assert "GPipe bound" in out

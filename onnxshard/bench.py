@@ -1,0 +1,110 @@
+"""`onnxshard bench`: the pipeline against what a user would otherwise run, on the same model and inputs, in one
+process run. Medians of several timed runs after a warm-up; ratios against baselines measured here."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onnxshard.plan import PLAN_FILE, Plan
+from onnxshard.runtime import RuntimeConfig, open_session
+
+
+@dataclass(frozen=True)
+class Timing:
+    name: str
+    seconds: list[float]
+    samples: int
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def throughput(self) -> float:
+        return self.samples / self.median
+
+
+def timed(name: str, fn: Callable[[], object], samples: int, repeats: int) -> Timing:
+    """``repeats`` timed calls of ``fn`` after one warm-up call."""
+    fn()
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - t0)
+    return Timing(name, seconds, samples)
+
+
+def table(rows: list[Timing], baselines: list[Timing]) -> str:
+    head = f"{'':<48} {'samples/s':>10} {'median ms':>10} {'spread ms':>13}" + "".join(
+        f" {'vs ' + b.name[:18]:>22}" for b in baselines)
+    lines = [head]
+    for r in rows:
+        spread = f"{min(r.seconds) * 1e3:.1f}-{max(r.seconds) * 1e3:.1f}"
+        ratios = "".join(f" {r.throughput / b.throughput:>21.2f}x" for b in baselines)
+        lines.append(f"{r.name:<48} {r.throughput:>10.1f} {r.median * 1e3:>10.1f} {spread:>13}{ratios}")
+    return "\n".join(lines)
+
+
+# Data-parallel baseline: each process holds its own session and the whole batch, and runs its slice.
+_session = None
+_feeds = None
+
+
+def _init(model: str, feeds: dict, threads: int) -> None:
+    global _session, _feeds
+    _session = open_session(model, RuntimeConfig(intra_op_threads=threads, provider="cpu"))
+    _feeds = feeds
+
+
+def _run_slice(args) -> int:
+    start, stop = args
+    _session.run(None, {k: v[start:stop] for k, v in _feeds.items()})
+    return stop - start
+
+
+def data_parallel(model: str, feeds: dict, processes: int, samples: int, repeats: int) -> Timing:
+    """``processes`` ORT processes x 1 thread, each on its share of the batch (axis 0): the data-parallel ceiling."""
+    bounds = np.linspace(0, samples, processes + 1).astype(int)
+    slices = list(zip(bounds[:-1], bounds[1:]))
+    with mp.get_context("spawn").Pool(processes, initializer=_init, initargs=(model, feeds, 1)) as pool:
+        return timed(f"ORT {processes} processes x 1 thread (data parallel)",
+                     lambda: pool.map(_run_slice, slices, chunksize=1), samples, repeats)
+
+
+def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarray], samples: int,
+              micro_batch_size: int | None, repeats: int = 5, address: str | None = None,
+              batch_axes=None, data_parallel_axis0: bool = True) -> str:
+    """Baselines and the pipeline on ``feeds``; returns the printed report."""
+    from onnxshard.api import plan as make_plan
+    from onnxshard.distributed import Pipeline
+
+    target = Path(target)
+    with tempfile.TemporaryDirectory(prefix="onnxshard-bench-") as tmp:
+        the_plan = Plan.load(target) if (target / PLAN_FILE).is_file() else make_plan(target, Path(tmp) / "plan",
+                                                                                       stages=stages)
+        k = the_plan.num_stages
+        model = the_plan.model
+        baselines = []
+        for threads in sorted({1, k}):
+            session = open_session(model, RuntimeConfig(intra_op_threads=threads, provider="cpu"))
+            baselines.append(timed(f"ORT whole model, {threads} thread(s)",
+                                   lambda s=session: s.run(None, feeds), samples, repeats))
+        if data_parallel_axis0 and k > 1:
+            baselines.append(data_parallel(model, feeds, k, samples, repeats))
+        with Pipeline(the_plan, micro_batch_size=micro_batch_size, cpus_per_stage=1, address=address,
+                      batch_axes=batch_axes) as pipe:
+            result = timed(f"onnxshard {k} stages x 1 thread, micro-batch {micro_batch_size or 'auto'}",
+                           lambda: pipe.run(feeds), samples, repeats)
+            stats = pipe.stats
+    report = [f"{model}: {samples} samples, medians of {repeats} runs after a warm-up",
+              table(baselines + [result], baselines), stats.table()]
+    return "\n".join(report)
