@@ -144,6 +144,7 @@ class Pipeline:
         self._next_id = 0
         self._delivered = self._replayed = 0
         self._doomed: list = []  # refs of calls a replay replaced
+        self._in_flight_gauge = None
         try:
             self._start(address)
         except BaseException:
@@ -185,6 +186,9 @@ class Pipeline:
         flat = [w for row in self.workers for w in row]
         infos = self._await_ready(flat)
         self.worker_info = [infos[r * k:(r + 1) * k] for r in range(cfg.replicas)]
+        from ray.util.metrics import Gauge
+
+        self._in_flight_gauge = Gauge("onnxshard_pipeline_in_flight", "micro-batches in the pipeline (queue depth)")
 
     def _spawn(self, replica: int, stage: int):
         cfg = self.config
@@ -273,6 +277,7 @@ class Pipeline:
         def finish_oldest():
             nonlocal done
             calls.extend(self._finish(window, pending, on_error, deadline))
+            self._in_flight_gauge.set(len(window))
             done += 1
             if progress:
                 progress(done, count)
@@ -289,6 +294,7 @@ class Pipeline:
                         yield from self._ready(order, pending)
                     window.append(self._submit(part, chunk, request))
                     count += 1
+                    self._in_flight_gauge.set(len(window))
             while window:
                 finish_oldest()
                 yield from self._ready(order, pending)

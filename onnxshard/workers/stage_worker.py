@@ -56,6 +56,7 @@ class StageWorker:
         self.session = ShardSession(plan.stage_path(self.stage), self.stage.inputs, self.stage.outputs, self.config,
                                     plan.weights_dir(), label=f"stage {stage_index}")
         self._types = {t.name: t.dtype for t in self.stage.outputs}
+        self._metrics = _StageMetrics(stage_index) if ray.is_initialized() else None
 
     def ready(self) -> dict:
         """Where and how this worker runs (the coordinator waits on it after starting the actor)."""
@@ -75,11 +76,45 @@ class StageWorker:
             result = arrow.assemble(columns + arrow.select(batch, list(self.stage.carry)))
         except OnnxShardError as e:
             failure = Failure(self.index, micro_batch, str(e), type(e).__name__)
-            return failure, CallStats(self.index, micro_batch, started, time.perf_counter() - t0, 0, failed=True)
+            return failure, self._record(CallStats(self.index, micro_batch, started, time.perf_counter() - t0, 0,
+                                                   failed=True))
         except Exception as e:  # an unexpected bug still reaches the caller as a value, with its type
             failure = Failure(self.index, micro_batch, f"stage {self.index}: {type(e).__name__}: {e}")
-            return failure, CallStats(self.index, micro_batch, started, time.perf_counter() - t0, 0, failed=True)
-        return result, CallStats(self.index, micro_batch, started, time.perf_counter() - t0, result.nbytes)
+            return failure, self._record(CallStats(self.index, micro_batch, started, time.perf_counter() - t0, 0,
+                                                   failed=True))
+        return result, self._record(CallStats(self.index, micro_batch, started, time.perf_counter() - t0,
+                                              result.nbytes))
+
+    def _record(self, stats: CallStats) -> CallStats:
+        if self._metrics is not None:
+            self._metrics.record(stats)
+        return stats
+
+
+class _StageMetrics:
+    """Per-stage counters exported through Ray's metrics API (Prometheus, via each node's metrics agent)."""
+
+    def __init__(self, stage: int):
+        from ray.util.metrics import Counter
+
+        tags = {"stage": str(stage)}
+        self.micro_batches = Counter("onnxshard_stage_micro_batches", "micro-batches a stage worker ran",
+                                     tag_keys=("stage",))
+        self.busy = Counter("onnxshard_stage_busy_seconds", "seconds a stage worker spent in ONNX Runtime",
+                            tag_keys=("stage",))
+        self.sent = Counter("onnxshard_stage_sent_bytes", "bytes a stage worker sent on", tag_keys=("stage",))
+        self.failures = Counter("onnxshard_stage_failures", "micro-batches that failed in a stage",
+                                tag_keys=("stage",))
+        for metric in (self.micro_batches, self.busy, self.sent, self.failures):
+            metric.set_default_tags(tags)
+
+    def record(self, stats: CallStats) -> None:
+        self.micro_batches.inc()
+        self.busy.inc(stats.compute_s)
+        if stats.sent_bytes:
+            self.sent.inc(stats.sent_bytes)
+        if stats.failed:
+            self.failures.inc()
 
 
 def _assigned(config: RuntimeConfig) -> tuple[int, int, str]:
