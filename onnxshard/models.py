@@ -97,3 +97,19 @@ def transformer(layers=2, d=32, heads=4, ffn=64, seed=0, vocab=None, gelu_contri
     nodes.append(h.make_node("Identity", [x], ["y"]))
     opsets = [h.make_opsetid("com.microsoft", 1)] if gelu_contrib else []
     return make_model(nodes, inputs, [h.make_tensor_value_info("y", T.FLOAT, ["batch", "seq", d])], inits, opsets=opsets)
+
+
+def lstm(layers=4, inputs=64, hidden=256, seed=0):
+    """A stacked LSTM over ``x[seq, batch, inputs]`` (ONNX's time-major layout): the batch is axis 1."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x, width = [], [], "x", inputs
+    inits.append(nh.from_array(np.array([1], np.int64), "axis1"))
+    for i in range(layers):
+        inits += [weight(rng, f"W{i}", 1, 4 * hidden, width, scale=0.1),
+                  weight(rng, f"R{i}", 1, 4 * hidden, hidden, scale=0.1), weight(rng, f"B{i}", 1, 8 * hidden, scale=0.1)]
+        nodes += [h.make_node("LSTM", [x, f"W{i}", f"R{i}", f"B{i}"], [f"y{i}"], hidden_size=hidden),
+                  h.make_node("Squeeze", [f"y{i}", "axis1"], [f"h{i}"])]
+        x, width = f"h{i}", hidden
+    nodes[-1].output[0] = "y"
+    return make_model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["seq", "batch", inputs])],
+                      [h.make_tensor_value_info("y", T.FLOAT, ["seq", "batch", hidden])], inits)

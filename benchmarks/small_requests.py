@@ -1,0 +1,61 @@
+"""A stream of small requests to a stacked LSTM, where ONNX Runtime's threads barely help: the pipeline (each
+request one micro-batch, stages working on different requests at once) against ORT on the whole model running the
+same requests one after another.
+
+    .venv/bin/python benchmarks/small_requests.py [--requests 60] [--batch 4] [--seq 64] [--layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import onnxshard
+from onnxshard import models
+from onnxshard.bench import table, timed
+from onnxshard.runtime import RuntimeConfig, open_session
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=60)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=args.stages, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    rng = np.random.default_rng(0)
+    requests = [{"x": rng.standard_normal((args.seq, args.batch, 64)).astype(np.float32)}
+                for _ in range(args.requests)]
+    samples = args.requests * args.batch
+    with tempfile.TemporaryDirectory() as tmp:
+        model = models.save(models.lstm(layers=args.layers, hidden=args.hidden), Path(tmp) / "m", external=True)
+        plan = onnxshard.plan(model, Path(tmp) / "p", stages=args.stages)
+        rows = []
+        for threads in (1, args.stages):
+            s = open_session(model, RuntimeConfig(intra_op_threads=threads, provider="cpu"))
+            rows.append(timed(f"ORT whole model, {threads} thread(s), one by one",
+                              lambda s=s: [s.run(None, r) for r in requests], samples, args.repeats))
+        with onnxshard.Pipeline(plan, micro_batch_size=args.batch, cpus_per_stage=1) as pipe:
+            rows.append(timed(f"onnxshard {args.stages} stages x 1 thread, stream",
+                              lambda: list(pipe.stream(requests)), samples, args.repeats))
+            stats = pipe.stats
+        print(f"stacked LSTM {args.layers} x {args.hidden}, {args.requests} requests of batch {args.batch} x seq "
+              f"{args.seq}; medians of {args.repeats}")
+        print(table(rows, rows[:2]))
+        print(stats.table())
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
