@@ -18,6 +18,7 @@ import numpy as np
 
 from onnxshard import models
 from onnxshard.bench import run_bench
+from onnxshard.distributed.pipeline import LOCAL_RAY_SYSTEM_CONFIG
 
 
 def main() -> None:
@@ -36,7 +37,8 @@ def main() -> None:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=args.stages, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(num_cpus=args.stages, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     with tempfile.TemporaryDirectory() as tmp:
         model = models.save(models.transformer(layers=args.layers, d=args.d, heads=args.heads, ffn=args.ffn),
                             Path(tmp) / "model", external=True)

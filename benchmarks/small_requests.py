@@ -17,6 +17,7 @@ import numpy as np
 import onnxshard
 from onnxshard import models
 from onnxshard.bench import table, timed
+from onnxshard.distributed.pipeline import LOCAL_RAY_SYSTEM_CONFIG
 from onnxshard.runtime import RuntimeConfig, open_session
 
 
@@ -33,7 +34,8 @@ def main() -> None:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=args.stages, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(num_cpus=args.stages, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     rng = np.random.default_rng(0)
     requests = [{"x": rng.standard_normal((args.seq, args.batch, 64)).astype(np.float32)}
                 for _ in range(args.requests)]

@@ -41,6 +41,10 @@ from onnxshard.workers import Failure, StageWorker
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
+# For a Ray this pipeline starts itself: activations up to 4 MiB travel inline with the call's reply instead of
+# through the shared-memory object store, 8-11% more throughput on the benchmarks (benchmarks/RESULTS.md).
+LOCAL_RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 4 << 20}
+
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -82,14 +86,13 @@ class PipelineConfig:
 
 @dataclass
 class Flight:
-    """One micro-batch in the pipeline: ``refs[k]`` is stage k's input, ``stats[k]`` its call's stats."""
+    """One micro-batch in the pipeline: ``refs[k]`` is stage k's input packet, ``refs[k + 1]`` its output."""
 
     request: int
     part: int
     id: int
     replica: int
     refs: list
-    stats: list
     replays: int = 0
     submitted: float = 0.0
 
@@ -171,7 +174,8 @@ class Pipeline:
         if not ray.is_initialized():
             address = address or os.environ.get("RAY_ADDRESS")
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=True, configure_logging=True)
+                     log_to_driver=True, configure_logging=True,
+                     _system_config=None if address else LOCAL_RAY_SYSTEM_CONFIG)
             self._owns_ray = True
         cfg, k = self.config, self.plan.num_stages
         bundle = {"CPU": cfg.cpus_per_stage, **({"GPU": cfg.gpus_per_stage} if cfg.gpus_per_stage else {}),
@@ -345,20 +349,18 @@ class Pipeline:
         mb = self._next_id
         self._next_id += 1
         batch = arrow.encode(chunk, {t.name: t.dtype for t in self.plan.inputs})
-        flight = Flight(request, part, mb, mb % self.config.replicas, [ray.put(batch)], [])
+        flight = Flight(request, part, mb, mb % self.config.replicas, [ray.put((batch, ()))])
         self._launch(flight, 0)
         return flight
 
     def _launch(self, flight: Flight, start: int) -> None:
         """(Re)issue stage calls ``start..K-1`` for ``flight``, chaining each output into the next stage."""
-        self._doomed += flight.refs[start + 1:] + flight.stats[start:]
-        del flight.refs[start + 1:], flight.stats[start:]
+        self._doomed += flight.refs[start + 1:]
+        del flight.refs[start + 1:]
         flight.submitted = time.monotonic()
         row = self.workers[flight.replica]
         for stage in range(start, self.plan.num_stages):
-            out, st = row[stage].run.options(num_returns=2).remote(flight.refs[stage], flight.id)
-            flight.refs.append(out)
-            flight.stats.append(st)
+            flight.refs.append(row[stage].run.remote(flight.refs[stage], flight.id))
 
     def _finish(self, window: deque[Flight], pending: dict, on_error: str, deadline: float | None) -> list:
         """Wait for the oldest micro-batch, recovering lost workers on the way; store its result once."""
@@ -371,8 +373,8 @@ class Pipeline:
                 self._on_timeout(flight, window, deadline)
                 continue
             try:
-                result = ray.get(flight.refs[-1])
-                calls = [replace(c, replica=flight.replica) for c in ray.get(flight.stats)]
+                result, stats = ray.get(flight.refs[-1])
+                calls = [replace(c, replica=flight.replica) for c in stats]
                 break
             except (RayActorError, RayTaskError, ObjectLostError) as e:
                 self._recover(flight, window, cause=_cause(e), stage=self._dead_stage(flight.replica, e))
@@ -436,7 +438,7 @@ class Pipeline:
 
     def _first_unfinished(self, flight: Flight) -> int:
         """The first stage whose call for ``flight`` has not finished successfully."""
-        for stage, st in enumerate(flight.stats):
+        for stage, st in enumerate(flight.refs[1:]):
             ready, _ = ray.wait([st], timeout=0)
             if not ready:
                 return stage
@@ -444,7 +446,7 @@ class Pipeline:
                 ray.get(st)
             except (RayActorError, RayTaskError, ObjectLostError):
                 return stage
-        return len(flight.stats) - 1
+        return len(flight.refs) - 2
 
     def _recover(self, flight: Flight, window: deque[Flight], *, cause: str, stage: int | None = None) -> None:
         """Replace the dead worker of ``flight``'s replica and replay every in-flight micro-batch it lost."""
@@ -484,11 +486,11 @@ class Pipeline:
         self.recoveries.append(Recovery(stage, flight.replica, cause, time.perf_counter() - t0, replayed))
 
     def _finished(self, flight: Flight) -> bool:
-        ready, _ = ray.wait([flight.stats[-1]], timeout=0)
+        ready, _ = ray.wait([flight.refs[-1]], timeout=0)
         if not ready:
             return False
         try:
-            ray.get(flight.stats[-1])
+            ray.get(flight.refs[-1])
             return True
         except (RayActorError, RayTaskError, ObjectLostError):
             return False

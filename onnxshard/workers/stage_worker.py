@@ -10,7 +10,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import pyarrow as pa
 import ray
 
 from onnxshard.errors import OnnxShardError
@@ -26,6 +25,9 @@ class Failure:
     micro_batch: int
     message: str
     kind: str = "WorkerError"
+
+
+Packet = tuple  # (pa.RecordBatch | Failure, tuple[CallStats, ...])
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,14 @@ class StageWorker:
         return {"stage": self.index, "pid": os.getpid(), "providers": self.session.providers,
                 "threads": self.config.intra_op_threads, "node": _node_id()}
 
-    def run(self, batch: pa.RecordBatch | Failure, micro_batch: int) -> tuple[pa.RecordBatch | Failure, CallStats]:
-        """Run one micro-batch; the result holds this stage's outputs and its carried columns."""
+    def run(self, packet: Packet, micro_batch: int) -> Packet:
+        """Run one micro-batch. A packet is ``(batch or Failure, stats of the calls so far)``: one object per hop,
+        so the coordinator reads every stage's stats from the last result. The batch sent on holds this stage's
+        outputs and its carried columns."""
+        batch, calls = packet
         started = time.time()
         if isinstance(batch, Failure):
-            return batch, CallStats(self.index, micro_batch, started, 0.0, 0, failed=True)
+            return batch, (*calls, CallStats(self.index, micro_batch, started, 0.0, 0, failed=True))
         t0 = time.perf_counter()
         try:
             feeds = arrow.decode(batch, self.stage.input_names)
@@ -75,15 +80,13 @@ class StageWorker:
             columns = [arrow.tensor_to_column(n, v, self._types.get(n)) for n, v in outputs.items()]
             result = arrow.assemble(columns + arrow.select(batch, list(self.stage.carry)))
         except OnnxShardError as e:
-            failure = Failure(self.index, micro_batch, str(e), type(e).__name__)
-            return failure, self._record(CallStats(self.index, micro_batch, started, time.perf_counter() - t0, 0,
-                                                   failed=True))
+            result = Failure(self.index, micro_batch, str(e), type(e).__name__)
         except Exception as e:  # an unexpected bug still reaches the caller as a value, with its type
-            failure = Failure(self.index, micro_batch, f"stage {self.index}: {type(e).__name__}: {e}")
-            return failure, self._record(CallStats(self.index, micro_batch, started, time.perf_counter() - t0, 0,
-                                                   failed=True))
-        return result, self._record(CallStats(self.index, micro_batch, started, time.perf_counter() - t0,
-                                              result.nbytes))
+            result = Failure(self.index, micro_batch, f"stage {self.index}: {type(e).__name__}: {e}")
+        failed = isinstance(result, Failure)
+        stats = CallStats(self.index, micro_batch, started, time.perf_counter() - t0, 0 if failed else result.nbytes,
+                          failed=failed)
+        return result, (*calls, self._record(stats))
 
     def _record(self, stats: CallStats) -> CallStats:
         if self._metrics is not None:
