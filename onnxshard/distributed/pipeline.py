@@ -349,7 +349,8 @@ class Pipeline:
         mb = self._next_id
         self._next_id += 1
         batch = arrow.encode(chunk, {t.name: t.dtype for t in self.plan.inputs})
-        flight = Flight(request, part, mb, mb % self.config.replicas, [ray.put((batch, ()))])
+        # refs[0] is the packet itself: Ray sends it inline (or stores it) with the call, and a replay resends it.
+        flight = Flight(request, part, mb, mb % self.config.replicas, [(batch, ())])
         self._launch(flight, 0)
         return flight
 
