@@ -10,23 +10,16 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import statistics
-import time
 
 import numpy as np
 import pyarrow as pa
 
+from onnxshard.bench import timed
 from onnxshard.runtime import arrow
 
 
 def gbps(fn, nbytes: int, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9
+    return timed("", fn, nbytes, repeats).throughput / 1e9
 
 
 def ipc_round_trip(batch: pa.RecordBatch) -> pa.RecordBatch:
