@@ -190,6 +190,8 @@ class Pipeline:
         flat = [w for row in self.workers for w in row]
         infos = self._await_ready(flat)
         self.worker_info = [infos[r * k:(r + 1) * k] for r in range(cfg.replicas)]
+        self._byte_limit = cfg.max_batch_bytes or int(0.8 * ray.available_resources().get("object_store_memory",
+                                                                                           2**62))
         from ray.util.metrics import Gauge
 
         self._in_flight_gauge = Gauge("onnxshard_pipeline_in_flight", "micro-batches in the pipeline (queue depth)")
@@ -211,6 +213,10 @@ class Pipeline:
         except GetTimeoutError:
             raise WorkerError(f"stage workers did not load their shards within {self.config.worker_start_timeout_s:g} "
                               "s; raise worker_start_timeout_s for large shards") from None
+
+    def _window(self) -> int:
+        """Micro-batches in the pipeline at once."""
+        return self.config.max_in_flight or 2 * self.plan.num_stages * self.config.replicas
 
     def _unsatisfiable(self, bundle: dict, count: int) -> str:
         total = ray.cluster_resources()
@@ -270,7 +276,7 @@ class Pipeline:
         if not self.workers:
             raise WorkerError("the pipeline is closed")
         k, replicas = self.plan.num_stages, self.config.replicas
-        window_size = self.config.max_in_flight or 2 * k * replicas
+        window_size = self._window()
         window: deque[Flight] = deque()
         pending: dict[int, list] = {}
         order: deque = deque()
@@ -334,10 +340,10 @@ class Pipeline:
 
         per_sample = max(sample_bytes(s.output_names + list(s.carry)) for s in self.plan.stages)
         samples = total if self.axes is not None else 1
-        window = min(count, self.config.max_in_flight or 2 * self.plan.num_stages * self.config.replicas)
+        window = min(count, self._window())
         in_flight = window * -(-samples // count) * per_sample * (self.plan.num_stages + 1)
         outputs = samples * sample_bytes(self.plan.output_names)
-        limit = self.config.max_batch_bytes or int(0.8 * ray.available_resources().get("object_store_memory", 2**62))
+        limit = self._byte_limit
         need = max(in_flight, outputs)
         if need > limit:
             raise InputError(f"this batch would need about {human_bytes(need)} ({human_bytes(in_flight)} of "
