@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +52,11 @@ def plan(
         raise PlanError(f"--stages must be at least 1 (got {stages})")
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="onnxshard-plan-")) / "plan"
     model = source = Path(model)
-    with tempfile.TemporaryDirectory(prefix="onnxshard-opt-", dir=_scratch_dir(out)) as scratch:
+    # The optimised copy (with its weights) lives beside the plan until the plan has copied what it needs.
+    scratch = tempfile.TemporaryDirectory(prefix="onnxshard-opt-", dir=_scratch_dir(out)) if optimize else nullcontext()
+    with scratch as folder:
         if optimize:
-            model = tools.optimize_model(model, Path(scratch) / model.name)
+            model = tools.optimize_model(model, Path(folder) / model.name)
         analysis = partitioner.analyse_model(model, dims=dims, type_oracle=tools.probe_types,
                                              allow_domains=allow_domains)
         node_times = None
