@@ -95,7 +95,6 @@ def test_batch_axis_other_than_zero_is_inferred(tmp_path, save_model):
     w = nh.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "W")
     nodes = [h.make_node("MatMul", ["x", "W"], ["xm"]), h.make_node("Tanh", ["xm"], ["xt"]),
              h.make_node("Add", ["state", "xt"], ["s1"]), h.make_node("Relu", ["s1"], ["new_state"]),
-             h.make_node("ReduceMean", ["new_state"], ["y"], axes=[0], keepdims=0) if False else
              h.make_node("Sigmoid", ["xt"], ["y"])]
     model = h.make_model(h.make_graph(
         nodes, "rnn", [h.make_tensor_value_info("x", T.FLOAT, ["N", 4]),

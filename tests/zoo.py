@@ -91,7 +91,6 @@ def control_flow(seed=0):
              h.make_node("Greater", ["sx", "zero"], ["cond"]),
              h.make_node("If", ["cond"], ["iff"], then_branch=outer_then, else_branch=outer_else),
              h.make_node("Loop", ["trips", "", "iff"], ["looped"], body=loop_body),
-             h.make_node("ReduceSum", ["looped"], ["init_state"], axes=None, keepdims=0) if False else
              h.make_node("Identity", ["zero8"], ["init_state"]),
              h.make_node("Scan", ["init_state", "looped"], ["final_state", "scanned"], body=scan_body,
                          num_scan_inputs=1),
