@@ -33,3 +33,16 @@ def test_batch_size_checks():
     with pytest.raises(InputError, match="empty batch"):
         microbatch.batch_size({"x": np.ones((0, 3)), "state": np.ones((2, 0))}, AXES)
     assert microbatch.batch_size(_feeds(5), None) == 1
+
+
+def test_run_tally_keeps_totals_exact_and_memory_bounded():
+    from onnxshard.distributed.stats import Tally
+    from onnxshard.workers import CallStats
+
+    tally = Tally(2)
+    n = Tally.KEEP_CALLS + 5000
+    tally.add(CallStats(i % 2, i // 2, 0.0, 0.001, 10) for i in range(n))
+    stats = tally.summary(replicas=1, samples=n // 2, micro_batches=n // 2, wall_s=n * 0.001)
+    assert [s.micro_batches for s in stats.stages] == [n // 2, n // 2]
+    assert stats.stages[0].sent_bytes == 10 * (n // 2)
+    assert len(stats.calls) == Tally.KEEP_CALLS  # only the most recent calls are kept for the timeline

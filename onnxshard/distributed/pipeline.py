@@ -31,7 +31,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from onnxshard.distributed import microbatch
-from onnxshard.distributed.stats import RunStats, summarise
+from onnxshard.distributed.stats import RunStats, Tally
 from onnxshard.errors import InputError, OnnxShardError, PlanError, WorkerError
 from onnxshard.plan import PLAN_FILE, Plan, human_bytes, spec_bytes
 from onnxshard.runtime import RuntimeConfig, arrow
@@ -280,13 +280,13 @@ class Pipeline:
         window: deque[Flight] = deque()
         pending: dict[int, list] = {}
         order: deque = deque()
-        calls, samples, count, done, started = [], 0, 0, 0, time.perf_counter()
+        tally, samples, count, done, started = Tally(k), 0, 0, 0, time.perf_counter()
         self._delivered, self._replayed = 0, 0
         deadline = started + self.config.run_timeout_s if self.config.run_timeout_s else None
 
         def finish_oldest():
             nonlocal done
-            calls.extend(self._finish(window, pending, on_error, deadline))
+            tally.add(self._finish(window, pending, on_error, deadline))
             self._in_flight_gauge.set(len(window))
             done += 1
             if progress:
@@ -309,9 +309,9 @@ class Pipeline:
                 finish_oldest()
                 yield from self._ready(order, pending)
         finally:
-            self.stats = summarise(calls, num_stages=k, replicas=replicas, samples=samples, micro_batches=count,
-                                   wall_s=time.perf_counter() - started, delivered=self._delivered,
-                                   replayed=self._replayed)
+            self.stats = tally.summary(replicas=replicas, samples=samples, micro_batches=count,
+                                       wall_s=time.perf_counter() - started, delivered=self._delivered,
+                                       replayed=self._replayed)
 
     def _prepare(self, feeds, size: int | None) -> list[dict[str, np.ndarray]]:
         """Check a batch against the model's inputs and split it, before anything is scheduled."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from onnxshard.workers import CallStats
@@ -23,7 +24,7 @@ class RunStats:
     wall_s: float
     stages: tuple[StageStats, ...]
     replicas: int = 1
-    calls: tuple[CallStats, ...] = field(default=(), repr=False)
+    calls: tuple[CallStats, ...] = field(default=(), repr=False)  # the most recent (Tally.KEEP_CALLS) calls
     delivered: int = 0  # micro-batch results stored (each id once)
     replayed: int = 0  # micro-batches re-run after a worker was lost
 
@@ -51,12 +52,29 @@ class RunStats:
         return "\n".join(lines)
 
 
-def summarise(calls: list[CallStats], *, num_stages: int, replicas: int, samples: int, micro_batches: int,
-              wall_s: float, delivered: int = 0, replayed: int = 0) -> RunStats:
-    stages = []
-    for k in range(num_stages):
-        mine = [c for c in calls if c.stage == k]
-        busy = sum(c.compute_s for c in mine)
-        idle = 1.0 - busy / (wall_s * replicas) if wall_s > 0 else 0.0
-        stages.append(StageStats(k, len(mine), busy, sum(c.sent_bytes for c in mine), max(0.0, idle)))
-    return RunStats(samples, micro_batches, wall_s, tuple(stages), replicas, tuple(calls), delivered, replayed)
+class Tally:
+    """Running per-stage totals of a run, plus the most recent calls (for the timeline), so a long stream keeps
+    constant memory."""
+
+    KEEP_CALLS = 20_000
+
+    def __init__(self, num_stages: int):
+        self.count = [0] * num_stages
+        self.busy = [0.0] * num_stages
+        self.sent = [0] * num_stages
+        self.calls: deque[CallStats] = deque(maxlen=self.KEEP_CALLS)
+
+    def add(self, calls) -> None:
+        for c in calls:
+            self.count[c.stage] += 1
+            self.busy[c.stage] += c.compute_s
+            self.sent[c.stage] += c.sent_bytes
+            self.calls.append(c)
+
+    def summary(self, *, replicas: int, samples: int, micro_batches: int, wall_s: float, delivered: int = 0,
+                replayed: int = 0) -> RunStats:
+        stages = tuple(
+            StageStats(k, self.count[k], self.busy[k], self.sent[k],
+                       max(0.0, 1.0 - self.busy[k] / (wall_s * replicas)) if wall_s > 0 else 0.0)
+            for k in range(len(self.count)))
+        return RunStats(samples, micro_batches, wall_s, stages, replicas, tuple(self.calls), delivered, replayed)
