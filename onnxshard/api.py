@@ -13,7 +13,7 @@ import numpy as np
 
 from onnxshard import partitioner
 from onnxshard.errors import PlanError
-from onnxshard.plan import PLAN_FILE, Plan, parse_bytes
+from onnxshard.plan import Plan, is_plan_dir, parse_bytes
 from onnxshard.runtime import tools
 
 DEFAULT_TOLERANCE = 1e-5
@@ -107,7 +107,7 @@ def verify(model_or_plan: str | os.PathLike | Plan, *, stages: int | None = None
     whole model. A model path is planned first (into a temporary folder) with ``stages`` and ``plan_options``."""
     if isinstance(model_or_plan, Plan):
         the_plan = model_or_plan
-    elif (Path(model_or_plan) / PLAN_FILE).is_file():
+    elif is_plan_dir(model_or_plan):
         the_plan = Plan.load(model_or_plan)
     else:
         with tempfile.TemporaryDirectory(prefix="onnxshard-verify-") as tmp:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxshard.plan import PLAN_FILE, Plan
+from onnxshard.plan import Plan, is_plan_dir
 from onnxshard.runtime import RuntimeConfig, open_session
 
 
@@ -89,7 +89,7 @@ def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarra
 
     target = Path(target)
     with tempfile.TemporaryDirectory(prefix="onnxshard-bench-") as tmp:
-        the_plan = Plan.load(target) if (target / PLAN_FILE).is_file() else make_plan(target, Path(tmp) / "plan",
+        the_plan = Plan.load(target) if is_plan_dir(target) else make_plan(target, Path(tmp) / "plan",
                                                                                        stages=stages)
         k = the_plan.num_stages
         model = the_plan.model

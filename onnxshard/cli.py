@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxshard.errors import InputError, OnnxShardError
-from onnxshard.plan import PLAN_FILE, Plan, human_bytes
+from onnxshard.plan import Plan, human_bytes, is_plan_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,10 +129,6 @@ def _plan_kwargs(args) -> dict:
                 allow_domains=args.allow_domain)
 
 
-def _is_plan(path: str) -> bool:
-    return (Path(path) / PLAN_FILE).is_file()
-
-
 def cmd_plan(args) -> int:
     from onnxshard.api import plan
 
@@ -147,7 +143,7 @@ def cmd_inspect(args) -> int:
     from onnxshard.api import plan
     from onnxshard.runtime.tools import probe_types
 
-    if _is_plan(args.target):
+    if is_plan_dir(args.target):
         loaded = Plan.load(args.target)
         print(loaded.table())
         if loaded.num_stages > 1:
@@ -172,12 +168,12 @@ def cmd_inspect(args) -> int:
             spec = analysis.specs.get(name)
             print(f"  {kind:<6} {name}: {spec.dtype if spec else '?'} {list(spec.shape) if spec and spec.shape else '?'}")
     if args.tensors:
+        from onnxshard.partitioner.cost import tensor_bytes
+
         print(f"{'position':>8}  {'tensor':<40} {'B/sample':>10}  made by")
         for i, node in enumerate(g.nodes):
             for out in node.output:
                 spec = analysis.specs.get(out)
-                from onnxshard.partitioner.cost import tensor_bytes
-
                 print(f"{i:>8}  {out:<40} {tensor_bytes(spec, analysis.dims):>10}  {node.op_type} {node.name}")
     return 0
 
@@ -186,8 +182,8 @@ def cmd_verify(args) -> int:
     from onnxshard.api import verify
 
     feeds = _load_npz(args.inputs) if args.inputs else None
-    target = args.target if _is_plan(args.target) else Path(args.target)
-    options = {} if _is_plan(args.target) else {k: v for k, v in _plan_kwargs(args).items() if k not in ("dims",)}
+    target = args.target if is_plan_dir(args.target) else Path(args.target)
+    options = {} if is_plan_dir(args.target) else {k: v for k, v in _plan_kwargs(args).items() if k not in ("dims",)}
     result = verify(target, feeds=feeds, dims=_dims(args), tolerance=args.tolerance, **options)
     print(result.plan.table())
     print(result.report())
@@ -212,7 +208,7 @@ def cmd_run(args) -> int:
     from onnxshard.distributed import Pipeline
 
     feeds = _load_npz(args.inputs)
-    target = args.target if _is_plan(args.target) else Path(args.target)
+    target = args.target if is_plan_dir(args.target) else Path(args.target)
     options = dict(micro_batch_size=args.micro_batch_size, replicas=args.replicas, cpus_per_stage=args.cpus_per_stage,
                    gpus_per_stage=args.gpus_per_stage, batch_axes=_batch_axes(args))
     with Pipeline(target, stages=args.stages, address=args.address, **options) as pipe:
@@ -249,7 +245,7 @@ def cmd_bench(args) -> int:
     from onnxshard.runtime.tools import random_feeds
 
     target = Path(args.target)
-    plan_inputs = Plan.load(target).inputs if _is_plan(args.target) else None
+    plan_inputs = Plan.load(target).inputs if is_plan_dir(args.target) else None
     if args.inputs:
         feeds = _load_npz(args.inputs)
     else:

@@ -244,6 +244,11 @@ class Plan:
         return "\n".join(lines)
 
 
+def is_plan_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a plan folder (holds ``plan.json``)."""
+    return (Path(path) / PLAN_FILE).is_file()
+
+
 def contained(root: Path, relative: str, *, what: str) -> Path:
     """``root / relative``, refusing absolute paths and any path (symlinks included) that resolves outside ``root``."""
     if os.path.isabs(relative) or not relative:

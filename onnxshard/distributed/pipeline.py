@@ -33,7 +33,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from onnxshard.distributed import microbatch
 from onnxshard.distributed.stats import RunStats, Tally
 from onnxshard.errors import InputError, OnnxShardError, PlanError, WorkerError
-from onnxshard.plan import PLAN_FILE, Plan, human_bytes, spec_bytes
+from onnxshard.plan import Plan, human_bytes, is_plan_dir, spec_bytes
 from onnxshard.runtime import RuntimeConfig, arrow
 from onnxshard.runtime.session import check_feeds
 from onnxshard.workers import Failure, StageWorker
@@ -161,7 +161,7 @@ class Pipeline:
                 raise PlanError("the plan has not been saved; use onnxshard.plan(model, out_dir) first")
             return plan
         path = Path(plan)
-        if (path / PLAN_FILE).is_file():
+        if is_plan_dir(path):
             return Plan.load(path)
         if path.is_file():
             from onnxshard.api import plan as make_plan
@@ -294,8 +294,8 @@ class Pipeline:
 
         try:
             for request, feeds in enumerate(batches):
-                chunks = self._prepare(feeds, size)
-                samples += microbatch.batch_size(feeds, self.axes)
+                chunks, total = self._prepare(feeds, size)
+                samples += total
                 pending[request] = [None] * len(chunks)
                 order.append(request)
                 for part, chunk in enumerate(chunks):
@@ -313,8 +313,9 @@ class Pipeline:
                                        wall_s=time.perf_counter() - started, delivered=self._delivered,
                                        replayed=self._replayed)
 
-    def _prepare(self, feeds, size: int | None) -> list[dict[str, np.ndarray]]:
-        """Check a batch against the model's inputs and split it, before anything is scheduled."""
+    def _prepare(self, feeds, size: int | None) -> tuple[list[dict[str, np.ndarray]], int]:
+        """Check a batch against the model's inputs and split it, before anything is scheduled; also return its
+        batch size."""
         if not isinstance(feeds, dict):
             raise InputError(f"feeds must be a dict of input name -> numpy array, got {type(feeds).__name__}")
         check_feeds(feeds, self.plan.inputs, where="model")
@@ -323,7 +324,7 @@ class Pipeline:
             size = max(1, -(-total // (4 * self.plan.num_stages * self.config.replicas)))
         count = 1 if self.axes is None or not size else -(-total // size)
         self._check_size(feeds, total, count)
-        return microbatch.split(feeds, self.axes, size)
+        return microbatch.split(feeds, self.axes, size), total
 
     def _check_size(self, feeds, total: int, count: int) -> None:
         """Refuse a batch that would not fit, saying how much it needs, instead of exhausting memory."""

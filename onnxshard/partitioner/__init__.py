@@ -24,7 +24,7 @@ from onnxshard.partitioner.cuts import choose_bounds, cut_bytes_per_position, fe
 from onnxshard.partitioner.graph import Graph, analyse
 from onnxshard.partitioner.model import is_external, iter_tensors, load_lazy, node_tensors, tensor_nbytes
 from onnxshard.partitioner.shards import StageGraph, WeightWriter, build_model, links_possible
-from onnxshard.plan import PLAN_FILE, Plan, Stage, TensorSpec, Weights, human_bytes
+from onnxshard.plan import Plan, Stage, TensorSpec, Weights, human_bytes, is_plan_dir
 
 __all__ = ["Analysis", "analyse_model", "partition"]
 
@@ -124,7 +124,7 @@ def _fewest(graph, balance, params, cut_bytes, cap, pins) -> int:
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / PLAN_FILE).is_file())):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_plan_dir(out))):
         raise PlanError(f"--out {out} exists and is not a plan folder; choose an empty or new folder")
 
 

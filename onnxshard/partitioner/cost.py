@@ -14,7 +14,7 @@ from onnx import TensorProto
 from onnxshard import dtypes
 from onnxshard.partitioner.graph import Graph
 from onnxshard.partitioner.model import is_external, read_external, tensor_nbytes
-from onnxshard.plan import TensorSpec
+from onnxshard.plan import TensorSpec, spec_bytes
 
 SMALL_INT_BYTES = 1 << 16  # external int64 initializers up to this size are read to help shape inference
 
@@ -100,10 +100,10 @@ def concrete(spec: TensorSpec | None, dims: dict[str, int]) -> tuple[int, ...] |
 
 
 def tensor_bytes(spec: TensorSpec | None, dims: dict[str, int]) -> int:
-    shape = concrete(spec, dims)
-    if shape is None or spec.dtype == "non-tensor":
+    """Bytes of a tensor per sample; 0 when its shape or type is unknown (it then costs nothing to cut)."""
+    if spec is None or spec.shape is None or spec.dtype == "non-tensor":
         return 0
-    return math.prod(shape) * dtypes.itemsize(spec.dtype)
+    return spec_bytes(spec, dims)
 
 
 def node_costs(graph: Graph, specs: dict[str, TensorSpec], dims: dict[str, int]) -> list[NodeCost]:

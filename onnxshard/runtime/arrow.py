@@ -2,7 +2,7 @@
 
 Each column is a ``large_list`` whose single row holds the tensor's elements flattened in C order; the field's
 metadata carries the ONNX element type and the shape. Building a column wraps the numpy buffer (no copy for a
-contiguous numeric array) and decoding returns a read-only numpy view of the Arrow buffer (no copy). Types Arrow
+contiguous numeric array) and decoding returns a numpy view of the Arrow buffer (no copy). Types Arrow
 cannot hold as ONNX means them travel as views: bool as uint8, bfloat16 as uint16 (its bits); strings become a
 ``large_string`` column (a copy: numpy object arrays hold Python objects).
 """
@@ -47,7 +47,7 @@ def tensor_to_column(name: str, value: np.ndarray, onnx_type: str | None = None)
 
 
 def column_to_tensor(field: pa.Field, column: pa.Array) -> np.ndarray:
-    """The numpy tensor a column holds: a read-only view of the Arrow buffer (strings: an object array)."""
+    """The numpy tensor a column holds: a view of the Arrow buffer (strings: an object array)."""
     meta = field.metadata or {}
     if ONNX_TYPE not in meta or SHAPE not in meta:
         raise InputError(f"Arrow column {field.name!r} is not an onnxshard tensor column (no onnx_type/shape metadata)")
@@ -101,6 +101,3 @@ def select(batch: pa.RecordBatch, names: list[str]) -> list[tuple[pa.Field, pa.A
 def assemble(columns: list[tuple[pa.Field, pa.Array]]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([c for _, c in columns], schema=pa.schema([f for f, _ in columns]))
 
-
-def nbytes(batch: pa.RecordBatch) -> int:
-    return batch.nbytes
