@@ -31,6 +31,7 @@ def plan(
     copy_weights: bool = False,
     dims: dict[str, int] | None = None,
     allow_domains: Iterable[str] = (),
+    tensor_parallel: int | None = None,
 ) -> Plan:
     """Split ``model`` into pipeline stages and save the plan to ``out`` (a new temporary folder if omitted).
 
@@ -42,6 +43,8 @@ def plan(
     optimize: apply ONNX Runtime's extended fusions before cutting (writes an optimised copy with its weights).
     copy_weights: write a self-contained per-stage copy of the weights instead of linking the model's files.
     dims: sizes for symbolic dims in cost estimates (others count 1), e.g. ``{"seq": 128}``.
+    tensor_parallel: split each stage's layers over this many rank workers (Megatron-style column/row splits);
+        with ``max_stage_memory`` and no degree, the degree that fits in the fewest workers is chosen.
     """
     if isinstance(max_stage_memory, str):
         try:
@@ -65,7 +68,7 @@ def plan(
             node_times = tools.profile_node_times(analysis.graph.model, analysis.graph.folder, feeds)
         result = partitioner.partition(analysis, out, stages=stages, cuts=cuts, max_stage_memory=max_stage_memory,
                                        node_times=node_times, copy_weights=copy_weights or optimize,
-                                       source=source)
+                                       source=source, tensor_parallel=tensor_parallel)
     return result
 
 

@@ -102,8 +102,10 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", type=int, help="number of pipeline stages")
     p.add_argument("--cut", action="append", default=[], metavar="TENSOR",
                    help="start a new stage after the node making TENSOR (repeatable)")
-    p.add_argument("--max-stage-memory", metavar="SIZE", help="weight bytes per stage, e.g. 2GB; "
-                   "without --stages, the fewest stages that fit")
+    p.add_argument("--max-stage-memory", metavar="SIZE", help="weight bytes per worker, e.g. 2GB; "
+                   "without --stages, the fewest stages that fit; without --tensor-parallel, the degree too")
+    p.add_argument("--tensor-parallel", type=int, metavar="T",
+                   help="split each stage's layers over T rank workers (Megatron-style column/row splits)")
     p.add_argument("--profile", action="store_true", help="balance measured ORT per-node times, not FLOPs")
     p.add_argument("--optimize", action="store_true", help="apply ORT's extended fusions before cutting")
     p.add_argument("--copy-weights", action="store_true", help="write a self-contained copy of each stage's weights")
@@ -126,7 +128,7 @@ def _dims(args) -> dict[str, int]:
 def _plan_kwargs(args) -> dict:
     return dict(stages=args.stages, cuts=args.cut, max_stage_memory=args.max_stage_memory, profile=args.profile,
                 optimize=args.optimize, copy_weights=args.copy_weights, dims=_dims(args),
-                allow_domains=args.allow_domain)
+                allow_domains=args.allow_domain, tensor_parallel=args.tensor_parallel)
 
 
 def cmd_plan(args) -> int:
@@ -149,7 +151,7 @@ def cmd_inspect(args) -> int:
         if loaded.num_stages > 1:
             print(loaded.boundaries())
         return 0
-    if args.stages or args.cut or args.max_stage_memory:
+    if args.stages or args.cut or args.max_stage_memory or args.tensor_parallel:
         with tempfile.TemporaryDirectory(prefix="onnxshard-inspect-") as tmp:
             result = plan(args.target, Path(tmp) / "plan", **_plan_kwargs(args))
             print(result.table())

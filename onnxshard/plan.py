@@ -43,11 +43,67 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Reduce:
+    """Make ``name`` whole from every rank's ``source``: ``sum`` them (all-reduce) or ``concat`` them along
+    ``axis`` (all-gather; with ``blocks``, the axis is a row of blocks of those whole sizes, each cut in T)."""
+
+    name: str
+    source: str
+    op: str
+    axis: int = 0
+    blocks: tuple[int, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "source": self.source, "op": self.op, "axis": self.axis,
+                "blocks": list(self.blocks)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Reduce:
+        if d.get("op") not in ("sum", "concat"):
+            raise PlanError(f"reduce of {d.get('name')!r} has unknown op {d.get('op')!r}")
+        return cls(str(d["name"]), str(d["source"]), d["op"], int(d.get("axis", 0)),
+                   tuple(int(b) for b in d.get("blocks", ())))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a tensor-parallel stage: first the ``reduces`` (each rank gathers what it needs whole from
+    every rank's previous packet), then ``files[r]`` runs on rank ``r``. ``ranks`` ranks run it: all T, or rank 0
+    alone for the replicated tail after the last reduce. A step with no files only reduces and hands on."""
+
+    ranks: int
+    files: tuple[str, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    carry: tuple[str, ...] = ()
+    reduces: tuple[Reduce, ...] = ()
+    sha256: tuple[str, ...] = ()
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    def to_json(self) -> dict:
+        return {"ranks": self.ranks, "files": list(self.files), "inputs": [t.to_json() for t in self.inputs],
+                "outputs": [t.to_json() for t in self.outputs], "carry": list(self.carry),
+                "reduces": [r.to_json() for r in self.reduces], "sha256": list(self.sha256)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Step:
+        return cls(int(d["ranks"]), tuple(d["files"]), tuple(TensorSpec.from_json(t) for t in d["inputs"]),
+                   tuple(TensorSpec.from_json(t) for t in d["outputs"]), tuple(d.get("carry", ())),
+                   tuple(Reduce.from_json(r) for r in d.get("reduces", ())), tuple(d.get("sha256", ())))
+
+
+@dataclass(frozen=True)
 class Stage:
     """One pipeline stage: a standalone ONNX file plus the names it reads, writes and passes through.
 
     ``carry`` names tensors the stage receives and hands on unchanged (skip connections to later stages and
     graph outputs made earlier); the batch a stage sends on is its ``outputs`` plus its ``carry``.
+
+    With ``tensor_parallel`` T > 1 the stage runs on T rank workers as ``steps`` (``file`` is empty);
+    ``rank_param_bytes`` is what each rank holds and ``notes`` says which layers stayed whole and why.
     """
 
     index: int
@@ -60,10 +116,20 @@ class Stage:
     flops: float = 0.0
     sends_bytes: int = 0
     sha256: str = ""
+    tensor_parallel: int = 1
+    steps: tuple[Step, ...] = ()
+    rank_param_bytes: tuple[int, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
+
+    def files(self) -> list[tuple[str, str]]:
+        """Every ONNX file of the stage with its recorded sha256."""
+        if not self.steps:
+            return [(self.file, self.sha256)]
+        return [(f, h) for step in self.steps for f, h in zip(step.files, step.sha256 or ("",) * len(step.files))]
 
     @property
     def output_names(self) -> list[str]:
@@ -74,6 +140,9 @@ class Stage:
         d["inputs"] = [t.to_json() for t in self.inputs]
         d["outputs"] = [t.to_json() for t in self.outputs]
         d["carry"] = list(self.carry)
+        d["steps"] = [step.to_json() for step in self.steps]
+        d["rank_param_bytes"] = list(self.rank_param_bytes)
+        d["notes"] = list(self.notes)
         return d
 
     @classmethod
@@ -84,6 +153,8 @@ class Stage:
             outputs=tuple(TensorSpec.from_json(t) for t in d["outputs"]),
             carry=tuple(d.get("carry", ())), nodes=int(d.get("nodes", 0)), param_bytes=int(d.get("param_bytes", 0)),
             flops=float(d.get("flops", 0.0)), sends_bytes=int(d.get("sends_bytes", 0)), sha256=str(d.get("sha256", "")),
+            tensor_parallel=int(d.get("tensor_parallel", 1)), steps=tuple(Step.from_json(x) for x in d.get("steps", ())),
+            rank_param_bytes=tuple(int(b) for b in d.get("rank_param_bytes", ())), notes=tuple(d.get("notes", ())),
         )
 
 
@@ -122,6 +193,11 @@ class Plan:
     def num_stages(self) -> int:
         return len(self.stages)
 
+    @property
+    def num_workers(self) -> int:
+        """Workers one replica needs: one per stage, T per tensor-parallel stage."""
+        return sum(s.tensor_parallel for s in self.stages)
+
     def stage_path(self, stage: Stage | int) -> Path:
         stage = self.stages[stage] if isinstance(stage, int) else stage
         if self.root is None:
@@ -142,7 +218,9 @@ class Plan:
     def save(self, directory: str | os.PathLike) -> Plan:
         """Write ``plan.json`` into ``directory`` (where the stage files already are) and return the bound plan."""
         root = Path(directory)
-        stages = tuple(replace(s, sha256=_sha256(root / s.file)) for s in self.stages)
+        stages = tuple(
+            replace(s, steps=tuple(replace(st, sha256=tuple(_sha256(root / f) for f in st.files)) for st in s.steps))
+            if s.steps else replace(s, sha256=_sha256(root / s.file)) for s in self.stages)
         bound = replace(self, stages=stages, root=root)
         tmp = root / (PLAN_FILE + ".tmp")
         tmp.write_text(json.dumps(bound.to_json(), indent=1))
@@ -184,11 +262,15 @@ class Plan:
         for i, stage in enumerate(self.stages):
             if stage.index != i:
                 raise PlanError(f"plan in {self.root}: stage {i} is listed with index {stage.index}")
-            file = contained(self.root, stage.file, what=f"stage {i} file")
-            if not file.is_file():
-                raise PlanError(f"stage {i} file {file} is missing; re-run `onnxshard plan`")
-            if stage.sha256 and _sha256(file) != stage.sha256:
-                raise PlanError(f"stage {i} file {file} was altered after planning (sha256 differs); re-run `onnxshard plan`")
+            if stage.tensor_parallel > 1 and not stage.steps:
+                raise PlanError(f"plan in {self.root}: stage {i} has tensor_parallel={stage.tensor_parallel} but no steps")
+            for name, digest in stage.files():
+                file = contained(self.root, name, what=f"stage {i} file")
+                if not file.is_file():
+                    raise PlanError(f"stage {i} file {file} is missing; re-run `onnxshard plan`")
+                if digest and _sha256(file) != digest:
+                    raise PlanError(f"stage {i} file {file} was altered after planning (sha256 differs); "
+                                    "re-run `onnxshard plan`")
         if self.weights.mode == "none":
             return
         if self.weights.mode == "external":
@@ -209,7 +291,8 @@ class Plan:
 
     def spec(self, name: str) -> TensorSpec:
         """The spec of any tensor the plan names (graph inputs and outputs, stage boundaries)."""
-        for t in self.inputs + self.outputs + tuple(t for s in self.stages for t in s.inputs + s.outputs):
+        for t in self.inputs + self.outputs + tuple(t for s in self.stages for t in s.inputs + s.outputs) + tuple(
+                t for s in self.stages for step in s.steps for t in step.inputs + step.outputs):
             if t.name == name:
                 return t
         raise KeyError(name)
@@ -231,7 +314,10 @@ class Plan:
         for s in self.stages:
             ins = ", ".join(s.input_names) or "-"
             sends = ", ".join(s.output_names + list(s.carry)) or "-"
-            rows.append((str(s.index), str(s.nodes), human_bytes(s.param_bytes), f"{s.flops / 1e9:.4f}",
+            params = human_bytes(s.param_bytes)
+            if s.tensor_parallel > 1:
+                params = f"{human_bytes(max(s.rank_param_bytes))}/rank x{s.tensor_parallel}"
+            rows.append((str(s.index), str(s.nodes), params, f"{s.flops / 1e9:.4f}",
                          _clip(ins), f"{_clip(sends)} ({s.sends_bytes})"))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
@@ -241,6 +327,13 @@ class Plan:
             slowest = max(s.flops for s in self.stages)
             lines.append(f"slowest stage {slowest / (total / self.num_stages):.3f}x the mean; "
                          f"weights: {self.weights.mode}; cost: {self.cost_source}")
+        for s in self.stages:
+            if s.tensor_parallel > 1:
+                reduces = sum(len(step.reduces) for step in s.steps)
+                per_rank = ", ".join(human_bytes(b) for b in s.rank_param_bytes)
+                lines.append(f"stage {s.index}: tensor parallel x{s.tensor_parallel}, {len(s.steps)} steps, "
+                             f"{reduces} reduces between ranks; weights per rank: {per_rank}")
+            lines += [f"stage {s.index}: {note}" for note in s.notes]
         return "\n".join(lines)
 
 

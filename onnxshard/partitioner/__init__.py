@@ -20,11 +20,12 @@ import onnx
 
 from onnxshard.errors import PlanError
 from onnxshard.partitioner import cost as costmod
+from onnxshard.partitioner import tensor_parallel as tp
 from onnxshard.partitioner.cuts import choose_bounds, cut_bytes_per_position, fewest_stages
 from onnxshard.partitioner.graph import Graph, analyse
 from onnxshard.partitioner.model import is_external, iter_tensors, load_lazy, node_tensors, tensor_nbytes
 from onnxshard.partitioner.shards import StageGraph, WeightWriter, build_model, links_possible
-from onnxshard.plan import Plan, Stage, TensorSpec, Weights, human_bytes, is_plan_dir
+from onnxshard.plan import Plan, Stage, Step, TensorSpec, Weights, human_bytes, is_plan_dir
 
 __all__ = ["Analysis", "analyse_model", "partition"]
 
@@ -69,11 +70,14 @@ def partition(
     node_times: dict[str, float] | None = None,
     copy_weights: bool = False,
     source: str | os.PathLike | None = None,
+    tensor_parallel: int | None = None,
 ) -> Plan:
     """Choose stage bounds and write the plan folder ``out`` (atomically: nothing half-written on error).
 
     ``node_times`` (node name -> measured seconds) replaces the analytic FLOP estimate as the balance cost.
     ``source`` is the model the plan reproduces, when ``analysis`` is of a rewritten copy of it.
+    ``tensor_parallel`` splits every stage's layers over that many ranks; ``None`` with ``max_stage_memory``
+    picks the degree (1, 2, 4 or 8) that fits in the fewest workers.
     """
     out = Path(out)
     _check_out(out)
@@ -87,10 +91,24 @@ def partition(
     balance = [c.flops for c in costs]
     if node_times:
         balance = [node_times.get(node.name, 0.0) for node in graph.nodes]
-    params = [c.param_bytes for c in costs]
     cut_bytes = _cut_bytes(graph, analysis.specs, analysis.dims)
     cap = float(max_stage_memory) if max_stage_memory else np.inf
     pin_stages = 1 + max((p for p in pins if p is not None), default=-1)
+    if tensor_parallel is not None and tensor_parallel < 1:
+        raise PlanError(f"--tensor-parallel must be at least 1 (got {tensor_parallel})")
+    if tensor_parallel is None and np.isfinite(cap) and not cuts:
+        tensor_parallel = _choose_degree(analysis, balance, [c.param_bytes for c in costs], cut_bytes, cap, pins,
+                                         stages)
+    layout = None
+    params = [c.param_bytes for c in costs]
+    if tensor_parallel and tensor_parallel > 1:
+        layout = tp.shard_graph(graph, analysis.specs, tensor_parallel)
+        if not layout.splits:
+            raise PlanError(f"--tensor-parallel {tensor_parallel} splits no layer of this model"
+                            + (": " + "; ".join(layout.notes) if layout.notes else
+                               " (no MatMul/Gemm/Conv with a weight initializer)") + "; use 1 or another degree")
+        params = layout.node_param_bytes(graph)
+        cut_bytes = _forbid_rank_local_cuts(cut_bytes, graph, layout)
 
     if cuts:
         bounds = _manual_bounds(graph, cuts, stages)
@@ -108,10 +126,54 @@ def partition(
             why = f"--max-stage-memory {human_bytes(cap)}" if np.isfinite(cap) else "the pipeline_stage annotations"
             raise PlanError(f"no {stages}-stage split satisfies {why}; raise the cap, add stages, or fix the "
                             "annotations")
+    if layout is not None:
+        _check_tp_cuts(graph, layout, bounds)
     pieces = _stage_graphs(graph, analysis.specs, bounds)
     flops = [c.flops for c in costs]
     return _write(analysis, pieces, bounds, flops, out, copy_weights, "profile" if node_times else "analytic", cap,
-                  Path(source or analysis.path))
+                  Path(source or analysis.path), layout)
+
+
+def _choose_degree(analysis, balance, params, cut_bytes, cap, pins, stages) -> int:
+    """The tensor-parallel degree that fits ``cap`` with the fewest workers (stages x degree), smaller first."""
+    best = None
+    for degree in (1, 2, 4, 8):
+        if degree == 1:
+            p, c = params, cut_bytes
+        else:
+            layout = tp.shard_graph(analysis.graph, analysis.specs, degree)
+            if not layout.splits:
+                continue
+            p, c = layout.node_param_bytes(analysis.graph), _forbid_rank_local_cuts(cut_bytes, analysis.graph, layout)
+        if stages is not None:
+            fits = choose_bounds(balance, p, c, stages, max_memory=cap, pins=pins) is not None
+            count = stages if fits else 0
+        else:
+            count = fewest_stages(balance, p, c, cap, pins=pins)
+        if count and (best is None or count * degree < best[0]):
+            best = (count * degree, degree)
+    return best[1] if best else 1
+
+
+def _forbid_rank_local_cuts(cut_bytes: np.ndarray, graph: Graph, layout: tp.Layout) -> np.ndarray:
+    """No cut may fall between a sharded value and a node reading each rank's slice of it: packets between
+    stages carry whole values only."""
+    cut = np.array(cut_bytes, dtype=float)
+    for i, rw in enumerate(layout.rewrites):
+        for name in rw.local_reads:
+            made = graph.producer.get(name, -1)
+            cut[made + 1:i + 1] = np.inf
+    return cut
+
+
+def _check_tp_cuts(graph: Graph, layout: tp.Layout, bounds: list[int]) -> None:
+    for i, rw in enumerate(layout.rewrites):
+        for name in rw.local_reads:
+            made = graph.producer.get(name, -1)
+            for b in bounds[1:-1]:
+                if made < b <= i:
+                    raise PlanError(f"a cut before node {graph.nodes[b].name!r} falls inside a tensor-parallel "
+                                    f"layer ({name!r} is sharded across ranks there); cut elsewhere")
 
 
 def _fewest(graph, balance, params, cut_bytes, cap, pins) -> int:
@@ -230,7 +292,7 @@ def _spec(specs, name) -> TensorSpec:
     return spec
 
 
-def _write(analysis, pieces, bounds, flops, out, copy_weights, cost_source, cap, model_path) -> Plan:
+def _write(analysis, pieces, bounds, flops, out, copy_weights, cost_source, cap, model_path, layout=None) -> Plan:
     graph, specs, dims = analysis.graph, analysis.specs, analysis.dims
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -239,21 +301,28 @@ def _write(analysis, pieces, bounds, flops, out, copy_weights, cost_source, cap,
         mode = "none"
         if any(is_external(t) for m in models for t in iter_tensors(m.graph)):
             mode = "copy" if copy_weights else "link" if links_possible(graph.folder, tmp) else "external"
+            if mode == "external" and layout is not None:
+                mode = "copy"  # rank slices are written into the plan, so the plan must hold every weight
         writer = WeightWriter(graph.folder, tmp, mode)
         stages = []
         for piece, model, lo, hi in zip(pieces, models, bounds, bounds[1:]):
-            writer.rewrite(piece.index, model.graph)
-            file = f"stage{piece.index}.onnx"
-            onnx.save(model, str(tmp / file))
-            param_bytes = sum(tensor_nbytes(t) for t in piece.initializers)
-            param_bytes += sum(tensor_nbytes(t) for c in piece.constants for t in node_tensors(c))
-            if param_bytes > cap:
-                raise PlanError(f"stage {piece.index} holds {human_bytes(param_bytes)} of weights (shared weights "
-                                f"count in each stage), over --max-stage-memory {human_bytes(cap)}; add stages")
             sends = sum(costmod.tensor_bytes(specs.get(x), dims) for x in [t.name for t in piece.outputs] + piece.carry)
-            stages.append(Stage(index=piece.index, file=file, inputs=tuple(piece.inputs),
-                                outputs=tuple(piece.outputs), carry=tuple(piece.carry), nodes=hi - lo,
-                                param_bytes=param_bytes, flops=float(sum(flops[lo:hi])), sends_bytes=sends))
+            common = dict(index=piece.index, inputs=tuple(piece.inputs), outputs=tuple(piece.outputs),
+                          carry=tuple(piece.carry), nodes=hi - lo, flops=float(sum(flops[lo:hi])), sends_bytes=sends)
+            if layout is not None:
+                stage = _write_ranks(graph, specs, layout, piece, lo, hi, writer, tmp, len(pieces), common)
+            else:
+                writer.rewrite(f"stage{piece.index}", model.graph)
+                file = f"stage{piece.index}.onnx"
+                onnx.save(model, str(tmp / file))
+                param_bytes = sum(tensor_nbytes(t) for t in piece.initializers)
+                param_bytes += sum(tensor_nbytes(t) for c in piece.constants for t in node_tensors(c))
+                stage = Stage(file=file, param_bytes=param_bytes, **common)
+            if stage.param_bytes > cap:
+                raise PlanError(f"stage {piece.index} holds {human_bytes(stage.param_bytes)} of weights per worker "
+                                f"(shared weights count in each stage), over --max-stage-memory {human_bytes(cap)}; "
+                                "add stages or tensor-parallel ranks")
+            stages.append(stage)
         weights = Weights(mode=mode, dir=str(graph.folder.resolve()) if mode == "external" else "weights",
                           files=writer.files)
         plan = Plan(model=str(model_path.resolve()), inputs=tuple(_spec(specs, x) for x in graph.inputs),
@@ -267,3 +336,73 @@ def _write(analysis, pieces, bounds, flops, out, copy_weights, cost_source, cap,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Plan.load(out)
+
+
+def _write_ranks(graph: Graph, specs, layout: tp.Layout, piece: StageGraph, lo: int, hi: int, writer: WeightWriter,
+                 tmp: Path, num_stages: int, common: dict) -> Stage:
+    """Write a tensor-parallel stage: per step, one ONNX file per rank that runs it."""
+    k, degree = piece.index, layout.degree
+    held = set(graph.initializers) | set(graph.constants) | set(layout.weights) | set(layout.consts) | \
+        set(layout.rank_consts)
+    steps = tp.split_steps(layout, lo, hi, [t.name for t in piece.inputs],
+                           [t.name for t in piece.outputs] + list(piece.carry), held)
+    rank_bytes = [0] * degree
+    counted: list[set[str]] = [set() for _ in range(degree)]
+    written = []
+    for step in steps:
+        files = []
+        reads = {r for n in step.nodes for r in tp.node_reads(n)}
+        for rank in range(step.ranks if step.nodes else 0):
+            originals = [graph.initializers[r] for r in reads if r in graph.initializers]
+            sg = StageGraph(k, step.nodes, [graph.constants[r] for r in reads if r in graph.constants], originals,
+                            [_step_spec(specs, layout, x) for x in step.inputs],
+                            [_step_spec(specs, layout, x) for x in step.outputs], [])
+            model = build_model(graph.model, sg, num_stages)
+            key = f"stage{k}.rank{rank}"
+            writer.rewrite(key, model.graph)
+            extra = [writer.slice(key, layout.weights[r], _source(graph, layout.weights[r].source), rank, degree)
+                     for r in sorted(reads) if r in layout.weights]
+            extra += [layout.consts[r] for r in sorted(reads) if r in layout.consts]
+            extra += [onnx.numpy_helper.from_array(layout.rank_consts[r].values[rank], r)
+                      for r in sorted(reads) if r in layout.rank_consts]
+            model.graph.initializer.extend(extra)
+            model.metadata_props.add(key="onnxshard.rank", value=f"{rank}/{degree}")
+            model.metadata_props.add(key="onnxshard.step", value=f"{step.index}/{len(steps)}")
+            model.configuration.add(name=tp.TP_CONFIG, num_devices=degree, device=[f"rank{r}" for r in range(degree)])
+            file = f"stage{k}.rank{rank}.step{step.index}.onnx"
+            onnx.save(model, str(tmp / file))
+            files.append(file)
+            for r in reads:
+                if r not in counted[rank] and (r in graph.initializers or r in graph.constants or r in layout.weights):
+                    counted[rank].add(r)
+                    rank_bytes[rank] += tp.rank_bytes(graph, layout, r)
+        written.append(Step(ranks=step.ranks, files=tuple(files),
+                            inputs=tuple(_step_spec(specs, layout, x) for x in step.inputs),
+                            outputs=tuple(_step_spec(specs, layout, x) for x in step.outputs),
+                            carry=tuple(step.carry), reduces=tuple(step.reduces)))
+    lo_names = {n.name for n in graph.nodes[lo:hi]}
+    notes = [n for n in layout.notes if any(f"node {name!r}" in n for name in lo_names)]
+    if len(steps) == 1:
+        notes.append(f"no layer of this stage is split over {degree} ranks; rank 0 runs it whole")
+    return Stage(file="", param_bytes=max(rank_bytes), tensor_parallel=degree, steps=tuple(written),
+                 rank_param_bytes=tuple(rank_bytes), notes=tuple(notes), **common)
+
+
+def _source(graph: Graph, name: str) -> onnx.TensorProto:
+    if name in graph.initializers:
+        return graph.initializers[name]
+    return next(a.t for a in graph.constants[name].attribute if a.type == onnx.AttributeProto.TENSOR)
+
+
+def _step_spec(specs, layout: tp.Layout, name: str) -> TensorSpec:
+    """The spec of a value inside a tensor-parallel stage: a rank's slice has 1/T of its sharded axis."""
+    for suffix, kind in (("@shard", "S"), ("@partial", "P"), ("@sum", "P")):
+        if name.endswith(suffix):
+            base = _spec(specs, name[: -len(suffix)])
+            state = layout.states.get(name[: -len(suffix)], tp.REPLICATED)
+            if kind == "S" and base.shape is not None and isinstance(base.shape[state.axis], int):
+                shape = list(base.shape)
+                shape[state.axis] //= layout.degree
+                return TensorSpec(name, base.dtype, tuple(shape))
+            return TensorSpec(name, base.dtype, base.shape)
+    return _spec(specs, name)

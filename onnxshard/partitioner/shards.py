@@ -4,12 +4,14 @@ links, no bytes copied), a streamed per-stage copy, or the model folder itself."
 from __future__ import annotations
 
 import errno
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from onnxshard import dtypes
 from onnxshard.partitioner.graph import STAGE_CONFIG
@@ -42,21 +44,82 @@ class WeightWriter:
     out: Path  # the plan folder being written
     mode: str  # "link", "copy" or "external"
     files: dict[str, int] = field(default_factory=dict)
+    _placed: dict[str, dict] = field(default_factory=dict)  # per copy file: source range -> offset
 
-    def rewrite(self, stage: int, graph: onnx.GraphProto) -> None:
+    def rewrite(self, key: str, graph: onnx.GraphProto) -> None:
+        """Point ``graph``'s external tensors (the model's own, not slices) at the plan's weights; in copy mode,
+        copy them into ``weights/{key}.bin``."""
         tensors = [t for t in iter_tensors(graph) if is_external(t)]
-        if not tensors:
-            return
         if self.mode == "copy":
-            self._copy(stage, tensors)
+            for t in tensors:
+                ref = external_ref(t)
+                name, pos = self._append(key, (ref.location, ref.offset, ref.length),
+                                         lambda dst, ref=ref: _stream(self.folder / ref.location, ref.offset,
+                                                                      ref.length, dst))
+                _set_external(t, location=name, offset=pos, length=ref.length)
             return
         for t in tensors:
-            loc = external_ref(t).location
-            if self.mode == "link":
-                self._link(loc)
-                _set_external(t, location=f"{WEIGHTS_DIR}/{loc}")
-            self.files.setdefault(loc if self.mode == "external" else f"{WEIGHTS_DIR}/{loc}",
-                                  os.stat(self.folder / loc).st_size)
+            self._refer(t, external_ref(t).location)
+
+    def slice(self, key: str, ws, source: TensorProto, rank: int, degree: int) -> TensorProto:
+        """Rank ``rank``'s slice ``ws`` of ``source``: a new byte range of the same file when the slice is one
+        contiguous range (leading-axis splits), else its elements streamed into ``weights/{key}.bin``."""
+        dims = list(source.dims)
+        starts = [sum(ws.blocks[:i]) for i in range(len(ws.blocks))]
+        chunks = [(start + rank * (b // degree), b // degree) for start, b in zip(starts, ws.blocks)]
+        new_dims = dims.copy()
+        new_dims[ws.axis] = sum(n for _, n in chunks)
+        if not is_external(source):
+            arr = numpy_helper.to_array(source)
+            part = np.concatenate([np.take(arr, np.arange(s, s + n), axis=ws.axis) for s, n in chunks], ws.axis)
+            return numpy_helper.from_array(part, ws.name)
+        ref = external_ref(source)
+        inner = math.prod(dims[ws.axis + 1:]) * _itemsize(source)
+        t = TensorProto(name=ws.name, dims=new_dims, data_type=source.data_type,
+                        data_location=TensorProto.EXTERNAL)
+        if ws.contiguous(dims) and self.mode != "copy":
+            (s, n), = chunks
+            _set_external(t, location=ref.location, offset=ref.offset + s * inner, length=n * inner)
+            self._refer(t, ref.location)
+            return t
+        outer, dim = math.prod(dims[:ws.axis]), dims[ws.axis]
+
+        def write(dst):
+            step = max(1, CHUNK // max(1, dim * inner))
+            with open(self.folder / ref.location, "rb") as f:
+                for o in range(0, outer, step):
+                    k = min(step, outer - o)
+                    f.seek(ref.offset + o * dim * inner)
+                    rows = np.frombuffer(f.read(k * dim * inner), np.uint8).reshape(k, dim, inner)
+                    dst.write(np.concatenate([rows[:, s:s + n] for s, n in chunks], axis=1).tobytes())
+
+        length = outer * new_dims[ws.axis] * inner
+        name, pos = self._append(key, (ws.name, rank), write)
+        _set_external(t, location=name, offset=pos, length=length)
+        return t
+
+    def _refer(self, t: TensorProto, loc: str) -> None:
+        if self.mode == "link":
+            self._link(loc)
+            _set_external(t, location=f"{WEIGHTS_DIR}/{loc}")
+        self.files.setdefault(loc if self.mode == "external" else f"{WEIGHTS_DIR}/{loc}",
+                              os.stat(self.folder / loc).st_size)
+
+    def _append(self, key: str, what, write) -> tuple[str, int]:
+        """Write (once per ``what``) into ``weights/{key}.bin`` at a page-aligned offset; return (file, offset)."""
+        name = f"{WEIGHTS_DIR}/{key}.bin"
+        placed = self._placed.setdefault(name, {})
+        if what not in placed:
+            path = self.out / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as dst:
+                end = dst.tell()
+                pos = -(-end // ALIGN) * ALIGN
+                dst.write(b"\0" * (pos - end))
+                write(dst)
+                self.files[name] = dst.tell()
+            placed[what] = pos
+        return name, placed[what]
 
     def _link(self, loc: str) -> None:
         target = self.out / WEIGHTS_DIR / loc
@@ -64,25 +127,6 @@ class WeightWriter:
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         os.link(self.folder / loc, target)
-
-    def _copy(self, stage: int, tensors: list[TensorProto]) -> None:
-        name = f"{WEIGHTS_DIR}/stage{stage}.bin"
-        path = self.out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        placed: dict[tuple[str, int, int], int] = {}
-        with open(path, "wb") as dst:
-            for t in tensors:
-                ref = external_ref(t)
-                key = (ref.location, ref.offset, ref.length)
-                if key not in placed:
-                    pos = -(-dst.tell() // ALIGN) * ALIGN
-                    dst.seek(pos)
-                    _stream(self.folder / ref.location, ref.offset, ref.length, dst)
-                    placed[key] = pos
-                _set_external(t, location=name, offset=placed[key], length=ref.length)
-            size = dst.tell()
-        self.files[name] = size
-
 
 def links_possible(folder: Path, out: Path) -> bool:
     """Whether hard links from the model folder into the plan folder work (same filesystem, allowed)."""
@@ -143,6 +187,10 @@ def used_functions(model: onnx.ModelProto, graph: onnx.GraphProto) -> list[onnx.
 def _value_info(spec: TensorSpec) -> onnx.ValueInfoProto:
     shape = None if spec.shape is None else list(spec.shape)
     return onnx.helper.make_tensor_value_info(spec.name, dtypes.to_elem_type(spec.dtype), shape)
+
+
+def _itemsize(t: TensorProto) -> int:
+    return onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
 def _set_external(tensor: TensorProto, *, location: str, offset: int | None = None, length: int | None = None):

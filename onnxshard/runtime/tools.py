@@ -15,15 +15,18 @@ import onnxruntime as ort
 from onnxshard import dtypes
 from onnxshard.errors import InputError, ModelError
 from onnxshard.plan import Plan, TensorSpec
+from onnxshard.runtime.tensor_parallel import TensorParallelStage
 from onnxshard.runtime.session import RuntimeConfig, ShardSession, check_feeds, open_session
 
 
-def stage_sessions(plan: Plan, config: RuntimeConfig = RuntimeConfig()) -> list[ShardSession]:
-    return [ShardSession(plan.stage_path(s), s.inputs, s.outputs, config, plan.weights_dir(), label=f"stage {s.index}")
+def stage_sessions(plan: Plan, config: RuntimeConfig = RuntimeConfig()) -> list[ShardSession | TensorParallelStage]:
+    """A session per stage (all ranks of a tensor-parallel stage, run one after another, in one object)."""
+    return [TensorParallelStage(plan, s, config) if s.steps else
+            ShardSession(plan.stage_path(s), s.inputs, s.outputs, config, plan.weights_dir(), label=f"stage {s.index}")
             for s in plan.stages]
 
 
-def run_stages(plan: Plan, feeds: dict[str, np.ndarray], sessions: list[ShardSession] | None = None,
+def run_stages(plan: Plan, feeds: dict[str, np.ndarray], sessions: list | None = None,
                ) -> dict[str, np.ndarray]:
     """Run the stages in order in this process, each fed the tensors it names; returns the graph outputs."""
     check_feeds(feeds, plan.inputs, where="model")
