@@ -61,7 +61,7 @@ def main() -> None:
         for prepack in (True, False):
             with Pipeline(plan, micro_batch_size=2, runtime=RuntimeConfig(prepacking=prepack)) as pipe:
                 pipe.run(feeds)
-                for info, stage in zip(pipe.worker_info[0], plan.stages):
+                for info, stage in zip((ranks[0] for ranks in pipe.worker_info[0]), plan.stages):
                     anon, rss = proc_kb(info["pid"], "RssAnon:"), proc_kb(info["pid"], "VmRSS:")
                     print(f"{str(prepack):<11} {stage.index:>5} {human_bytes(stage.param_bytes):>14} "
                           f"{human_bytes(anon):>10} {human_bytes(rss):>10} {anon / stage.param_bytes:>14.2f}x")

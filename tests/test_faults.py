@@ -21,9 +21,9 @@ MICRO_BATCHES = 240
 
 def _kill(pipe, replica, stage, how):
     if how == "ray.kill":
-        ray.kill(pipe.workers[replica][stage], no_restart=True)
+        ray.kill(pipe.workers[replica][stage][0], no_restart=True)
     else:
-        os.kill(pipe.worker_info[replica][stage]["pid"], signal.SIGKILL)
+        os.kill(pipe.worker_info[replica][stage][0]["pid"], signal.SIGKILL)
 
 
 def _run_with_fault(pipe, feeds, fault, at=60):
@@ -55,7 +55,7 @@ def test_killed_workers_are_replaced_and_results_are_exact(mlp_plan, replicas):
     feeds = _feeds()
     with Pipeline(mlp_plan, micro_batch_size=1, replicas=replicas, cpus_per_stage=0.5, max_restarts=4) as pipe:
         expected = pipe.run(feeds)["y"]
-        before = {w["pid"] for row in pipe.worker_info for w in row}
+        before = {w["pid"] for row in pipe.worker_info for ranks in row for w in ranks}
         for stage in range(3):
             for how in ("ray.kill", "os.kill"):
                 replica = stage % replicas
@@ -66,7 +66,7 @@ def test_killed_workers_are_replaced_and_results_are_exact(mlp_plan, replicas):
                 assert pipe.recoveries[-1].stage == stage and pipe.recoveries[-1].replica == replica
         assert len(pipe.recoveries) == 6
         print("recovery seconds:", sorted(round(r.seconds, 3) for r in pipe.recoveries))
-        all_pids = before | {w["pid"] for row in pipe.worker_info for w in row}
+        all_pids = before | {w["pid"] for row in pipe.worker_info for ranks in row for w in ranks}
     _assert_gone(all_pids)
 
 
@@ -74,7 +74,7 @@ def test_hung_worker_is_killed_after_the_call_deadline_and_replaced(mlp_plan):
     feeds = _feeds()
     with Pipeline(mlp_plan, micro_batch_size=1, cpus_per_stage=0.5, call_timeout_s=2) as pipe:
         expected = pipe.run(feeds)["y"]
-        stopped = pipe.worker_info[0][1]["pid"]
+        stopped = pipe.worker_info[0][1][0]["pid"]
         t0 = time.perf_counter()
         got = _run_with_fault(pipe, feeds, lambda: os.kill(stopped, signal.SIGSTOP))["y"]
         assert np.array_equal(got, expected)
@@ -85,24 +85,24 @@ def test_hung_worker_is_killed_after_the_call_deadline_and_replaced(mlp_plan):
 
 def test_hung_worker_without_restarts_fails_within_the_deadline(mlp_plan):
     with Pipeline(mlp_plan, micro_batch_size=1, cpus_per_stage=0.5, call_timeout_s=2, max_restarts=0) as pipe:
-        pid = pipe.worker_info[0][2]["pid"]
+        pid = pipe.worker_info[0][2][0]["pid"]
         t0 = time.perf_counter()
         with pytest.raises(WorkerError, match=r"stage 2 worker \(replica 0\) was lost 1 times.*call deadline"):
             _run_with_fault(pipe, _feeds(), lambda: os.kill(pid, signal.SIGSTOP), at=10)
         assert time.perf_counter() - t0 < 2 + 5
-        pids = {w["pid"] for w in pipe.worker_info[0]}
+        pids = {ranks[0]["pid"] for ranks in pipe.worker_info[0]}
     _assert_gone(pids)
 
 
 def test_repeated_kills_beyond_the_restart_limit_fail_cleanly(mlp_plan):
     feeds = _feeds()
     with Pipeline(mlp_plan, micro_batch_size=1, cpus_per_stage=0.5, max_restarts=1) as pipe:
-        pids = {pipe.worker_info[0][0]["pid"]}
+        pids = {pipe.worker_info[0][0][0]["pid"]}
         _run_with_fault(pipe, feeds, lambda: _kill(pipe, 0, 0, "os.kill"))
-        pids.add(pipe.worker_info[0][0]["pid"])
+        pids.add(pipe.worker_info[0][0][0]["pid"])
         with pytest.raises(WorkerError, match=r"was lost 2 times, over max_restarts=1"):
             _run_with_fault(pipe, feeds, lambda: _kill(pipe, 0, 0, "os.kill"))
-        pids |= {w["pid"] for w in pipe.worker_info[0]}
+        pids |= {ranks[0]["pid"] for ranks in pipe.worker_info[0]}
     _assert_gone(pids)
 
 
@@ -122,7 +122,7 @@ def test_data_errors_are_skipped_or_raised_not_retried(tmp_path):
 
 def test_run_deadline(mlp_plan):
     with Pipeline(mlp_plan, micro_batch_size=1, cpus_per_stage=0.5, run_timeout_s=1.5, max_restarts=0) as pipe:
-        pid = pipe.worker_info[0][0]["pid"]
+        pid = pipe.worker_info[0][0][0]["pid"]
         with pytest.raises(WorkerError, match="run deadline of 1.5 s"):
             _run_with_fault(pipe, _feeds(), lambda: os.kill(pid, signal.SIGSTOP), at=5)
         os.kill(pid, signal.SIGCONT)

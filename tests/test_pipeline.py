@@ -69,7 +69,7 @@ def test_replicas_and_streaming_keep_order(save_model, tmp_path):
             assert tools.max_differences(ref, got) == {"y": 0.0}
         assert pipe.stats.micro_batches == sum(-(-(1 + i % 5) // 2) for i in range(24))
         assert {c.stage for c in pipe.stats.calls} == {0, 1}
-        pids = {w["pid"] for row in pipe.worker_info for w in row}
+        pids = {w["pid"] for row in pipe.worker_info for ranks in row for w in ranks}
         assert len(pipe.worker_info) == 2 and len(pids) == 4
 
 
@@ -203,8 +203,8 @@ def test_unsatisfiable_resources_fail_after_the_placement_timeout(save_model, tm
 def test_workers_use_their_cpus_as_ort_threads(save_model, tmp_path):
     plan = onnxshard.plan(save_model(zoo.mlp()), tmp_path / "p", stages=2)
     with Pipeline(plan, cpus_per_stage=2) as pipe:
-        assert [w["threads"] for w in pipe.worker_info[0]] == [2, 2]
-        assert all(w["providers"] == ["CPUExecutionProvider"] for w in pipe.worker_info[0])
+        assert [ranks[0]["threads"] for ranks in pipe.worker_info[0]] == [2, 2]
+        assert all(ranks[0]["providers"] == ["CPUExecutionProvider"] for ranks in pipe.worker_info[0])
 
 
 def test_model_path_is_planned_on_the_fly(save_model):

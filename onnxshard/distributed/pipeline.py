@@ -95,6 +95,7 @@ class Flight:
     refs: list
     replays: int = 0
     submitted: float = 0.0
+    inner: dict[int, list] = field(default_factory=dict)  # refs between the steps of tensor-parallel stages
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,8 @@ class Pipeline:
         self.axes = microbatch.infer_batch_axes(self.plan, self.config.batch_axes)
         self._owns_ray = False
         self._pg = None
-        self.workers: list[list] = []
-        self.worker_info: list[list[dict]] = []
+        self.workers: list[list[list]] = []  # [replica][stage][rank]
+        self.worker_info: list[list[list[dict]]] = []
         self.restarts: dict[tuple[int, int], int] = {}
         self.recoveries: list[Recovery] = []
         self.skipped: list[Skipped] = []
@@ -177,33 +178,32 @@ class Pipeline:
                      log_to_driver=True, configure_logging=True,
                      _system_config=None if address else LOCAL_RAY_SYSTEM_CONFIG)
             self._owns_ray = True
-        cfg, k = self.config, self.plan.num_stages
+        cfg, k, count = self.config, self.plan.num_stages, self.plan.num_workers * self.config.replicas
         bundle = {"CPU": cfg.cpus_per_stage, **({"GPU": cfg.gpus_per_stage} if cfg.gpus_per_stage else {}),
                   **cfg.resources}
         bundle = {key: v for key, v in bundle.items() if v}
-        self._pg = placement_group([dict(bundle) for _ in range(k * cfg.replicas)], strategy=cfg.placement_strategy)
+        self._pg = placement_group([dict(bundle) for _ in range(count)], strategy=cfg.placement_strategy)
         try:
             ray.get(self._pg.ready(), timeout=cfg.placement_timeout_s)
         except GetTimeoutError:
-            raise PlanError(self._unsatisfiable(bundle, k * cfg.replicas)) from None
-        self.workers = [[self._spawn(r, s) for s in range(k)] for r in range(cfg.replicas)]
-        flat = [w for row in self.workers for w in row]
-        infos = self._await_ready(flat)
-        self.worker_info = [infos[r * k:(r + 1) * k] for r in range(cfg.replicas)]
+            raise PlanError(self._unsatisfiable(bundle, count)) from None
+        self.workers = [[self._spawn_stage(r, s) for s in range(k)] for r in range(cfg.replicas)]
+        self.worker_info = [[self._await_ready(ranks) for ranks in row] for row in self.workers]
         self._byte_limit = cfg.max_batch_bytes or int(0.8 * ray.available_resources().get("object_store_memory",
                                                                                            2**62))
         from ray.util.metrics import Gauge
 
         self._in_flight_gauge = Gauge("onnxshard_pipeline_in_flight", "micro-batches in the pipeline (queue depth)")
 
-    def _spawn(self, replica: int, stage: int):
+    def _spawn_stage(self, replica: int, stage: int) -> list:
+        """Start a stage's workers (one per tensor-parallel rank), each in its own placement-group bundle."""
         cfg = self.config
-        strategy = PlacementGroupSchedulingStrategy(
-            self._pg, placement_group_bundle_index=replica * self.plan.num_stages + stage)
-        return ray.remote(StageWorker).options(
+        first = replica * self.plan.num_workers + sum(s.tensor_parallel for s in self.plan.stages[:stage])
+        return [ray.remote(StageWorker).options(
             num_cpus=cfg.cpus_per_stage, num_gpus=cfg.gpus_per_stage, resources=cfg.resources or None,
-            max_restarts=0, max_task_retries=0, scheduling_strategy=strategy,
-        ).remote(str(self.plan.root), stage, cfg.runtime)
+            max_restarts=0, max_task_retries=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=first + rank),
+        ).remote(str(self.plan.root), stage, cfg.runtime, rank) for rank in range(self.plan.stages[stage].tensor_parallel)]
 
     def _await_ready(self, workers: list) -> list[dict]:
         try:
@@ -230,7 +230,7 @@ class Pipeline:
 
     def close(self) -> None:
         """Stop the workers, free their placement group, and shut Ray down if this pipeline started it."""
-        for w in [w for row in self.workers for w in row] + self.retired:
+        for w in [w for row in self.workers for ranks in row for w in ranks] + self.retired:
             try:
                 ray.kill(w, no_restart=True)
             except Exception:  # already dead
@@ -280,7 +280,8 @@ class Pipeline:
         window: deque[Flight] = deque()
         pending: dict[int, list] = {}
         order: deque = deque()
-        tally, samples, count, done, started = Tally(k), 0, 0, 0, time.perf_counter()
+        tally = Tally([s.tensor_parallel for s in self.plan.stages])
+        samples, count, done, started = 0, 0, 0, time.perf_counter()
         self._delivered, self._replayed = 0, 0
         deadline = started + self.config.run_timeout_s if self.config.run_timeout_s else None
 
@@ -362,13 +363,26 @@ class Pipeline:
         return flight
 
     def _launch(self, flight: Flight, start: int) -> None:
-        """(Re)issue stage calls ``start..K-1`` for ``flight``, chaining each output into the next stage."""
+        """(Re)issue stage calls ``start..K-1`` for ``flight``, chaining each output into the next stage. A
+        tensor-parallel stage is a chain of steps: every rank's step-``j`` packet goes to every rank's step
+        ``j + 1`` (refs only: the ranks read each other's values from the object store, not through here)."""
         self._doomed += flight.refs[start + 1:]
         del flight.refs[start + 1:]
+        for stage in [s for s in flight.inner if s >= start]:
+            self._doomed += flight.inner.pop(stage)
         flight.submitted = time.monotonic()
         row = self.workers[flight.replica]
         for stage in range(start, self.plan.num_stages):
-            flight.refs.append(row[stage].run.remote(flight.refs[stage], flight.id))
+            ranks, steps = row[stage], self.plan.stages[stage].steps
+            if not steps:
+                flight.refs.append(ranks[0].run.remote(flight.refs[stage], flight.id))
+                continue
+            packets, inner = [flight.refs[stage]], []
+            for j, step in enumerate(steps):
+                packets = [ranks[r].run_step.remote(j, flight.id, *packets) for r in range(step.ranks)]
+                inner += packets
+            flight.inner[stage] = inner[:-1]
+            flight.refs.append(packets[0])
 
     def _finish(self, window: deque[Flight], pending: dict, on_error: str, deadline: float | None) -> list:
         """Wait for the oldest micro-batch, recovering lost workers on the way; store its result once."""
@@ -417,23 +431,23 @@ class Pipeline:
         if self.config.call_timeout_s is None or time.monotonic() - flight.submitted < self.config.call_timeout_s:
             return
         stage = self._first_unfinished(flight)
-        worker = self.workers[flight.replica][stage]
         log.warning("stage %d (replica %d) has run micro-batch %d for over %gs: killing it as hung",
                     stage, flight.replica, flight.id, self.config.call_timeout_s)
-        ray.kill(worker, no_restart=True)
+        for worker in self.workers[flight.replica][stage]:
+            ray.kill(worker, no_restart=True)
         self._recover(flight, window, cause=f"hung for over {self.config.call_timeout_s:g} s (call deadline)",
                       stage=stage)
 
     def _dead_stage(self, replica: int, error: Exception) -> int:
         """The stage of ``replica`` whose worker died: named by the error, else found by asking each worker."""
         dead_id = _dead_actor_id(error)
-        row = self.workers[replica]
-        for stage, worker in enumerate(row):
+        workers = [(stage, w) for stage, ranks in enumerate(self.workers[replica]) for w in ranks]
+        for stage, worker in workers:
             if dead_id is not None and worker._actor_id.hex() == dead_id:
                 return stage
-        probes = [w.__ray_ready__.remote() for w in row]
+        probes = [w.__ray_ready__.remote() for _, w in workers]
         ready, _ = ray.wait(probes, num_returns=len(probes), timeout=5)
-        for stage, probe in enumerate(probes):
+        for (stage, _), probe in zip(workers, probes):
             if probe in ready:
                 try:
                     ray.get(probe)
@@ -464,15 +478,16 @@ class Pipeline:
                               f"{self.restarts[key]} times, over max_restarts={self.config.max_restarts}; last "
                               f"cause: {cause} (micro-batch {flight.id})", stage=stage, micro_batch=flight.id)
         old = self.workers[flight.replica][stage]
-        self.retired.append(old)
-        try:
-            ray.kill(old, no_restart=True)
-        except Exception:
-            pass
+        self.retired += old
+        for worker in old:  # a tensor-parallel stage restarts all its ranks: they run each micro-batch together
+            try:
+                ray.kill(worker, no_restart=True)
+            except Exception:
+                pass
         log.warning("stage %d worker (replica %d) lost (%s); starting a replacement", stage, flight.replica, cause)
-        new = self._spawn(flight.replica, stage)
+        new = self._spawn_stage(flight.replica, stage)
         self.workers[flight.replica][stage] = new
-        self.worker_info[flight.replica][stage] = self._await_ready([new])[0]
+        self.worker_info[flight.replica][stage] = self._await_ready(new)
         replayed = 0
         for other in window:  # oldest first, so the new worker gets them in order
             if other.replica != flight.replica:

@@ -14,7 +14,9 @@ class StageStats:
     micro_batches: int
     busy_s: float
     sent_bytes: int
-    idle_fraction: float  # 1 - busy / (wall x replicas): the bubble plus any waiting on other stages
+    idle_fraction: float  # 1 - busy / (wall x replicas x ranks): the bubble plus any waiting on other stages
+    ranks: int = 1  # tensor-parallel ranks (busy_s sums them)
+    reduce_s: float = 0.0  # of busy_s: seconds making values whole across ranks
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,11 @@ class RunStats:
         return m / (m + k - 1) if m else 0.0
 
     def table(self) -> str:
-        lines = [f"{'stage':>5}  {'micro-batches':>13}  {'busy s':>8}  {'idle':>6}  {'sent':>12}"]
+        lines = [f"{'stage':>5}  {'calls':>13}  {'busy s':>8}  {'idle':>6}  {'sent':>12}"]
         for s in self.stages:
+            tp = f"  x{s.ranks} ranks, reduces {s.reduce_s:.3f} s" if s.ranks > 1 else ""
             lines.append(f"{s.stage:>5}  {s.micro_batches:>13}  {s.busy_s:>8.3f}  {s.idle_fraction:>6.1%}  "
-                         f"{s.sent_bytes:>12,}")
+                         f"{s.sent_bytes:>12,}{tp}")
         if self.replayed:
             lines.append(f"{self.replayed} micro-batch(es) replayed after losing a worker")
         lines.append(f"{self.samples} samples in {self.micro_batches} micro-batches, {self.wall_s:.3f} s: "
@@ -58,16 +61,21 @@ class Tally:
 
     KEEP_CALLS = 20_000
 
-    def __init__(self, num_stages: int):
-        self.count = [0] * num_stages
-        self.busy = [0.0] * num_stages
-        self.sent = [0] * num_stages
+    def __init__(self, stages: int | list[int]):
+        """``stages``: the number of stages, or each stage's tensor-parallel degree."""
+        self.ranks = [1] * stages if isinstance(stages, int) else list(stages)
+        n = len(self.ranks)
+        self.count = [0] * n
+        self.busy = [0.0] * n
+        self.reduce = [0.0] * n
+        self.sent = [0] * n
         self.calls: deque[CallStats] = deque(maxlen=self.KEEP_CALLS)
 
     def add(self, calls) -> None:
         for c in calls:
             self.count[c.stage] += 1
             self.busy[c.stage] += c.compute_s
+            self.reduce[c.stage] += c.reduce_s
             self.sent[c.stage] += c.sent_bytes
             self.calls.append(c)
 
@@ -75,6 +83,7 @@ class Tally:
                 replayed: int = 0) -> RunStats:
         stages = tuple(
             StageStats(k, self.count[k], self.busy[k], self.sent[k],
-                       max(0.0, 1.0 - self.busy[k] / (wall_s * replicas)) if wall_s > 0 else 0.0)
+                       max(0.0, 1.0 - self.busy[k] / (wall_s * replicas * self.ranks[k])) if wall_s > 0 else 0.0,
+                       self.ranks[k], self.reduce[k])
             for k in range(len(self.count)))
         return RunStats(samples, micro_batches, wall_s, stages, replicas, tuple(self.calls), delivered, replayed)

@@ -23,31 +23,32 @@ def _rows(stats: RunStats):
 def chrome_trace(stats: RunStats) -> dict:
     """Trace events for chrome://tracing or ui.perfetto.dev: one thread per worker, one slice per call."""
     calls, t0, _ = _rows(stats)
-    events = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": c.replica * 1000 + c.stage,
-               "args": {"name": f"replica {c.replica} stage {c.stage}"}} for c in calls]
-    events += [{"name": f"mb {c.micro_batch}", "cat": f"stage {c.stage}", "ph": "X", "pid": 0,
-                "tid": c.replica * 1000 + c.stage, "ts": (c.started - t0) * 1e6, "dur": c.compute_s * 1e6,
-                "args": {"micro_batch": c.micro_batch, "sent_bytes": c.sent_bytes}} for c in calls]
+    events = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": _tid(c), "args": {"name": _label(_worker(c))}}
+              for c in calls]
+    events += [{"name": f"mb {c.micro_batch}" + (f" step {c.step}" if c.rank or c.step else ""),
+                "cat": f"stage {c.stage}", "ph": "X", "pid": 0, "tid": _tid(c), "ts": (c.started - t0) * 1e6,
+                "dur": c.compute_s * 1e6, "args": {"micro_batch": c.micro_batch, "sent_bytes": c.sent_bytes,
+                                                   "reduce_ms": c.reduce_s * 1e3}} for c in calls]
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
 def html_timeline(stats: RunStats) -> str:
     calls, t0, span = _rows(stats)
-    workers = sorted({(c.replica, c.stage) for c in calls})
+    workers = sorted({_worker(c) for c in calls})
     width, row_h, left, top = 1000, 28, 150, 60
     height = top + row_h * len(workers) + 40
     bars = []
     for c in calls:
-        y = top + workers.index((c.replica, c.stage)) * row_h
+        y = top + workers.index(_worker(c)) * row_h
         x = left + (c.started - t0) / span * width
         w = max(c.compute_s / span * width, 0.5)
         hue = (c.micro_batch * 47) % 360
         bars.append(f'<rect x="{x:.1f}" y="{y + 3}" width="{w:.1f}" height="{row_h - 6}" fill="hsl({hue},60%,55%)">'
                     f"<title>stage {c.stage}, micro-batch {c.micro_batch}: {c.compute_s * 1e3:.2f} ms</title></rect>")
     labels = []
-    for i, (replica, stage) in enumerate(workers):
-        s = stats.stages[stage]
-        labels.append(f'<text x="5" y="{top + i * row_h + 18}">replica {replica} stage {stage} '
+    for i, worker in enumerate(workers):
+        s = stats.stages[worker[1]]
+        labels.append(f'<text x="5" y="{top + i * row_h + 18}">{_label(worker)} '
                       f"({s.idle_fraction:.0%} idle)</text>")
     title = (f"{stats.samples} samples, {stats.micro_batches} micro-batches, {stats.wall_s * 1e3:.1f} ms; "
              f"measured efficiency {1 - _mean_idle(stats):.1%}, GPipe bound M/(M+K-1) = {stats.gpipe_bound:.1%}")
@@ -57,6 +58,19 @@ def html_timeline(stats: RunStats) -> str:
            f"{span * 1e3:.1f} ms</text>{''.join(labels)}{''.join(bars)}</svg>")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>onnxshard timeline</title></head><body>{svg}" \
            f"<pre>{html.escape(stats.table())}</pre></body></html>"
+
+
+def _worker(c) -> tuple[int, int, int]:
+    return c.replica, c.stage, c.rank
+
+
+def _tid(c) -> int:
+    return c.replica * 100000 + c.stage * 100 + c.rank
+
+
+def _label(worker: tuple[int, int, int]) -> str:
+    replica, stage, rank = worker
+    return f"replica {replica} stage {stage}" + (f" rank {rank}" if rank else "")
 
 
 def _mean_idle(stats: RunStats) -> float:
@@ -84,12 +98,12 @@ def _png(stats: RunStats, path: Path) -> None:
     except ImportError as e:
         raise RuntimeError("a .png timeline needs matplotlib (pip install matplotlib); .html needs nothing") from e
     calls, t0, span = _rows(stats)
-    workers = sorted({(c.replica, c.stage) for c in calls})
+    workers = sorted({_worker(c) for c in calls})
     fig, ax = plt.subplots(figsize=(12, 1 + 0.5 * len(workers)))
     for c in calls:
-        ax.barh(workers.index((c.replica, c.stage)), c.compute_s * 1e3, left=(c.started - t0) * 1e3,
+        ax.barh(workers.index(_worker(c)), c.compute_s * 1e3, left=(c.started - t0) * 1e3,
                 color=plt.cm.tab20(c.micro_batch % 20))
-    ax.set_yticks(range(len(workers)), [f"r{r} s{s}" for r, s in workers])
+    ax.set_yticks(range(len(workers)), [f"r{r} s{s}" + (f" t{t}" if t else "") for r, s, t in workers])
     ax.invert_yaxis()
     ax.set_xlabel("ms")
     ax.set_title(f"efficiency {1 - _mean_idle(stats):.1%}, GPipe bound {stats.gpipe_bound:.1%}")

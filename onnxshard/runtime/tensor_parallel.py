@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -48,14 +49,17 @@ class RankShard:
         return own, list(dict.fromkeys(r.source for r in step.reduces))
 
     def run(self, j: int, own: Mapping[str, np.ndarray], sources: Sequence[Mapping[str, np.ndarray]], *,
-            micro_batch: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Step ``j``: reduce, run, and return (what the session made, what is carried on, reduced ones included)."""
+            micro_batch: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+        """Step ``j``: reduce, run, and return what the session made, what is carried on (reduced values
+        included) and the seconds the reduces took."""
         step = self.stage.steps[j]
         env = dict(own)
+        t0 = time.perf_counter()
         for r in step.reduces:
             env[r.name] = reduce([s[r.source] for s in sources], r)
+        reduce_s = time.perf_counter() - t0
         made = self.sessions[j].run(env, micro_batch=micro_batch, stage=self.stage.index) if j in self.sessions else {}
-        return made, {c: env[c] for c in step.carry}
+        return made, {c: env[c] for c in step.carry}, reduce_s
 
 
 class TensorParallelStage:
@@ -71,7 +75,7 @@ class TensorParallelStage:
         for j, step in enumerate(self.stage.steps):
             nxt = []
             for r in range(step.ranks):
-                made, carried = self.ranks[r].run(j, packets[r if len(packets) > 1 else 0], packets,
+                made, carried, _ = self.ranks[r].run(j, packets[r if len(packets) > 1 else 0], packets,
                                                   micro_batch=micro_batch)
                 nxt.append({**made, **carried})
             packets = nxt

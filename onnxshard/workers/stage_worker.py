@@ -15,6 +15,7 @@ import ray
 from onnxshard.errors import OnnxShardError
 from onnxshard.plan import Plan
 from onnxshard.runtime import RuntimeConfig, ShardSession, arrow
+from onnxshard.runtime.tensor_parallel import RankShard
 
 
 @dataclass(frozen=True)
@@ -41,28 +42,38 @@ class CallStats:
     sent_bytes: int
     failed: bool = False
     replica: int = 0  # filled in by the coordinator
+    rank: int = 0  # tensor-parallel rank, and the step it ran
+    step: int = 0
+    reduce_s: float = 0.0  # seconds spent making values whole from every rank's packet (in compute_s)
 
 
 class StageWorker:
     """Holds one stage's session. Made with ``ray.remote(StageWorker).options(...).remote(...)`` by the
     coordinator; a plain instance works too, for tests and in-process runs."""
 
-    def __init__(self, plan_dir: str, stage_index: int, config: RuntimeConfig | None = None):
-        plan = Plan.load(plan_dir)  # checks the stage file's hash before ORT sees it
+    def __init__(self, plan_dir: str, stage_index: int, config: RuntimeConfig | None = None, rank: int = 0):
+        plan = Plan.load(plan_dir)  # checks the stage files' hashes before ORT sees them
         self.stage = plan.stages[stage_index]
-        self.index = stage_index
+        self.index, self.rank = stage_index, rank
         config = config or RuntimeConfig()
         threads, device_id, provider = _assigned(config)
         self.config = RuntimeConfig(intra_op_threads=threads, provider=provider, device_id=device_id,
                                     prepacking=config.prepacking, optimization=config.optimization)
-        self.session = ShardSession(plan.stage_path(self.stage), self.stage.inputs, self.stage.outputs, self.config,
-                                    plan.weights_dir(), label=f"stage {stage_index}")
+        if self.stage.steps:
+            self.shard = RankShard(plan, self.stage, rank, self.config)
+            sessions = list(self.shard.sessions.values())
+            self._step_types = [{t.name: t.dtype for t in step.outputs + step.inputs} for step in self.stage.steps]
+        else:
+            self.session = ShardSession(plan.stage_path(self.stage), self.stage.inputs, self.stage.outputs,
+                                        self.config, plan.weights_dir(), label=f"stage {stage_index}")
+            sessions = [self.session]
+        self.providers = sessions[0].providers if sessions else []
         self._types = {t.name: t.dtype for t in self.stage.outputs}
         self._metrics = _StageMetrics(stage_index) if ray.is_initialized() else None
 
     def ready(self) -> dict:
         """Where and how this worker runs (the coordinator waits on it after starting the actor)."""
-        return {"stage": self.index, "pid": os.getpid(), "providers": self.session.providers,
+        return {"stage": self.index, "rank": self.rank, "pid": os.getpid(), "providers": self.providers,
                 "threads": self.config.intra_op_threads, "node": _node_id()}
 
     def run(self, packet: Packet, micro_batch: int) -> Packet:
@@ -86,6 +97,44 @@ class StageWorker:
         failed = isinstance(result, Failure)
         stats = CallStats(self.index, micro_batch, started, time.perf_counter() - t0, 0 if failed else result.nbytes,
                           failed=failed)
+        return result, (*calls, self._record(stats))
+
+    def run_step(self, step: int, micro_batch: int, *packets: Packet) -> Packet:
+        """One step of a tensor-parallel stage on this rank. ``packets`` are the stage input (step 0) or every
+        rank's packet from the step before, in rank order: this rank reads its own and takes from all of them
+        the values it makes whole (sum or concatenation) before running its session for the step."""
+        started = time.time()
+        calls = _merged_calls(packets)
+        failure = next((b for b, _ in packets if isinstance(b, Failure)), None)
+        if failure is not None:
+            return failure, (*calls, self._record(CallStats(self.index, micro_batch, started, 0.0, 0, failed=True,
+                                                            rank=self.rank, step=step)))
+        t0 = time.perf_counter()
+        reduce_s = 0.0
+        try:
+            own_names, source_names = self.shard.wants(step)
+            own_batch = packets[self.rank if len(packets) > 1 else 0][0]
+            own = arrow.decode(own_batch, own_names)
+            r0 = time.perf_counter()
+            sources = [arrow.decode(b, source_names) for b, _ in packets] if source_names else []
+            reduce_s = time.perf_counter() - r0
+            made, carried, reduce_run_s = self.shard.run(step, own, sources, micro_batch=micro_batch)
+            reduce_s += reduce_run_s
+            types = self._step_types[step]
+            columns = [arrow.tensor_to_column(n, v, types.get(n, self._types.get(n))) for n, v in made.items()]
+            present = set(own_batch.schema.names)
+            columns += arrow.select(own_batch, [c for c in carried if c in present])
+            columns += [arrow.tensor_to_column(c, v, types.get(c, self._types.get(c))) for c, v in carried.items()
+                        if c not in present]
+            result = arrow.assemble(columns)
+        except OnnxShardError as e:
+            result = Failure(self.index, micro_batch, str(e), type(e).__name__)
+        except Exception as e:
+            result = Failure(self.index, micro_batch, f"stage {self.index} rank {self.rank} step {step}: "
+                                                      f"{type(e).__name__}: {e}")
+        failed = isinstance(result, Failure)
+        stats = CallStats(self.index, micro_batch, started, time.perf_counter() - t0, 0 if failed else result.nbytes,
+                          failed=failed, rank=self.rank, step=step, reduce_s=reduce_s)
         return result, (*calls, self._record(stats))
 
     def _record(self, stats: CallStats) -> CallStats:
@@ -118,6 +167,18 @@ class _StageMetrics:
             self.sent.inc(stats.sent_bytes)
         if stats.failed:
             self.failures.inc()
+
+
+def _merged_calls(packets) -> tuple[CallStats, ...]:
+    """The calls recorded in every packet, each once (ranks' packets share the calls before them)."""
+    seen, calls = set(), []
+    for _, stats in packets:
+        for c in stats:
+            key = (c.stage, c.rank, c.step)
+            if key not in seen:
+                seen.add(key)
+                calls.append(c)
+    return tuple(calls)
 
 
 def _assigned(config: RuntimeConfig) -> tuple[int, int, str]:
