@@ -344,8 +344,10 @@ def _write_ranks(graph: Graph, specs, layout: tp.Layout, piece: StageGraph, lo: 
     k, degree = piece.index, layout.degree
     held = set(graph.initializers) | set(graph.constants) | set(layout.weights) | set(layout.consts) | \
         set(layout.rank_consts)
-    steps = tp.split_steps(layout, lo, hi, [t.name for t in piece.inputs],
-                           [t.name for t in piece.outputs] + list(piece.carry), held)
+    steps = tp.split_steps(layout, lo, hi, [t.name for t in piece.inputs] + list(piece.carry),
+                           [t.name for t in piece.outputs] + list(piece.carry), held,
+                           typed=lambda name: name.split("@")[0] in specs and (
+                               "@" not in name or name.endswith(("@shard", "@partial", "@sum"))))
     rank_bytes = [0] * degree
     counted: list[set[str]] = [set() for _ in range(degree)]
     written = []

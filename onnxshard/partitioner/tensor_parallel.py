@@ -25,7 +25,7 @@ rank, then the ranks exchange what step ``j + 1`` needs whole.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -885,11 +885,11 @@ class StepGraph:
 
 
 def split_steps(layout: Layout, lo: int, hi: int, stage_inputs: list[str], stage_sends: list[str],
-                constants: set[str]) -> list[StepGraph]:
+                constants: set[str], typed: Callable[[str], bool]) -> list[StepGraph]:
     """Cut nodes ``[lo, hi)`` of the layout into steps at the reduces. Step ``j`` holds the nodes that need ``j``
     reduces before them; a node reading a sharded value whole waits for the step after the one that made it.
     ``stage_sends`` (outputs and carried names) leave the last step whole. ``constants`` are names a step model
-    holds itself (initializers, constants, weight slices)."""
+    holds itself (initializers, constants, weight slices); ``typed`` says whether a value's type is known."""
     nodes = [n for rw in layout.rewrites[lo:hi] for n in rw.nodes]
     level = dict.fromkeys(stage_inputs, 0)
     reduce_level: dict[str, int] = {}
@@ -908,6 +908,19 @@ def split_steps(layout: Layout, lo: int, hi: int, stage_inputs: list[str], stage
         lv = max((level_of(r) for r in node_reads(node)), default=0)
         node_level.append(lv)
         level.update((o, lv) for o in node.output if o)
+    # Helper nodes (local slices, rebuilt shapes, bias reshapes) run in the step of their first reader, so only
+    # values with a known type cross between steps.
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for r in node_reads(node):
+            readers.setdefault(r, []).append(i)
+    for i in reversed(range(len(nodes))):
+        outs = [o for o in nodes[i].output if o]
+        if outs and not any(typed(o) for o in outs):
+            later = [node_level[u] for o in outs for u in readers.get(o, ())]
+            if later and min(later) > node_level[i]:
+                node_level[i] = min(later)
+                level.update((o, node_level[i]) for o in outs)
     for name in stage_sends:
         if name not in level:
             red = layout.reduce_for(name)

@@ -1,0 +1,195 @@
+"""Tensor parallelism: column/row/vocab splits within a stage, checked against plain ONNX Runtime on the whole
+model, in process (verify) and on real Ray rank workers."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import ray
+import zoo
+
+import onnxshard
+from onnxshard import models
+from onnxshard.distributed import Pipeline
+from onnxshard.errors import PlanError
+from onnxshard.runtime import tools
+
+TP_MODELS = {
+    "gpt2": (models.gpt2, {"batch": 3, "seq": 7}),
+    "llama_gqa": (models.llama, {"batch": 3, "seq": 5}),
+    "llama_mha": (lambda: models.llama(heads=4, kv_heads=4), {"batch": 2, "seq": 4}),
+    "transformer": (zoo.transformer, {"batch": 3, "seq": 5}),
+    "transformer_contrib": (zoo.ZOO["transformer_contrib"], {"batch": 3, "seq": 5}),
+    "embedding_transformer": (lambda: zoo.transformer(vocab=4096, d=64, heads=4, ffn=128),
+                              {"batch": 2, "seq": 6}),
+    "cnn": (zoo.cnn, {"batch": 2}),
+    "mlp": (zoo.mlp, {"batch": 5}),
+    "multi_io": (zoo.multi_io, {"batch": 3}),
+}
+
+
+def _relative(reference, got):
+    return {k: float(np.max(np.abs(reference[k] - got[k])) / max(1e-12, float(np.max(np.abs(reference[k])))))
+            for k in reference}
+
+
+def _total_weights(path, tmp_path):
+    return onnxshard.plan(path, tmp_path / "whole").stages[0].param_bytes
+
+
+@pytest.mark.parametrize("name", sorted(TP_MODELS))
+@pytest.mark.parametrize("stages,degree", [(1, 2), (2, 2), (1, 4)])
+def test_sharded_stages_match_the_unsplit_model(name, stages, degree, save_model, tmp_path):
+    build, dims = TP_MODELS[name]
+    path = save_model(build(), external=True)
+    plan = onnxshard.plan(path, tmp_path / "plan", stages=stages, tensor_parallel=degree)
+    assert [s.tensor_parallel for s in plan.stages] == [degree] * stages
+    feeds = tools.random_feeds(plan.inputs, dims=dims, seed=1)
+    if "ids" in feeds:  # ids across the whole vocabulary, so every rank's rows are read
+        feeds["ids"] = np.random.default_rng(1).integers(0, 4096, feeds["ids"].shape)
+    rel = _relative(tools.run_model(path, feeds), tools.run_stages(plan, feeds))
+    assert max(rel.values()) <= 1e-4, rel
+
+
+@pytest.mark.parametrize("build", [models.gpt2, models.llama], ids=["gpt2", "llama_gqa"])
+def test_each_rank_holds_a_fraction_of_the_weights(build, save_model, tmp_path):
+    path = save_model(build(), external=True)
+    total = _total_weights(path, tmp_path)
+    for degree, most in ((2, 0.55), (4, 0.30)):
+        plan = onnxshard.plan(path, tmp_path / f"tp{degree}", tensor_parallel=degree)
+        (stage,) = plan.stages
+        assert len(stage.rank_param_bytes) == degree
+        assert max(stage.rank_param_bytes) <= most * total, (degree, stage.rank_param_bytes, total)
+
+
+def test_row_splits_reference_the_weight_file_and_column_splits_are_copied(save_model, tmp_path):
+    path = save_model(zoo.transformer(), external=True)
+    plan = onnxshard.plan(path, tmp_path / "plan", tensor_parallel=2)
+    (stage,) = plan.stages
+    refs = {}
+    for rank in range(2):
+        model = onnx.load(str(plan.root / stage.steps[0].files[rank]), load_external_data=False)
+        model2 = onnx.load(str(plan.root / stage.steps[1].files[rank]), load_external_data=False)
+        for t in list(model.graph.initializer) + list(model2.graph.initializer):
+            info = {e.key: e.value for e in t.external_data}
+            refs[(rank, t.name)] = (info.get("location"), int(info.get("offset", 0)))
+    # fc2 [ffn, d] is split by rows: each rank points into the model's own (linked) weight file at its own offset.
+    (loc0, off0), (loc1, off1) = refs[(0, "l0.fc2@tp0")], refs[(1, "l0.fc2@tp0")]
+    assert loc0 == loc1 == "weights/model.onnx.data" and off1 - off0 == 32 * 32 * 4
+    # fc1 [d, ffn] is split by columns: a streamed copy in the rank's own file.
+    assert refs[(0, "l0.q@tp1")][0] == "weights/stage0.rank0.bin"
+    assert refs[(1, "l0.q@tp1")][0] == "weights/stage0.rank1.bin"
+    layout = json.loads((plan.root / "plan.json").read_text())["stages"][0]
+    assert layout["tensor_parallel"] == 2 and {r["op"] for s in layout["steps"] for r in s["reduces"]} == {"sum"}
+    annotated = [n for n in model.graph.node for c in n.device_configurations if c.configuration_id == "onnxshard.tp"]
+    assert annotated and any(s.sharded_dim and s.sharded_dim[0].simple_sharding[0].num_shards == 2
+                             for n in annotated for c in n.device_configurations for s in c.sharding_spec)
+
+
+def test_fused_qkv_split_and_vocab_split_and_lm_head_gather(save_model, tmp_path):
+    path = save_model(models.gpt2(), external=True)
+    plan = onnxshard.plan(path, tmp_path / "plan", tensor_parallel=2)
+    (stage,) = plan.stages
+    reduces = [r for s in stage.steps for r in s.reduces]
+    assert any(r.op == "concat" and r.name == "logits" for r in reduces)  # LM head split by vocabulary columns
+    assert any(r.op == "sum" and r.name == "tok" for r in reduces)  # embedding split by vocabulary rows
+    # The fused QKV weight [64, 192] gives each rank its heads of Q, of K and of V: columns from all three blocks.
+    dims = [t.dims for step in stage.steps if len(step.files) > 1
+            for t in onnx.load(str(plan.root / step.files[1]), load_external_data=False).graph.initializer
+            if t.name == "h0.c_attn@tp1.b64_64_64"]
+    assert dims == [[64, 96]]
+    assert not stage.notes
+
+
+def test_a_degree_that_does_not_divide_falls_back_and_says_so(save_model, tmp_path):
+    path = save_model(models.llama(heads=8, kv_heads=2), external=True)
+    plan = onnxshard.plan(path, tmp_path / "plan", tensor_parallel=4)
+    notes = plan.stages[0].notes
+    assert notes and all("not divisible by tensor_parallel=4" in n and "valid degrees: 1, 2" in n for n in notes)
+    assert "stays replicated" in plan.table()
+    rel = _relative(tools.run_model(path, feeds := tools.random_feeds(plan.inputs, dims={"batch": 2, "seq": 3})),
+                    tools.run_stages(plan, feeds))
+    assert max(rel.values()) <= 1e-4
+
+
+def test_a_degree_that_splits_nothing_is_refused_and_nothing_is_written(save_model, tmp_path):
+    path = save_model(zoo.transformer(d=32, heads=4, ffn=64), external=True)
+    with pytest.raises(PlanError, match=r"splits no layer.*valid degrees"):
+        onnxshard.plan(path, tmp_path / "plan", tensor_parallel=7)
+    assert not (tmp_path / "plan").exists()
+    with pytest.raises(PlanError, match="at least 1"):
+        onnxshard.plan(path, tmp_path / "plan", tensor_parallel=0)
+
+
+def test_max_stage_memory_chooses_stages_and_degree_together(save_model, tmp_path):
+    path = save_model(models.gpt2(), external=True)
+    total = _total_weights(path, tmp_path)
+    plan = onnxshard.plan(path, tmp_path / "plan", stages=1, max_stage_memory=int(0.6 * total))
+    assert plan.stages[0].tensor_parallel == 2 and plan.stages[0].param_bytes <= 0.6 * total
+    with pytest.raises(PlanError, match="max-stage-memory"):
+        onnxshard.plan(path, tmp_path / "plan2", stages=1, tensor_parallel=2, max_stage_memory=int(0.3 * total))
+
+
+def test_copy_weights_with_tensor_parallelism_is_self_contained(save_model, tmp_path):
+    path = save_model(models.llama(), external=True)
+    plan = onnxshard.plan(path, tmp_path / "plan", tensor_parallel=2, copy_weights=True)
+    assert plan.weights.mode == "copy" and set(plan.weights.files) == {"weights/stage0.rank0.bin",
+                                                                        "weights/stage0.rank1.bin"}
+    feeds = tools.random_feeds(plan.inputs, dims={"batch": 2, "seq": 3})
+    reference = tools.run_model(path, feeds)
+    path.unlink()
+    (path.parent / "model.onnx.data").unlink()
+    assert max(_relative(reference, tools.run_stages(onnxshard.load_plan(plan.root), feeds)).values()) <= 1e-4
+
+
+def test_cli_plan_and_inspect_show_ranks(save_model, tmp_path):
+    path = save_model(models.gpt2(), external=True)
+    cli = [sys.executable, "-m", "onnxshard.cli"]
+    out = subprocess.run(cli + ["plan", str(path), "--out", str(tmp_path / "plan"), "--stages", "2",
+                                "--tensor-parallel", "2"], capture_output=True, text=True, check=True).stdout
+    assert "/rank x2" in out and "reduces between ranks" in out
+    out = subprocess.run(cli + ["inspect", str(tmp_path / "plan")], capture_output=True, text=True, check=True).stdout
+    assert "weights per rank" in out
+    run = subprocess.run(cli + ["verify", str(path), "--stages", "1", "--tensor-parallel", "3"], capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and "valid degrees" in run.stderr
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_pipeline_runs_rank_workers_on_ray(save_model, tmp_path):
+    path = save_model(models.gpt2(), external=True)
+    plan = onnxshard.plan(path, tmp_path / "plan", stages=2, tensor_parallel=2)
+    feeds = {"ids": np.random.default_rng(3).integers(0, 4096, (8, 6))}
+    reference = tools.run_model(path, feeds)
+    with Pipeline(plan, micro_batch_size=2) as pipe:
+        assert [len(ranks) for ranks in pipe.workers[0]] == [2, 2]
+        assert len({w["pid"] for ranks in pipe.worker_info[0] for w in ranks}) == 4
+        for _ in range(2):  # a second run reuses the same workers
+            assert max(_relative(reference, pipe.run(feeds)).values()) <= 1e-4
+        stats = pipe.stats
+    assert [s.ranks for s in stats.stages] == [2, 2] and all(s.reduce_s > 0 for s in stats.stages)
+    assert {c.rank for c in stats.calls} == {0, 1}
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_lost_rank_worker_is_replaced_and_nothing_is_lost(save_model, tmp_path):
+    path = save_model(models.llama(), external=True)
+    plan = onnxshard.plan(path, tmp_path / "plan", stages=1, tensor_parallel=2)
+    rng = np.random.default_rng(5)
+    feeds = {"x": rng.standard_normal((48, 4, 64)).astype(np.float32), "mask": np.ones((48, 4), np.float32)}
+    reference = tools.run_model(path, feeds)
+    with Pipeline(plan, micro_batch_size=1, replicas=2) as pipe:
+        fired = []
+
+        def progress(done, submitted):
+            if done >= 10 and not fired:
+                fired.append(done)
+                ray.kill(pipe.workers[1][0][1], no_restart=True)
+
+        out = pipe.run(feeds, progress=progress)
+        assert fired and pipe.recoveries and pipe.recoveries[0].stage == 0
+        assert pipe.stats.delivered == 48
+    assert max(_relative(reference, out).values()) <= 1e-4
