@@ -275,7 +275,7 @@ class Pipeline:
             raise InputError(f"on_error must be 'raise' or 'skip' (got {on_error!r})")
         if not self.workers:
             raise WorkerError("the pipeline is closed")
-        k, replicas = self.plan.num_stages, self.config.replicas
+        replicas = self.config.replicas
         window_size = self._window()
         window: deque[Flight] = deque()
         pending: dict[int, list] = {}

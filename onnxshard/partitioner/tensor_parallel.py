@@ -24,7 +24,6 @@ rank, then the ranks exchange what step ``j + 1`` needs whole.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -32,9 +31,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxshard.partitioner.graph import Graph
+from onnxshard.partitioner.graph import Graph, node_reads
 from onnxshard.partitioner.model import is_external, read_external, tensor_nbytes
-from onnxshard.partitioner.graph import node_reads
 from onnxshard.plan import Reduce, TensorSpec
 
 TP_CONFIG = "onnxshard.tp"  # configuration_id of the sharding_spec annotations onnxshard writes
