@@ -123,9 +123,12 @@ def test_partial_annotations_constrain_the_automatic_split(save_model, tmp_path)
 def test_max_stage_memory_chooses_the_stage_count(save_model, tmp_path):
     path = save_model(zoo.mlp(layers=6, width=64))  # each layer ~16.6 KB of weights
     plan = onnxshard.plan(path, tmp_path / "plan", max_stage_memory="40KB")
-    assert plan.num_stages == 3 and all(s.param_bytes <= 40_000 for s in plan.stages)
+    assert plan.num_stages == 3 and all(s.param_bytes <= 40_000 and s.tensor_parallel == 1 for s in plan.stages)
+    # A layer alone is over 10 KB: the planner splits layers across tensor-parallel ranks instead.
+    plan = onnxshard.plan(path, tmp_path / "plan2", max_stage_memory="10KB")
+    assert plan.stages[0].tensor_parallel > 1 and all(s.param_bytes <= 10_000 for s in plan.stages)
     with pytest.raises(PlanError, match="max-stage-memory"):
-        onnxshard.plan(path, tmp_path / "plan2", max_stage_memory="10KB")
+        onnxshard.plan(path, tmp_path / "plan3", max_stage_memory="1KB")
 
 
 def test_copy_weights_makes_a_self_contained_plan(save_model, tmp_path):

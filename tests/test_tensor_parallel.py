@@ -46,7 +46,8 @@ def test_sharded_stages_match_the_unsplit_model(name, stages, degree, save_model
     build, dims = TP_MODELS[name]
     path = save_model(build(), external=True)
     plan = onnxshard.plan(path, tmp_path / "plan", stages=stages, tensor_parallel=degree)
-    assert [s.tensor_parallel for s in plan.stages] == [degree] * stages
+    # a stage where nothing splits (multi_io's tail) stays an ordinary one-worker stage
+    assert {s.tensor_parallel for s in plan.stages} <= {1, degree} and plan.stages[0].tensor_parallel == degree
     feeds = tools.random_feeds(plan.inputs, dims=dims, seed=1)
     if "ids" in feeds:  # ids across the whole vocabulary, so every rank's rows are read
         feeds["ids"] = np.random.default_rng(1).integers(0, 4096, feeds["ids"].shape)
@@ -172,6 +173,16 @@ def test_pipeline_runs_rank_workers_on_ray(save_model, tmp_path):
         stats = pipe.stats
     assert [s.ranks for s in stats.stages] == [2, 2] and all(s.reduce_s > 0 for s in stats.stages)
     assert {c.rank for c in stats.calls} == {0, 1}
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_pipeline_mixes_split_and_whole_stages(save_model, tmp_path):
+    path = save_model(zoo.multi_io(), external=True)
+    plan = onnxshard.plan(path, tmp_path / "plan", stages=2, tensor_parallel=2)
+    assert [s.tensor_parallel for s in plan.stages] == [2, 1]
+    feeds = tools.random_feeds(plan.inputs, dims={"batch": 6}, seed=2)
+    with Pipeline(plan, micro_batch_size=2) as pipe:
+        assert max(_relative(tools.run_model(path, feeds), pipe.run(feeds)).values()) <= 1e-4
 
 
 @pytest.mark.usefixtures("ray_session")

@@ -106,7 +106,7 @@ def partition(
         if not layout.splits:
             raise PlanError(f"--tensor-parallel {tensor_parallel} splits no layer of this model"
                             + (": " + "; ".join(layout.notes) if layout.notes else
-                               " (no MatMul/Gemm/Conv with a weight initializer)") + "; use 1 or another degree")
+                               " (no top-level MatMul/Gemm/Conv/Gather with a weight initializer)") + "; use 1 or another degree")
         params = layout.node_param_bytes(graph)
         cut_bytes = _forbid_rank_local_cuts(cut_bytes, graph, layout)
 
@@ -122,6 +122,9 @@ def partition(
             raise PlanError(f"the model has {n} nodes to place (Constants aside); it cannot make {stages} stages: "
                             f"use --stages {n} or fewer")
         bounds = choose_bounds(balance, params, cut_bytes, stages, max_memory=cap, pins=pins)
+        if bounds is None and layout is not None and not np.isfinite(cap):
+            raise PlanError(f"no {stages}-stage split keeps each tensor-parallel layer inside one stage (a cut may "
+                            f"not fall between a split layer's halves); use fewer stages or --tensor-parallel 1")
         if bounds is None:
             why = f"--max-stage-memory {human_bytes(cap)}" if np.isfinite(cap) else "the pipeline_stage annotations"
             raise PlanError(f"no {stages}-stage split satisfies {why}; raise the cap, add stages, or fix the "
@@ -309,15 +312,18 @@ def _write(analysis, pieces, bounds, flops, out, copy_weights, cost_source, cap,
             sends = sum(costmod.tensor_bytes(specs.get(x), dims) for x in [t.name for t in piece.outputs] + piece.carry)
             common = dict(index=piece.index, inputs=tuple(piece.inputs), outputs=tuple(piece.outputs),
                           carry=tuple(piece.carry), nodes=hi - lo, flops=float(sum(flops[lo:hi])), sends_bytes=sends)
+            stage = None
             if layout is not None:
                 stage = _write_ranks(graph, specs, layout, piece, lo, hi, writer, tmp, len(pieces), common)
-            else:
+            if stage is None:
                 writer.rewrite(f"stage{piece.index}", model.graph)
                 file = f"stage{piece.index}.onnx"
                 onnx.save(model, str(tmp / file))
                 param_bytes = sum(tensor_nbytes(t) for t in piece.initializers)
                 param_bytes += sum(tensor_nbytes(t) for c in piece.constants for t in node_tensors(c))
-                stage = Stage(file=file, param_bytes=param_bytes, **common)
+                notes = () if layout is None else (f"no layer of this stage splits over {layout.degree} ranks; "
+                                                   "it runs as one worker",)
+                stage = Stage(file=file, param_bytes=param_bytes, notes=notes, **common)
             if stage.param_bytes > cap:
                 raise PlanError(f"stage {piece.index} holds {human_bytes(stage.param_bytes)} of weights per worker "
                                 f"(shared weights count in each stage), over --max-stage-memory {human_bytes(cap)}; "
@@ -340,7 +346,8 @@ def _write(analysis, pieces, bounds, flops, out, copy_weights, cost_source, cap,
 
 def _write_ranks(graph: Graph, specs, layout: tp.Layout, piece: StageGraph, lo: int, hi: int, writer: WeightWriter,
                  tmp: Path, num_stages: int, common: dict) -> Stage:
-    """Write a tensor-parallel stage: per step, one ONNX file per rank that runs it."""
+    """Write a tensor-parallel stage: per step, one ONNX file per rank that runs it. ``None`` when nothing in
+    the stage is split (it is then an ordinary one-worker stage)."""
     k, degree = piece.index, layout.degree
     held = set(graph.initializers) | set(graph.constants) | set(layout.weights) | set(layout.consts) | \
         set(layout.rank_consts)
@@ -348,6 +355,8 @@ def _write_ranks(graph: Graph, specs, layout: tp.Layout, piece: StageGraph, lo: 
                            [t.name for t in piece.outputs] + list(piece.carry), held,
                            typed=lambda name: name.split("@")[0] in specs and (
                                "@" not in name or name.endswith(("@shard", "@partial", "@sum"))))
+    if len(steps) == 1:
+        return None
     rank_bytes = [0] * degree
     counted: list[set[str]] = [set() for _ in range(degree)]
     written = []
@@ -384,8 +393,6 @@ def _write_ranks(graph: Graph, specs, layout: tp.Layout, piece: StageGraph, lo: 
                             carry=tuple(step.carry), reduces=tuple(step.reduces)))
     lo_names = {n.name for n in graph.nodes[lo:hi]}
     notes = [n for n in layout.notes if any(f"node {name!r}" in n for name in lo_names)]
-    if len(steps) == 1:
-        notes.append(f"no layer of this stage is split over {degree} ranks; rank 0 runs it whole")
     return Stage(file="", param_bytes=max(rank_bytes), tensor_parallel=degree, steps=tuple(written),
                  rank_param_bytes=tuple(rank_bytes), notes=tuple(notes), **common)
 

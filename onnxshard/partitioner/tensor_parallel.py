@@ -667,7 +667,7 @@ class _Pass:
         if group is None:
             return None
         axis = group
-        self.divides(out[axis], f"reshaped dim {axis}", node)
+        self.divides(out[axis], f"output dim {axis} (a head count, in attention)", node)
         values = self._shape_values(node.input[1])
         if values is None:
             return None
