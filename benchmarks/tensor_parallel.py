@@ -1,6 +1,7 @@
 """Tensor parallelism on this machine: T=2 against T=1 (and a 2-stage pipeline), throughput and per-worker memory.
 
     .venv/bin/python benchmarks/tensor_parallel.py [--layers 4] [--d 512] [--batch 8] [--seq 64] [--repeats 5]
+        [--micro-batch-size N]
 
 Builds a LLaMA-style decoder (GQA, SwiGLU) in code, plans it as 1 stage x T=1, 1 stage x T=2 and 2 stages x T=1,
 runs each on a local Ray with 1 CPU per worker, and reports median throughput (ratios against ORT on the whole
@@ -36,6 +37,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--micro-batch-size", type=int, help="default: batch / 4")
+    p.add_argument("--inline-bytes", type=int, default=4 << 20, help="Ray's max_direct_call_object_size (default: "
+                   "onnxshard's 4 MiB; Ray's own default is 100 KB)")
     args = p.parse_args()
     import ray
 
@@ -59,9 +63,9 @@ def main() -> None:
                                    args.batch, args.repeats))
         rows, memory = list(baselines), []
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 _system_config={"max_direct_call_object_size": 4 << 20})
+                 _system_config={"max_direct_call_object_size": args.inline_bytes})
         for name, plan in plans.items():
-            with Pipeline(plan, micro_batch_size=max(1, args.batch // 4)) as pipe:
+            with Pipeline(plan, micro_batch_size=args.micro_batch_size or max(1, args.batch // 4)) as pipe:
                 rows.append(timed(f"pipeline {name}", lambda pipe=pipe: pipe.run(feeds), args.batch, args.repeats))
                 reduce_s = sum(s.reduce_s for s in pipe.stats.stages)
                 busy_s = sum(s.busy_s for s in pipe.stats.stages)

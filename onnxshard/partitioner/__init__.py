@@ -104,9 +104,10 @@ def partition(
     if tensor_parallel and tensor_parallel > 1:
         layout = tp.shard_graph(graph, analysis.specs, tensor_parallel)
         if not layout.splits:
-            raise PlanError(f"--tensor-parallel {tensor_parallel} splits no layer of this model"
-                            + (": " + "; ".join(layout.notes) if layout.notes else
-                               " (no top-level MatMul/Gemm/Conv/Gather with a weight initializer)") + "; use 1 or another degree")
+            why = ": " + "; ".join(layout.notes) if layout.notes else \
+                " (no top-level MatMul/Gemm/Conv/Gather with a weight initializer)"
+            raise PlanError(f"--tensor-parallel {tensor_parallel} splits no layer of this model{why}; use 1 or "
+                            "another degree")
         params = layout.node_param_bytes(graph)
         cut_bytes = _forbid_rank_local_cuts(cut_bytes, graph, layout)
 

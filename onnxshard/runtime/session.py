@@ -62,9 +62,13 @@ class RuntimeConfig:
 
 
 def open_session(model: str | os.PathLike | bytes, config: RuntimeConfig = RuntimeConfig(),
-                 weights_dir: str | os.PathLike | None = None) -> ort.InferenceSession:
-    """An ORT session for a model file, or for model bytes whose external data lives in ``weights_dir``."""
+                 weights_dir: str | os.PathLike | None = None, *, shared_arena: bool = False) -> ort.InferenceSession:
+    """An ORT session for a model file, or for model bytes whose external data lives in ``weights_dir``.
+    ``shared_arena``: use one CPU memory arena for every such session of the process (a tensor-parallel rank
+    has a session per step; separate arenas would each keep their peak activations)."""
     so = config.session_options()
+    if shared_arena and _register_shared_arena():
+        so.add_session_config_entry("session.use_env_allocators", "1")
     if weights_dir is not None:
         so.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(weights_dir))
         if not isinstance(model, bytes):
@@ -77,17 +81,32 @@ def open_session(model: str | os.PathLike | bytes, config: RuntimeConfig = Runti
         raise ModelError(f"ONNX Runtime cannot load {where}: {e}") from e
 
 
+_shared_arena: list[bool] = []
+
+
+def _register_shared_arena() -> bool:
+    """Register one arena allocator for CPU memory with ORT's environment, once per process."""
+    if not _shared_arena:
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+            _shared_arena.append(True)
+        except Exception:  # an ORT build without the API: each session keeps its own arena
+            _shared_arena.append(False)
+    return _shared_arena[0]
+
+
 class ShardSession:
     """An ORT session for one shard that checks feeds against the shard's declared inputs."""
 
     def __init__(self, path: str | os.PathLike, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
                  config: RuntimeConfig = RuntimeConfig(), weights_dir: str | os.PathLike | None = None,
-                 label: str = "shard"):
+                 label: str = "shard", shared_arena: bool = False):
         self.label = label
         self.inputs = inputs
         self.outputs = outputs
         self.output_names = [t.name for t in outputs]
-        self.session = open_session(path, config, weights_dir)
+        self.session = open_session(path, config, weights_dir, shared_arena=shared_arena)
         self.providers = self.session.get_providers()
 
     def check(self, feeds: dict[str, np.ndarray]) -> None:

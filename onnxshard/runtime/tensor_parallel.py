@@ -34,7 +34,7 @@ class RankShard:
         self.stage, self.rank = stage, rank
         self.sessions = {
             j: ShardSession(plan.root / step.files[rank], step.inputs, step.outputs, config, plan.weights_dir(),
-                            label=f"stage {stage.index} rank {rank} step {j}")
+                            label=f"stage {stage.index} rank {rank} step {j}", shared_arena=True)
             for j, step in enumerate(stage.steps) if rank < step.ranks and step.files}
 
     def steps(self) -> list[int]:

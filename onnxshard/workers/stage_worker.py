@@ -105,6 +105,10 @@ class StageWorker:
         the values it makes whole (sum or concatenation) before running its session for the step."""
         started = time.time()
         calls = _merged_calls(packets)
+        # Between steps the batches travel as refs this worker put in the object store (see below): fetch them.
+        refs = [b for b, _ in packets if isinstance(b, ray.ObjectRef)]
+        fetched = dict(zip(refs, ray.get(refs))) if refs else {}
+        packets = tuple((fetched.get(b, b) if isinstance(b, ray.ObjectRef) else b, c) for b, c in packets)
         failure = next((b for b, _ in packets if isinstance(b, Failure)), None)
         if failure is not None:
             return failure, (*calls, self._record(CallStats(self.index, micro_batch, started, 0.0, 0, failed=True,
@@ -135,6 +139,10 @@ class StageWorker:
         failed = isinstance(result, Failure)
         stats = CallStats(self.index, micro_batch, started, time.perf_counter() - t0, 0 if failed else result.nbytes,
                           failed=failed, rank=self.rank, step=step, reduce_s=reduce_s)
+        if not failed and step < len(self.stage.steps) - 1 and ray.is_initialized():
+            # Every rank reads this batch: put it in the shared-memory store and send the ref, so it goes from
+            # worker to worker even when Ray would return it inline through the coordinator.
+            result = ray.put(result)
         return result, (*calls, self._record(stats))
 
     def _record(self, stats: CallStats) -> CallStats:
