@@ -95,7 +95,6 @@ class Rewrite:
 
     nodes: list[onnx.NodeProto]
     kind: str = "replicate"  # replicate | col | row | vocab | local
-    full_reads: list[str] = field(default_factory=list)  # sharded/partial tensors this node needs whole
     local_reads: list[str] = field(default_factory=list)  # sharded tensors it reads as each rank's slice
 
 
@@ -194,6 +193,7 @@ class _Pass:
         self.states: dict[str, State] = {}
         self.prov: dict[str, frozenset[int]] = {}
         self.layout = Layout(degree, self.states, [], {}, {}, {}, {}, list(notes))
+        self._pre: list[onnx.NodeProto] = []
         self.consumers: dict[str, list[int]] = {}
         for i, reads in enumerate(graph.reads):
             for r in reads:
@@ -268,14 +268,11 @@ class _Pass:
         ins = [self.state(x) if x else REPLICATED for x in node.input]
         sharded = any(s.kind == "S" for s in ins)
         has_subgraph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
-        rule = None
-        if has_subgraph:
-            rule = None
-        elif not sharded:
-            if i not in self.excluded:
-                rule = self._start(node)
-        else:
-            self._pre = []
+        rule = None  # a node with subgraphs reads everything whole
+        if not has_subgraph and not sharded and i not in self.excluded:
+            rule = self._start(node)
+        elif not has_subgraph and sharded:
+            self._pre = []  # helper nodes (local slices, rebuilt shapes) the rule adds before the node
             rule = self._propagate(node, ins)
             if rule is not None and self._pre:
                 rule.nodes[:0] = self._pre
@@ -284,7 +281,6 @@ class _Pass:
         # Every sharded or partial value this node does not read locally, it reads whole (outer scopes too).
         for name in self.g.reads[i]:
             if self.state(name).kind != "R" and name not in rule.local_reads:
-                rule.full_reads.append(name)
                 self.layout.reduce_for(name)
         prov = frozenset().union(*(self.prov.get(x, frozenset()) for x in rule.local_reads))
         if rule.kind in ("col", "vocab"):
@@ -379,7 +375,7 @@ class _Pass:
             if len(users) != 1:
                 return (width,)
             user = users[0]
-            if user.op_type == "Add" and len(users) == 1:
+            if user.op_type == "Add":
                 name = user.output[0]
                 continue
             if user.op_type == "Split" and user.input[0] == name:
@@ -429,6 +425,8 @@ class _Pass:
     # -- propagation of sharded inputs --------------------------------------------------------------------
     def _propagate(self, node, ins: list[State]) -> Rewrite | None:
         op = node.op_type
+        if node.domain not in ("", "ai.onnx") and not (node.domain == "com.microsoft" and op in UNARY):
+            return None
         s = next(x for x in ins if x.kind == "S")
         if op in UNARY and sum(x.kind == "S" for x in ins) == 1 and ins[0].kind == "S":
             extra = {k: self._local_operand(node, k, node.output[0], s) for k in range(1, len(node.input))
@@ -477,9 +475,10 @@ class _Pass:
             return self._keep(node, [s] + [s] * (len(node.output) - 1))
         if op == "Slice" and ins[0].kind == "S" and all(x.kind == "R" for x in ins[1:]):
             rank = len(self.shape(node.input[0]) or ())
-            axes = self.const(node.input[3]) if len(node.input) > 3 and node.input[3] else np.arange(
-                len(self.const(node.input[1]) if self.const(node.input[1]) is not None else []))
-            if axes is None or s.axis in {int(a) % rank for a in axes} or self.const(node.input[1]) is None:
+            starts = self.const(node.input[1])
+            has_axes = len(node.input) > 3 and node.input[3]
+            axes = self.const(node.input[3]) if has_axes else None if starts is None else np.arange(starts.size)
+            if axes is None or not rank or s.axis in {int(a) % rank for a in axes}:
                 return None
             return self._keep(node, [s])
         if op == "Gather" and ins[0].kind == "S" and ins[1].kind == "R":
