@@ -181,7 +181,7 @@ def test_pipeline_mixes_split_and_whole_stages(save_model, tmp_path):
     plan = onnxshard.plan(path, tmp_path / "plan", stages=2, tensor_parallel=2)
     assert [s.tensor_parallel for s in plan.stages] == [2, 1]
     feeds = tools.random_feeds(plan.inputs, dims={"batch": 6}, seed=2)
-    with Pipeline(plan, micro_batch_size=2) as pipe:
+    with pytest.warns(UserWarning, match="no batch dim"), Pipeline(plan, micro_batch_size=2) as pipe:
         assert max(_relative(tools.run_model(path, feeds), pipe.run(feeds)).values()) <= 1e-4
 
 

@@ -429,11 +429,7 @@ class _Pass:
             return None
         s = next(x for x in ins if x.kind == "S")
         if op in UNARY and sum(x.kind == "S" for x in ins) == 1 and ins[0].kind == "S":
-            extra = {k: self._local_operand(node, k, node.output[0], s) for k in range(1, len(node.input))
-                     if node.input[k]}
-            if any(v is None for v in extra.values()):
-                return None
-            return self._keep(node, [s] * len(node.output), {k: v for k, v in extra.items() if v != node.input[k]})
+            return self._aligned(node, s, start=1)
         if op in ELEMENTWISE:
             return self._elementwise(node, ins)
         if op == "MatMul":
@@ -499,6 +495,21 @@ class _Pass:
         self._set(node, outs)
         return Rewrite([self._renamed(node, replace or {})], "local", local_reads=local)
 
+    def _aligned(self, node, s_out: State, start: int = 0) -> Rewrite | None:
+        """Keep ``node`` sharded as ``s_out``, reading each operand from ``start`` on as it must be read next to
+        that (see ``_local_operand``)."""
+        replace = {}
+        for k in range(start, len(node.input)):
+            name = node.input[k]
+            if not name:
+                continue
+            got = self._local_operand(node, k, node.output[0], s_out)
+            if got is None:
+                return None
+            if got not in (name, self.layout.local(name)):
+                replace[k] = got
+        return self._keep(node, [s_out] * len(node.output), replace)
+
     def _out_axis(self, name: str, s: State, out: str) -> int | None:
         rin, rout = len(self.shape(name) or ()), len(self.shape(out) or ())
         return None if not rin or not rout else rout - rin + s.axis
@@ -541,17 +552,7 @@ class _Pass:
         if len(axes) != 1 or None in {a for a, _ in axes}:
             return None
         axis, blocks = axes.pop()
-        s_out = State("S", axis, blocks)
-        replace = {}
-        for k, name in enumerate(node.input):
-            if not name:
-                continue
-            got = self._local_operand(node, k, out, s_out)
-            if got is None:
-                return None
-            if got != name and got != self.layout.local(name):
-                replace[k] = got
-        return self._keep(node, [s_out], replace)
+        return self._aligned(node, State("S", axis, blocks))
 
     def _matmul(self, node, ins):
         a, b = node.input[0], node.input[1]
@@ -751,10 +752,7 @@ class _Pass:
         src, out = self.shape(node.input[0]), self.shape(node.output[0])
         if not src or out is None:
             return None
-        axes = self.attr(node, "axes")
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            c = self.const(node.input[1])
-            axes = None if c is None else list(c)
+        axes = self._axes(node)
         if axes is None:
             return None
         if node.op_type == "Unsqueeze":
@@ -766,14 +764,19 @@ class _Pass:
             return None
         return self._keep(node, [State("S", s.axis - sum(a < s.axis for a in axes), s.blocks)])
 
-    def _reduce(self, node, s: State) -> Rewrite | None:
-        src = self.shape(node.input[0])
-        if not src:
-            return None
+    def _axes(self, node) -> list[int] | None:
+        """The ``axes`` of an Unsqueeze/Squeeze/Reduce: the attribute (older opsets) or the constant input."""
         axes = self.attr(node, "axes")
         if axes is None and len(node.input) > 1 and node.input[1]:
             c = self.const(node.input[1])
             axes = None if c is None else list(c)
+        return axes
+
+    def _reduce(self, node, s: State) -> Rewrite | None:
+        src = self.shape(node.input[0])
+        if not src:
+            return None
+        axes = self._axes(node)
         if axes is None:
             return None  # all axes
         axes = {int(a) % len(src) for a in axes}
@@ -793,15 +796,7 @@ class _Pass:
         s_axis, blocks = sharded.pop()
         if s_axis == axis:
             return None
-        s_out = State("S", s_axis, blocks)
-        replace = {}
-        for k, name in enumerate(node.input):
-            got = self._local_operand(node, k, out, s_out)
-            if got is None:
-                return None
-            if got != name and got != self.layout.local(name):
-                replace[k] = got
-        return self._keep(node, [s_out], replace)
+        return self._aligned(node, State("S", s_axis, blocks))
 
 
 def _reshape_group(src, out, axis: int) -> int | None:
