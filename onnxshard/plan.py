@@ -17,7 +17,8 @@ from onnxshard import dtypes
 from onnxshard.errors import PlanError
 
 FORMAT = "onnxshard.plan"
-VERSION = 1
+VERSION = 2  # 2 added tensor-parallel stages (``steps``); a plan without them is still written as version 1
+READS = (1, 2)
 PLAN_FILE = "plan.json"
 
 Dim = int | str | None
@@ -210,7 +211,8 @@ class Plan:
 
     def to_json(self) -> dict:
         return {
-            "format": FORMAT, "version": VERSION, "model": self.model, "cost_source": self.cost_source,
+            "format": FORMAT, "version": VERSION if any(s.steps for s in self.stages) else 1, "model": self.model,
+            "cost_source": self.cost_source,
             "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
             "weights": asdict(self.weights), "stages": [s.to_json() for s in self.stages],
         }
@@ -240,8 +242,9 @@ class Plan:
             raise PlanError(f"{path} is not valid JSON ({e}); re-run `onnxshard plan`") from e
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise PlanError(f"{path} is not an onnxshard plan (format {d.get('format') if isinstance(d, dict) else d!r})")
-        if d.get("version") != VERSION:
-            raise PlanError(f"{path} has plan version {d.get('version')}, this onnxshard reads {VERSION}; re-plan")
+        if d.get("version") not in READS:
+            raise PlanError(f"{path} has plan version {d.get('version')}, this onnxshard reads versions "
+                            f"{', '.join(map(str, READS))}; re-plan")
         try:
             plan = cls(
                 model=str(d["model"]), cost_source=str(d.get("cost_source", "analytic")),

@@ -14,6 +14,7 @@ import zoo
 import onnxshard
 from onnxshard import models
 from onnxshard.distributed import Pipeline
+from onnxshard.distributed.timeline import html_timeline
 from onnxshard.errors import PlanError
 from onnxshard.runtime import tools
 
@@ -83,7 +84,9 @@ def test_row_splits_reference_the_weight_file_and_column_splits_are_copied(save_
     # fc1 [d, ffn] is split by columns: a streamed copy in the rank's own file.
     assert refs[(0, "l0.q@tp1")][0] == "weights/stage0.rank0.bin"
     assert refs[(1, "l0.q@tp1")][0] == "weights/stage0.rank1.bin"
-    layout = json.loads((plan.root / "plan.json").read_text())["stages"][0]
+    saved = json.loads((plan.root / "plan.json").read_text())
+    assert saved["version"] == 2
+    layout = saved["stages"][0]
     assert layout["tensor_parallel"] == 2 and {r["op"] for s in layout["steps"] for r in s["reduces"]} == {"sum"}
     annotated = [n for n in model.graph.node for c in n.device_configurations if c.configuration_id == "onnxshard.tp"]
     assert annotated and any(s.sharded_dim and s.sharded_dim[0].simple_sharding[0].num_shards == 2
@@ -173,6 +176,7 @@ def test_pipeline_runs_rank_workers_on_ray(save_model, tmp_path):
         stats = pipe.stats
     assert [s.ranks for s in stats.stages] == [2, 2] and all(s.reduce_s > 0 for s in stats.stages)
     assert {c.rank for c in stats.calls} == {0, 1}
+    assert "stage 0 rank 1" in html_timeline(stats)  # a row per rank worker
 
 
 @pytest.mark.usefixtures("ray_session")

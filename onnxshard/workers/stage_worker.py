@@ -147,7 +147,8 @@ class StageWorker:
 
     def _record(self, stats: CallStats) -> CallStats:
         if self._metrics is not None:
-            self._metrics.record(stats)
+            # a tensor-parallel rank counts a micro-batch once, at its last step
+            self._metrics.record(stats, finished=not self.stage.steps or stats.step == self.shard.steps()[-1])
         return stats
 
 
@@ -168,8 +169,9 @@ class _StageMetrics:
         for metric in (self.micro_batches, self.busy, self.sent, self.failures):
             metric.set_default_tags(tags)
 
-    def record(self, stats: CallStats) -> None:
-        self.micro_batches.inc()
+    def record(self, stats: CallStats, finished: bool = True) -> None:
+        if finished:
+            self.micro_batches.inc()
         self.busy.inc(stats.compute_s)
         if stats.sent_bytes:
             self.sent.inc(stats.sent_bytes)
