@@ -31,7 +31,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from onnxshard.distributed import microbatch
-from onnxshard.distributed.stats import RunStats, Tally
+from onnxshard.distributed.stats import CostMeter, RunStats, Tally
 from onnxshard.errors import InputError, OnnxShardError, PlanError, WorkerError
 from onnxshard.plan import Plan, human_bytes, is_plan_dir, spec_bytes
 from onnxshard.runtime import RuntimeConfig, arrow
@@ -50,7 +50,10 @@ LOCAL_RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 4 << 20}
 class PipelineConfig:
     """How a plan runs on Ray.
 
-    micro_batch_size: samples per micro-batch; ``None`` splits each batch into about 4 x stages x replicas.
+    micro_batch_size: samples per micro-batch; ``None`` splits each batch into about 4 x stages x replicas;
+        ``"auto"`` sizes micro-batches from measured stage costs (see ``Pipeline.auto_micro_batch_size``).
+    call_overhead_s: what one actor call costs beyond its compute, for ``"auto"`` (2 ms: measured on a 2-core
+        machine, benchmarks/RESULTS.md).
     replicas: data-parallel copies of the whole pipeline; micro-batches are dealt round robin.
     cpus_per_stage / gpus_per_stage / resources: what each stage worker asks Ray for (one placement-group
         bundle each); ORT's intra-op threads follow the CPUs.
@@ -66,7 +69,8 @@ class PipelineConfig:
     worker_start_timeout_s: how long a (re)started worker may take to load its shard.
     """
 
-    micro_batch_size: int | None = None
+    micro_batch_size: int | str | None = None
+    call_overhead_s: float = 0.002
     replicas: int = 1
     cpus_per_stage: float = 1.0
     gpus_per_stage: float = 0.0
@@ -95,6 +99,7 @@ class Flight:
     refs: list
     replays: int = 0
     submitted: float = 0.0
+    samples: int = 1
     inner: dict[int, list] = field(default_factory=dict)  # refs between the steps of tensor-parallel stages
 
 
@@ -131,8 +136,7 @@ class Pipeline:
         self.config = replace(config or PipelineConfig(), **options)
         if self.config.replicas < 1:
             raise PlanError(f"replicas must be at least 1 (got {self.config.replicas})")
-        if self.config.micro_batch_size is not None and self.config.micro_batch_size < 1:
-            raise PlanError(f"micro_batch_size must be at least 1 (got {self.config.micro_batch_size})")
+        _check_size_option(self.config.micro_batch_size, PlanError)
         self._tmp: Path | None = None
         self.plan = self._resolve_plan(plan, stages)
         self.axes = microbatch.infer_batch_axes(self.plan, self.config.batch_axes)
@@ -149,6 +153,7 @@ class Pipeline:
         self._delivered = self._replayed = 0
         self._doomed: list = []  # refs of calls a replay replaced
         self._in_flight_gauge = None
+        self.cost = CostMeter([s.tensor_parallel for s in self.plan.stages])
         try:
             self._start(address)
         except BaseException:
@@ -269,8 +274,7 @@ class Pipeline:
         each micro-batch completes. ``on_error="skip"`` leaves out a batch whose micro-batch fails on its data
         (ONNX Runtime raised on it) and lists it in ``self.skipped``; ``"raise"`` raises."""
         size = self.config.micro_batch_size if micro_batch_size is None else micro_batch_size
-        if size is not None and size < 1:
-            raise InputError(f"micro_batch_size must be at least 1 (got {size})")
+        _check_size_option(size, InputError)
         if on_error not in ("raise", "skip"):
             raise InputError(f"on_error must be 'raise' or 'skip' (got {on_error!r})")
         if not self.workers:
@@ -287,7 +291,10 @@ class Pipeline:
 
         def finish_oldest():
             nonlocal done
-            tally.add(self._finish(window, pending, on_error, deadline))
+            samples_done = window[0].samples
+            calls = self._finish(window, pending, on_error, deadline)
+            tally.add(calls)
+            self.cost.add(calls, samples_done)
             self._in_flight_gauge.set(len(window))
             done += 1
             if progress:
@@ -304,6 +311,7 @@ class Pipeline:
                         finish_oldest()
                         yield from self._ready(order, pending)
                     window.append(self._submit(part, chunk, request))
+                    window[-1].samples = microbatch.batch_size(chunk, self.axes) if self.axes is not None else 1
                     count += 1
                     self._in_flight_gauge.set(len(window))
             while window:
@@ -321,11 +329,30 @@ class Pipeline:
             raise InputError(f"feeds must be a dict of input name -> numpy array, got {type(feeds).__name__}")
         check_feeds(feeds, self.plan.inputs, where="model")
         total = microbatch.batch_size(feeds, self.axes)
+        if size == "auto":
+            size = self.auto_micro_batch_size(total) if self.axes is not None else None
         if size is None and self.axes is not None:
             size = max(1, -(-total // (4 * self.plan.num_stages * self.config.replicas)))
         count = 1 if self.axes is None or not size else -(-total // size)
         self._check_size(feeds, total, count)
         return microbatch.split(feeds, self.axes, size), total
+
+    def auto_micro_batch_size(self, total: int) -> int | None:
+        """Samples per micro-batch that minimise a batch's time, from the stage costs measured so far.
+
+        With K stages, M micro-batches per replica of a batch of B samples, c the slowest stage's compute per
+        sample and o the cost of one call, a batch takes about (M + K - 1)(cB/M + o): the pipeline fills and
+        drains (K - 1 extra slots) and each call pays o. That is least at M = sqrt((K - 1) c B / o); one stage
+        wants one micro-batch per replica. ``None`` until a first batch has been measured (then the default
+        split applies)."""
+        c = self.cost.per_sample_s
+        if c is None:
+            return None
+        k, replicas = self.plan.num_stages, self.config.replicas
+        per_replica = max(1, total // replicas)
+        m = round(((k - 1) * c * per_replica / self.config.call_overhead_s) ** 0.5) if k > 1 else 1
+        m = min(max(1, m), per_replica)
+        return max(1, -(-total // (m * replicas)))
 
     def _check_size(self, feeds, total: int, count: int) -> None:
         """Refuse a batch that would not fit, saying how much it needs, instead of exhausting memory."""
@@ -538,6 +565,13 @@ class Pipeline:
             pending.pop(order.popleft())
             merged = microbatch.merge(parts, self.axes)
             yield {name: np.array(v) if len(parts) == 1 else v for name, v in merged.items()}
+
+
+def _check_size_option(size, error: type[Exception]) -> None:
+    if size is None or size == "auto":
+        return
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise error(f"micro_batch_size must be a positive integer or 'auto' (got {size!r})")
 
 
 def _dead_actor_id(error: Exception) -> str | None:

@@ -87,3 +87,24 @@ class Tally:
                        self.ranks[k], self.reduce[k])
             for k in range(len(self.count)))
         return RunStats(samples, micro_batches, wall_s, stages, replicas, tuple(self.calls), delivered, replayed)
+
+
+class CostMeter:
+    """Measured compute seconds per sample of the slowest stage (per worker: a tensor-parallel stage's busy time
+    is shared by its ranks), over everything a pipeline has run."""
+
+    def __init__(self, ranks: list[int]):
+        self.ranks = ranks
+        self.busy = [0.0] * len(ranks)
+        self.samples = 0
+
+    def add(self, calls, samples: int) -> None:
+        for c in calls:
+            self.busy[c.stage] += c.compute_s
+        self.samples += samples
+
+    @property
+    def per_sample_s(self) -> float | None:
+        if not self.samples:
+            return None
+        return max(b / t for b, t in zip(self.busy, self.ranks)) / self.samples
