@@ -8,7 +8,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +81,7 @@ def data_parallel(model: str, feeds: dict, processes: int, samples: int, repeats
 
 
 def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarray], samples: int,
-              micro_batch_size: int | None, repeats: int = 5, address: str | None = None,
+              micro_batch_size: int | str | None = "auto", repeats: int = 5, address: str | None = None,
               batch_axes=None, data_parallel_axis0: bool = True) -> str:
     """Baselines and the pipeline on ``feeds``; returns the printed report."""
     from onnxshard.api import plan as make_plan
@@ -102,8 +102,11 @@ def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarra
             baselines.append(data_parallel(model, feeds, k, samples, repeats))
         with Pipeline(the_plan, micro_batch_size=micro_batch_size, cpus_per_stage=1, address=address,
                       batch_axes=batch_axes) as pipe:
-            result = timed(f"onnxshard {k} stages x 1 thread, micro-batch {micro_batch_size or 'auto'}",
-                           lambda: pipe.run(feeds), samples, repeats)
+            result = timed(f"onnxshard {k} stages x 1 thread", lambda: pipe.run(feeds), samples, repeats)
+            size = micro_batch_size or "default"
+            if size == "auto":
+                size = f"auto ({pipe.auto_micro_batch_size(samples)})"
+            result = replace(result, name=f"{result.name}, micro-batch {size}")
             stats = pipe.stats
     report = [f"{model}: {samples} samples, medians of {repeats} runs after a warm-up",
               table(baselines + [result], baselines), stats.table()]

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", help=".npz file of inputs (default: random, sized by --batch and --dim)")
     p.add_argument("--batch", type=int, default=16, help="batch size of random inputs (default 16)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE", help="size of a symbolic dim")
-    p.add_argument("--micro-batch-size", type=_micro_batch_size, help="samples per micro-batch, or 'auto'")
+    p.add_argument("--micro-batch-size", type=_micro_batch_size, default="auto",
+                   help="samples per micro-batch, or 'auto' (default)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-dim", help="the symbolic dim name of the batch")
     p.add_argument("--address", help="Ray address (default: a local embedded Ray)")
@@ -87,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _pipeline_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--micro-batch-size", type=_micro_batch_size, help="samples per micro-batch, or 'auto' (sized "
-                   "from measured stage costs after the first batch); default: ~4 x stages x replicas micro-batches "
-                   "per batch")
+    p.add_argument("--micro-batch-size", type=_micro_batch_size, default="auto",
+                   help="samples per micro-batch, or 'auto' (default: sized from measured stage costs; the first "
+                   "batch is split into ~4 x stages x replicas micro-batches)")
     p.add_argument("--replicas", type=int, default=1, help="data-parallel copies of the pipeline")
     p.add_argument("--cpus-per-stage", type=float, default=1.0, help="CPUs per stage worker (= ORT threads)")
     p.add_argument("--gpus-per-stage", type=float, default=0.0, help="GPUs per stage worker (fractions share one)")

@@ -46,3 +46,19 @@ def test_run_tally_keeps_totals_exact_and_memory_bounded():
     assert [s.micro_batches for s in stats.stages] == [n // 2, n // 2]
     assert stats.stages[0].sent_bytes == 10 * (n // 2)
     assert len(stats.calls) == Tally.KEEP_CALLS  # only the most recent calls are kept for the timeline
+
+
+def test_cost_meter_fits_per_call_and_per_sample_costs():
+    from onnxshard.distributed.stats import CostMeter
+    from onnxshard.workers import CallStats
+
+    meter = CostMeter([1, 2])  # stage 1 has two tensor-parallel ranks: its time is their mean
+    assert meter.slot_seconds(4) is None
+    meter.add([CallStats(0, 0, 0.0, 0.010 + 0.001 * 2, 0), CallStats(1, 0, 0.0, 0.004, 0, rank=0),
+               CallStats(1, 0, 0.0, 0.004, 0, rank=1)], samples=2)
+    assert meter.stage_seconds(0, 4) == pytest.approx(0.024)  # one size seen: proportional
+    meter.add([CallStats(0, 1, 0.0, 0.010 + 0.001 * 8, 0), CallStats(1, 1, 0.0, 0.016, 0, rank=0),
+               CallStats(1, 1, 0.0, 0.016, 0, rank=1)], samples=8)
+    assert meter.stage_seconds(0, 4) == pytest.approx(0.014)  # 10 ms a call + 1 ms a sample
+    assert meter.stage_seconds(1, 4) == pytest.approx(0.008)
+    assert meter.slot_seconds(100) == pytest.approx(0.2)  # stage 1 (2 ms a sample) is the slowest there

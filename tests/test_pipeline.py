@@ -218,3 +218,23 @@ def test_model_path_is_planned_on_the_fly(save_model):
         assert all(s.micro_batches == 3 and s.busy_s > 0 for s in stats.stages)
         assert stats.stages[0].sent_bytes > 0 and 0 < stats.gpipe_bound < 1
         assert "GPipe bound" in stats.table()
+
+
+def test_auto_micro_batch_size_follows_measured_costs(save_model, tmp_path):
+    path = save_model(zoo.mlp(layers=4, width=32))
+    feeds = {"x": np.random.default_rng(0).standard_normal((24, 32)).astype(np.float32)}
+    reference = tools.run_model(path, feeds)
+    for stages in (1, 2):
+        plan = onnxshard.plan(path, tmp_path / f"p{stages}", stages=stages)
+        with Pipeline(plan, cpus_per_stage=0.5) as pipe:  # micro_batch_size="auto" is the default
+            assert pipe.auto_micro_batch_size(24) is None  # nothing measured yet: the first batch splits as None
+            assert tools.max_differences(reference, pipe.run(feeds)) == {"y": 0.0}
+            assert pipe.stats.micro_batches == -(-24 // -(-24 // (4 * stages)))
+            size = pipe.auto_micro_batch_size(24)
+            assert tools.max_differences(reference, pipe.run(feeds)) == {"y": 0.0}
+            assert pipe.stats.micro_batches == -(-24 // size)
+            if stages == 1:
+                assert size == 24  # one stage: nothing to overlap, one call per batch is cheapest
+            assert pipe.cost.overhead_s is not None and pipe.cost.overhead_s >= 0
+    with pytest.raises(PlanError, match="positive integer or 'auto'"):
+        Pipeline(plan, micro_batch_size="big")

@@ -50,10 +50,11 @@ LOCAL_RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 4 << 20}
 class PipelineConfig:
     """How a plan runs on Ray.
 
-    micro_batch_size: samples per micro-batch; ``None`` splits each batch into about 4 x stages x replicas;
-        ``"auto"`` sizes micro-batches from measured stage costs (see ``Pipeline.auto_micro_batch_size``).
-    call_overhead_s: what one actor call costs beyond its compute, for ``"auto"`` (2 ms: measured on a 2-core
-        machine, benchmarks/RESULTS.md).
+    micro_batch_size: samples per micro-batch; ``"auto"`` (the default) sizes them from measured stage costs (see
+        ``Pipeline.auto_micro_batch_size``; the first batch is split as ``None`` does); ``None`` splits each batch
+        into about 4 x stages x replicas.
+    call_overhead_s: what one actor call costs beyond its compute, for ``"auto"`` until a run has measured it
+        (2 ms: measured on a 2-core machine, benchmarks/RESULTS.md).
     replicas: data-parallel copies of the whole pipeline; micro-batches are dealt round robin.
     cpus_per_stage / gpus_per_stage / resources: what each stage worker asks Ray for (one placement-group
         bundle each); ORT's intra-op threads follow the CPUs.
@@ -69,7 +70,7 @@ class PipelineConfig:
     worker_start_timeout_s: how long a (re)started worker may take to load its shard.
     """
 
-    micro_batch_size: int | str | None = None
+    micro_batch_size: int | str | None = "auto"
     call_overhead_s: float = 0.002
     replicas: int = 1
     cpus_per_stage: float = 1.0
@@ -321,6 +322,7 @@ class Pipeline:
             self.stats = tally.summary(replicas=replicas, samples=samples, micro_batches=count,
                                        wall_s=time.perf_counter() - started, delivered=self._delivered,
                                        replayed=self._replayed)
+            self.cost.observe(self.stats)
 
     def _prepare(self, feeds, size: int | None) -> tuple[list[dict[str, np.ndarray]], int]:
         """Check a batch against the model's inputs and split it, before anything is scheduled; also return its
@@ -340,19 +342,19 @@ class Pipeline:
     def auto_micro_batch_size(self, total: int) -> int | None:
         """Samples per micro-batch that minimise a batch's time, from the stage costs measured so far.
 
-        With K stages, M micro-batches per replica of a batch of B samples, c the slowest stage's compute per
-        sample and o the cost of one call, a batch takes about (M + K - 1)(cB/M + o): the pipeline fills and
-        drains (K - 1 extra slots) and each call pays o. That is least at M = sqrt((K - 1) c B / o); one stage
-        wants one micro-batch per replica. ``None`` until a first batch has been measured (then the default
-        split applies)."""
-        c = self.cost.per_sample_s
-        if c is None:
+        With K stages, micro-batches of s samples, M = ceil(B / s) of them per replica for a batch of B samples per
+        replica, a batch takes about (M + K - 1)(t(s) + o): the pipeline fills and drains (K - 1 extra slots), each
+        slot lasts the slowest stage's compute t(s) (a line a + b s fitted to the micro-batches run so far: a is
+        what a call costs whatever its size, such as an LSTM's sequential steps) plus the per-call overhead o
+        (measured from the runs so far; ``call_overhead_s`` before that). The size chosen minimises that. ``None``
+        until a first batch has been measured (the default split applies)."""
+        if self.cost.slot_seconds(1) is None:
             return None
         k, replicas = self.plan.num_stages, self.config.replicas
-        per_replica = max(1, total // replicas)
-        m = round(((k - 1) * c * per_replica / self.config.call_overhead_s) ** 0.5) if k > 1 else 1
-        m = min(max(1, m), per_replica)
-        return max(1, -(-total // (m * replicas)))
+        o = self.cost.overhead_s if self.cost.overhead_s is not None else self.config.call_overhead_s
+        per_replica = max(1, -(-total // replicas))
+        return min(range(1, per_replica + 1),
+                   key=lambda s: (-(-per_replica // s) + k - 1) * (self.cost.slot_seconds(s) + o))
 
     def _check_size(self, feeds, total: int, count: int) -> None:
         """Refuse a batch that would not fit, saying how much it needs, instead of exhausting memory."""

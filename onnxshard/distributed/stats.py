@@ -90,21 +90,49 @@ class Tally:
 
 
 class CostMeter:
-    """Measured compute seconds per sample of the slowest stage (per worker: a tensor-parallel stage's busy time
-    is shared by its ranks), over everything a pipeline has run."""
+    """Measured compute of each stage per micro-batch, as a line a + b x samples fitted over everything the
+    pipeline has run (a tensor-parallel stage's time is its ranks' mean), and the per-call overhead beyond it."""
 
     def __init__(self, ranks: list[int]):
         self.ranks = ranks
-        self.busy = [0.0] * len(ranks)
-        self.samples = 0
+        # per stage: n, sum s, sum s^2, sum t, sum s t over micro-batches of s samples taking t seconds
+        self.sums = [[0.0] * 5 for _ in ranks]
+        self.overhead_s: float | None = None  # what a pipeline slot costs beyond its compute, smoothed
 
     def add(self, calls, samples: int) -> None:
+        """The calls of one finished micro-batch of ``samples`` samples."""
+        per_stage = [0.0] * len(self.ranks)
         for c in calls:
-            self.busy[c.stage] += c.compute_s
-        self.samples += samples
+            per_stage[c.stage] += c.compute_s
+        for k, t in enumerate(per_stage):
+            t /= self.ranks[k]
+            for i, v in enumerate((1.0, samples, samples * samples, t, samples * t)):
+                self.sums[k][i] += v
 
-    @property
-    def per_sample_s(self) -> float | None:
-        if not self.samples:
+    def stage_seconds(self, k: int, samples: int) -> float | None:
+        """Stage ``k``'s compute for a micro-batch of ``samples``, from the fit; ``None`` before any data."""
+        n, s, ss, t, st = self.sums[k]
+        if not n:
             return None
-        return max(b / t for b, t in zip(self.busy, self.ranks)) / self.samples
+        var = n * ss - s * s
+        if var <= 1e-9:  # one size seen so far: proportional to the samples
+            return t / s * samples
+        b = max(0.0, (n * st - s * t) / var)
+        a = max(0.0, (t - b * s) / n)
+        return a + b * samples
+
+    def slot_seconds(self, samples: int) -> float | None:
+        """The slowest stage's compute for a micro-batch of ``samples``."""
+        times = [self.stage_seconds(k, samples) for k in range(len(self.ranks))]
+        return None if any(x is None for x in times) else max(times)
+
+    def observe(self, run: RunStats) -> None:
+        """Learn the per-call overhead from a finished run: its wall time over M/R + K - 1 slots, less the
+        slowest stage's compute per slot."""
+        m = run.micro_batches / max(1, run.replicas)
+        if m < 1 or run.wall_s <= 0:
+            return
+        slot = run.wall_s / (m + len(run.stages) - 1)
+        compute = max(s.busy_s / (s.ranks * run.micro_batches) for s in run.stages)
+        seen = max(0.0, slot - compute)
+        self.overhead_s = seen if self.overhead_s is None else 0.5 * self.overhead_s + 0.5 * seen
