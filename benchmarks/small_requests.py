@@ -1,8 +1,9 @@
 """A stream of small requests to a stacked LSTM, where ONNX Runtime's threads barely help: the pipeline (each
 request one micro-batch, stages working on different requests at once) against ORT on the whole model running the
-same requests one after another.
+same requests one after another; then both with dynamic batching (consecutive requests joined up to --coalesce
+samples: ``Pipeline.stream(coalesce=N)``, and the same joining done by hand around ORT).
 
-    .venv/bin/python benchmarks/small_requests.py [--requests 60] [--batch 4] [--seq 64] [--layers 4]
+    .venv/bin/python benchmarks/small_requests.py [--requests 60] [--batch 4] [--seq 64] [--layers 4] [--coalesce 16]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import onnxshard
 from onnxshard import models
 from onnxshard.bench import table, timed
+from onnxshard.distributed import microbatch
 from onnxshard.distributed.pipeline import LOCAL_RAY_SYSTEM_CONFIG
 from onnxshard.runtime import RuntimeConfig, open_session
 
@@ -30,6 +32,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--coalesce", type=int, default=16, help="samples per joined batch for the dynamic-batching rows "
+                   "(0: leave them out)")
     args = p.parse_args()
     import ray
 
@@ -52,6 +56,21 @@ def main() -> None:
             rows.append(timed(f"onnxshard {args.stages} stages x 1 thread, stream",
                               lambda: list(pipe.stream(requests)), samples, args.repeats))
             stats = pipe.stats
+        if args.coalesce:
+            # Dynamic batching, for the pipeline and (to be fair) for ORT: requests joined up to --coalesce samples.
+            axes = microbatch.BatchAxes({"x": 1}, {"y": 1})
+            s = open_session(model, RuntimeConfig(intra_op_threads=args.stages, provider="cpu"))
+
+            def ort_joined():
+                for feeds, sizes in microbatch.coalesce(requests, axes, args.coalesce):
+                    microbatch.unmerge(dict(zip(["y"], s.run(None, feeds))), axes, sizes)
+
+            rows.append(timed(f"ORT whole model, {args.stages} threads, joined to {args.coalesce}", ort_joined,
+                              samples, args.repeats))
+            with onnxshard.Pipeline(plan, cpus_per_stage=1) as pipe:
+                rows.append(timed(f"onnxshard {args.stages} stages x 1 thread, stream, coalesce {args.coalesce}",
+                                  lambda: list(pipe.stream(requests, coalesce=args.coalesce)), samples,
+                                  args.repeats))
         print(f"stacked LSTM {args.layers} x {args.hidden}, {args.requests} requests of batch {args.batch} x seq "
               f"{args.seq}; medians of {args.repeats}")
         print(table(rows, rows[:2]))

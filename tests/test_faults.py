@@ -118,6 +118,10 @@ def test_data_errors_are_skipped_or_raised_not_retried(tmp_path):
         assert not pipe.recoveries  # a data error is not a dead worker
         with pytest.raises(WorkerError, match="stage 1, micro-batch"):
             list(pipe.stream([good, bad], on_error="raise"))
+        # coalesced in pairs, a bad request takes its partner with it: both are listed as skipped
+        pipe.skipped.clear()
+        results = list(pipe.stream([good, good, good, bad, good, good], on_error="skip", coalesce=8))
+        assert len(results) == 4 and [s.request for s in pipe.skipped] == [2, 3]
 
 
 def test_run_deadline(mlp_plan):

@@ -62,3 +62,18 @@ def test_cost_meter_fits_per_call_and_per_sample_costs():
     assert meter.stage_seconds(0, 4) == pytest.approx(0.014)  # 10 ms a call + 1 ms a sample
     assert meter.stage_seconds(1, 4) == pytest.approx(0.008)
     assert meter.slot_seconds(100) == pytest.approx(0.2)  # stage 1 (2 ms a sample) is the slowest there
+
+
+def test_coalesce_joins_consecutive_requests_and_unmerge_splits_them_back():
+    axes = BatchAxes({"x": 0, "state": 1, "table": None}, {"y": 0, "state_out": 1})
+    requests = [_feeds(n) for n in (1, 2, 3, 9, 1)]
+    requests[4]["table"] = np.zeros(4)  # a different broadcast input: it cannot join the one before
+    groups = list(microbatch.coalesce(requests, axes, max_samples=6))
+    assert [sizes for _, sizes in groups] == [[1, 2, 3], [9], [1]]  # 9 is over the cap: alone
+    joined, sizes = groups[0]
+    assert joined["x"].shape == (6, 3) and joined["state"].shape == (2, 6) and joined["table"] is requests[0]["table"]
+    outputs = {"y": joined["x"] * 2, "state_out": joined["state"] + 1}
+    back = microbatch.unmerge(outputs, axes, sizes)
+    for request, out in zip(requests, back):
+        np.testing.assert_array_equal(out["y"], request["x"] * 2)
+        np.testing.assert_array_equal(out["state_out"], request["state"] + 1)

@@ -238,3 +238,20 @@ def test_auto_micro_batch_size_follows_measured_costs(save_model, tmp_path):
             assert pipe.cost.overhead_s is not None and pipe.cost.overhead_s >= 0
     with pytest.raises(PlanError, match="positive integer or 'auto'"):
         Pipeline(plan, micro_batch_size="big")
+
+
+def test_coalesced_stream_answers_each_request_in_order(save_model, tmp_path):
+    path = save_model(zoo.mlp(layers=4, width=32))
+    plan = onnxshard.plan(path, tmp_path / "p", stages=2)
+    rng = np.random.default_rng(4)
+    requests = [{"x": rng.standard_normal((1 + i % 3, 32)).astype(np.float32)} for i in range(20)]
+    with Pipeline(plan, cpus_per_stage=0.5, micro_batch_size=8) as pipe:
+        outs = list(pipe.stream(requests, coalesce=8))
+        assert len(outs) == 20
+        for request, out in zip(requests, outs):
+            assert tools.max_differences(tools.run_model(path, request), out) == {"y": 0.0}
+        assert pipe.stats.samples == sum(len(r["x"]) for r in requests) and pipe.stats.micro_batches < 20
+        bad = requests[:3] + [{"x": np.ones((2, 5), np.float32)}]
+        with pytest.raises(InputError, match="'x'"):
+            list(pipe.stream(bad, coalesce=8))
+        assert len(list(pipe.stream(requests[:4], coalesce=8))) == 4  # still usable

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,3 +144,40 @@ def merge(parts: list[dict[str, np.ndarray]], axes: BatchAxes | None) -> dict[st
     if len(parts) == 1:
         return dict(parts[0])
     return {name: np.concatenate([p[name] for p in parts], axis=axes.outputs[name]) for name in parts[0]}
+
+
+def coalesce(batches: Iterable[dict[str, np.ndarray]], axes: BatchAxes, max_samples: int,
+             check: Callable[[dict[str, np.ndarray]], None] = lambda feeds: None,
+             ) -> Iterator[tuple[dict[str, np.ndarray], list[int]]]:
+    """Consecutive requests joined along their batch axes into batches of at most ``max_samples`` samples (a
+    request bigger than that stays alone), with each batch's request sizes. Requests join only while their
+    inputs without a batch axis are equal. ``check`` vets each request before it joins one."""
+    group: list[dict[str, np.ndarray]] = []
+    sizes: list[int] = []
+
+    def joined():
+        if len(group) == 1:
+            return group[0]
+        return {name: value if axes.inputs.get(name) is None else
+                np.concatenate([g[name] for g in group], axis=axes.inputs[name]) for name, value in group[0].items()}
+
+    for feeds in batches:
+        check(feeds)
+        n = batch_size(feeds, axes)
+        fits = group and sum(sizes) + n <= max_samples and all(
+            np.array_equal(feeds[name], group[0][name]) for name, axis in axes.inputs.items()
+            if axis is None and name in feeds)
+        if group and not fits:
+            yield joined(), sizes
+            group, sizes = [], []
+        group.append(feeds)
+        sizes.append(n)
+    if group:
+        yield joined(), sizes
+
+
+def unmerge(outputs: dict[str, np.ndarray], axes: BatchAxes, sizes: list[int]) -> list[dict[str, np.ndarray]]:
+    """Each request's outputs back from a coalesced batch (views)."""
+    cuts = np.cumsum(sizes)[:-1]
+    per_name = {name: np.split(value, cuts, axis=axes.outputs[name]) for name, value in outputs.items()}
+    return [{name: parts[i] for name, parts in per_name.items()} for i in range(len(sizes))]

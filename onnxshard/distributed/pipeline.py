@@ -265,15 +265,47 @@ class Pipeline:
     def run(self, feeds: dict[str, np.ndarray], *, micro_batch_size: int | None = None,
             progress: Progress | None = None) -> dict[str, np.ndarray]:
         """Outputs of the whole model for one batch (the same as ONNX Runtime on the unsplit model)."""
-        return next(iter(self.stream([feeds], micro_batch_size=micro_batch_size, progress=progress)))
+        return next(self._stream([feeds], micro_batch_size, progress, "raise", single=True))[1]
 
-    def stream(self, batches: Iterable[dict[str, np.ndarray]], *, micro_batch_size: int | None = None,
-               progress: Progress | None = None, on_error: str = "raise") -> Iterator[dict[str, np.ndarray]]:
+    def stream(self, batches: Iterable[dict[str, np.ndarray]], *, micro_batch_size: int | str | None = None,
+               progress: Progress | None = None, on_error: str = "raise",
+               coalesce: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Results for each batch of ``batches``, in order, with a bounded number of micro-batches in flight.
 
         ``micro_batch_size`` overrides the pipeline's for these batches; ``progress(done, submitted)`` is called as
         each micro-batch completes. ``on_error="skip"`` leaves out a batch whose micro-batch fails on its data
-        (ONNX Runtime raised on it) and lists it in ``self.skipped``; ``"raise"`` raises."""
+        (ONNX Runtime raised on it) and lists it in ``self.skipped``; ``"raise"`` raises.
+
+        ``coalesce=N`` batches dynamically, like Triton's dynamic batcher: consecutive requests are joined into
+        batches of up to N samples before they are cut into micro-batches, so a stream of small requests makes
+        fewer, larger calls; each request still gets its own result, in order. It reads ahead in ``batches`` for
+        up to N samples, so use it on streams that are already there (files, queues), not to wait for requests."""
+        if not coalesce:
+            for _, outputs in self._stream(batches, micro_batch_size, progress, on_error):
+                yield outputs
+            return
+        if self.axes is None:
+            raise InputError("coalesce needs the batch axis of every input and output; pass batch_axes")
+        groups: list[list[int]] = []
+
+        def joined():
+            for feeds, sizes in microbatch.coalesce(batches, self.axes, coalesce, check=self._check_request):
+                groups.append(sizes)
+                yield feeds
+
+        skipped_before = len(self.skipped)
+        try:
+            for index, outputs in self._stream(joined(), micro_batch_size, progress, on_error):
+                yield from microbatch.unmerge(outputs, self.axes, groups[index])
+        finally:  # a skipped joined batch leaves out each request in it
+            firsts = np.concatenate([[0], np.cumsum([len(g) for g in groups])]).astype(int)
+            self.skipped[skipped_before:] = [replace(s, request=int(r)) for s in self.skipped[skipped_before:]
+                                             for r in range(firsts[s.request], firsts[s.request + 1])]
+
+    def _stream(self, batches, micro_batch_size, progress, on_error, *,
+                single: bool = False) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(request index, outputs) for each batch that is not skipped, in order. ``single``: ``batches`` is one
+        batch (``run``), whose pipeline fill and drain nothing else overlaps."""
         size = self.config.micro_batch_size if micro_batch_size is None else micro_batch_size
         _check_size_option(size, InputError)
         if on_error not in ("raise", "skip"):
@@ -303,7 +335,7 @@ class Pipeline:
 
         try:
             for request, feeds in enumerate(batches):
-                chunks, total = self._prepare(feeds, size)
+                chunks, total = self._prepare(feeds, size, single)
                 samples += total
                 pending[request] = [None] * len(chunks)
                 order.append(request)
@@ -324,40 +356,51 @@ class Pipeline:
                                        replayed=self._replayed)
             self.cost.observe(self.stats)
 
-    def _prepare(self, feeds, size: int | None) -> tuple[list[dict[str, np.ndarray]], int]:
+    def _prepare(self, feeds, size: int | str | None, single: bool = False) -> tuple[list[dict[str, np.ndarray]], int]:
         """Check a batch against the model's inputs and split it, before anything is scheduled; also return its
         batch size."""
-        if not isinstance(feeds, dict):
-            raise InputError(f"feeds must be a dict of input name -> numpy array, got {type(feeds).__name__}")
-        check_feeds(feeds, self.plan.inputs, where="model")
+        self._check_request(feeds)
         total = microbatch.batch_size(feeds, self.axes)
         if size == "auto":
-            size = self.auto_micro_batch_size(total) if self.axes is not None else None
+            size = self.auto_micro_batch_size(total, feeds=None if single else feeds) if self.axes is not None else None
         if size is None and self.axes is not None:
             size = max(1, -(-total // (4 * self.plan.num_stages * self.config.replicas)))
         count = 1 if self.axes is None or not size else -(-total // size)
         self._check_size(feeds, total, count)
         return microbatch.split(feeds, self.axes, size), total
 
-    def auto_micro_batch_size(self, total: int) -> int | None:
-        """Samples per micro-batch that minimise a batch's time, from the stage costs measured so far.
+    def _check_request(self, feeds) -> None:
+        if not isinstance(feeds, dict):
+            raise InputError(f"feeds must be a dict of input name -> numpy array, got {type(feeds).__name__}")
+        check_feeds(feeds, self.plan.inputs, where="model")
 
-        With K stages, micro-batches of s samples, M = ceil(B / s) of them per replica for a batch of B samples per
-        replica, a batch takes about (M + K - 1)(t(s) + o): the pipeline fills and drains (K - 1 extra slots), each
-        slot lasts the slowest stage's compute t(s) (a line a + b s fitted to the micro-batches run so far: a is
-        what a call costs whatever its size, such as an LSTM's sequential steps) plus the per-call overhead o
-        (measured from the runs so far; ``call_overhead_s`` before that). The size chosen minimises that. ``None``
-        until a first batch has been measured (the default split applies)."""
+    def auto_micro_batch_size(self, total: int, *, feeds: dict[str, np.ndarray] | None = None) -> int | None:
+        """Samples per micro-batch for a batch of ``total`` samples, from the stage costs measured so far.
+
+        One batch (``run``): with K stages, micro-batches of s samples, M = ceil(B / s) of them per replica for B
+        samples per replica, the batch takes about (M + K - 1)(t(s) + o): the pipeline fills and drains (K - 1
+        extra slots), each slot lasts the slowest stage's compute t(s) (a line a + b s fitted to the measured
+        micro-batches: a is what a call costs whatever its size, such as an LSTM's sequential steps) plus the
+        per-call overhead o (measured from the runs so far; ``call_overhead_s`` before that). The size chosen
+        minimises that.
+
+        A batch of a stream (``feeds`` given): the next batches fill the pipeline, so a batch costs M (t(s) + o),
+        least with one micro-batch per replica; the size is capped so the micro-batches in flight hold at most a
+        quarter of ``max_batch_bytes``. ``None`` until a first batch has been measured (the default split
+        applies)."""
         if self.cost.slot_seconds(1) is None:
             return None
         k, replicas = self.plan.num_stages, self.config.replicas
-        o = self.cost.overhead_s if self.cost.overhead_s is not None else self.config.call_overhead_s
         per_replica = max(1, -(-total // replicas))
+        if feeds is not None:
+            per_sample = self._sample_bytes(feeds)[0] * (k + 1) * self._window()
+            return max(1, min(per_replica, int(self._byte_limit / 4 // max(1, per_sample))))
+        o = self.cost.overhead_s if self.cost.overhead_s is not None else self.config.call_overhead_s
         return min(range(1, per_replica + 1),
                    key=lambda s: (-(-per_replica // s) + k - 1) * (self.cost.slot_seconds(s) + o))
 
-    def _check_size(self, feeds, total: int, count: int) -> None:
-        """Refuse a batch that would not fit, saying how much it needs, instead of exhausting memory."""
+    def _sample_bytes(self, feeds) -> tuple[int, int]:
+        """Bytes one sample of ``feeds`` takes at the widest stage boundary, and in the outputs."""
         dims = {d: feeds[t.name].shape[i] for t in self.plan.inputs for i, d in enumerate(t.shape or ())
                 if isinstance(d, str)}
         if self.axes is not None:  # per sample: the batch dim counts once
@@ -369,11 +412,16 @@ class Pipeline:
         def sample_bytes(names):
             return sum(spec_bytes(self.plan.spec(n), dims) for n in names)
 
-        per_sample = max(sample_bytes(s.output_names + list(s.carry)) for s in self.plan.stages)
+        return (max(sample_bytes(s.output_names + list(s.carry)) for s in self.plan.stages),
+                sample_bytes(self.plan.output_names))
+
+    def _check_size(self, feeds, total: int, count: int) -> None:
+        """Refuse a batch that would not fit, saying how much it needs, instead of exhausting memory."""
+        per_sample, out_per_sample = self._sample_bytes(feeds)
         samples = total if self.axes is not None else 1
         window = min(count, self._window())
         in_flight = window * -(-samples // count) * per_sample * (self.plan.num_stages + 1)
-        outputs = samples * sample_bytes(self.plan.output_names)
+        outputs = samples * out_per_sample
         limit = self._byte_limit
         need = max(in_flight, outputs)
         if need > limit:
@@ -556,7 +604,7 @@ class Pipeline:
             raise InputError(message)
         raise WorkerError(message, stage=failure.stage, micro_batch=flight.id)
 
-    def _ready(self, order: deque, pending: dict) -> Iterator[dict[str, np.ndarray]]:
+    def _ready(self, order: deque, pending: dict) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         while order:
             parts = pending[order[0]]
             if parts is None:  # skipped
@@ -564,9 +612,10 @@ class Pipeline:
                 continue
             if any(p is None for p in parts):
                 return
-            pending.pop(order.popleft())
+            request = order.popleft()
+            pending.pop(request)
             merged = microbatch.merge(parts, self.axes)
-            yield {name: np.array(v) if len(parts) == 1 else v for name, v in merged.items()}
+            yield request, {name: np.array(v) if len(parts) == 1 else v for name, v in merged.items()}
 
 
 def _check_size_option(size, error: type[Exception]) -> None:

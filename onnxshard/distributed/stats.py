@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from onnxshard.workers import CallStats
 
 
@@ -90,13 +92,15 @@ class Tally:
 
 
 class CostMeter:
-    """Measured compute of each stage per micro-batch, as a line a + b x samples fitted over everything the
-    pipeline has run (a tensor-parallel stage's time is its ranks' mean), and the per-call overhead beyond it."""
+    """Measured compute of each stage per micro-batch: for each micro-batch size seen, a moving average of its
+    time (ORT's slow first runs fade out), and across sizes a line a + b x samples fitted to those averages (a
+    tensor-parallel stage's time is its ranks' mean). Also the per-call overhead beyond the compute."""
+
+    SMOOTHING = 0.3  # weight of the newest micro-batch in a size's average
 
     def __init__(self, ranks: list[int]):
         self.ranks = ranks
-        # per stage: n, sum s, sum s^2, sum t, sum s t over micro-batches of s samples taking t seconds
-        self.sums = [[0.0] * 5 for _ in ranks]
+        self.by_size: list[dict[int, float]] = [{} for _ in ranks]
         self.overhead_s: float | None = None  # what a pipeline slot costs beyond its compute, smoothed
 
     def add(self, calls, samples: int) -> None:
@@ -106,19 +110,21 @@ class CostMeter:
             per_stage[c.stage] += c.compute_s
         for k, t in enumerate(per_stage):
             t /= self.ranks[k]
-            for i, v in enumerate((1.0, samples, samples * samples, t, samples * t)):
-                self.sums[k][i] += v
+            old = self.by_size[k].get(samples)
+            self.by_size[k][samples] = t if old is None else (1 - self.SMOOTHING) * old + self.SMOOTHING * t
 
     def stage_seconds(self, k: int, samples: int) -> float | None:
         """Stage ``k``'s compute for a micro-batch of ``samples``, from the fit; ``None`` before any data."""
-        n, s, ss, t, st = self.sums[k]
-        if not n:
+        points = self.by_size[k]
+        if not points:
             return None
-        var = n * ss - s * s
-        if var <= 1e-9:  # one size seen so far: proportional to the samples
-            return t / s * samples
-        b = max(0.0, (n * st - s * t) / var)
-        a = max(0.0, (t - b * s) / n)
+        if len(points) == 1:  # one size seen: proportional to the samples
+            (size, t), = points.items()
+            return t / size * samples
+        s = np.array(list(points), dtype=float)
+        t = np.array(list(points.values()))
+        b = max(0.0, float(np.polyfit(s, t, 1)[0]))
+        a = max(0.0, float(np.mean(t - b * s)))
         return a + b * samples
 
     def slot_seconds(self, samples: int) -> float | None:
