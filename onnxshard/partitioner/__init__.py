@@ -159,25 +159,27 @@ def _choose_degree(analysis, balance, params, cut_bytes, cap, pins, stages) -> i
     return best[1] if best else 1
 
 
-def _forbid_rank_local_cuts(cut_bytes: np.ndarray, graph: Graph, layout: tp.Layout) -> np.ndarray:
-    """No cut may fall between a sharded value and a node reading each rank's slice of it: packets between
-    stages carry whole values only."""
-    cut = np.array(cut_bytes, dtype=float)
+def _rank_local_spans(graph: Graph, layout: tp.Layout):
+    """(name, made at, last read at) of each sharded value read as each rank's slice: no cut may fall inside,
+    since packets between stages carry whole values only."""
     for i, rw in enumerate(layout.rewrites):
         for name in rw.local_reads:
-            made = graph.producer.get(name, -1)
-            cut[made + 1:i + 1] = np.inf
+            yield name, graph.producer.get(name, -1), i
+
+
+def _forbid_rank_local_cuts(cut_bytes: np.ndarray, graph: Graph, layout: tp.Layout) -> np.ndarray:
+    cut = np.array(cut_bytes, dtype=float)
+    for _, made, last in _rank_local_spans(graph, layout):
+        cut[made + 1:last + 1] = np.inf
     return cut
 
 
 def _check_tp_cuts(graph: Graph, layout: tp.Layout, bounds: list[int]) -> None:
-    for i, rw in enumerate(layout.rewrites):
-        for name in rw.local_reads:
-            made = graph.producer.get(name, -1)
-            for b in bounds[1:-1]:
-                if made < b <= i:
-                    raise PlanError(f"a cut before node {graph.nodes[b].name!r} falls inside a tensor-parallel "
-                                    f"layer ({name!r} is sharded across ranks there); cut elsewhere")
+    for name, made, last in _rank_local_spans(graph, layout):
+        for b in bounds[1:-1]:
+            if made < b <= last:
+                raise PlanError(f"a cut before node {graph.nodes[b].name!r} falls inside a tensor-parallel layer "
+                                f"({name!r} is sharded across ranks there); cut elsewhere")
 
 
 def _fewest(graph, balance, params, cut_bytes, cap, pins) -> int:
@@ -346,7 +348,7 @@ def _write(analysis, pieces, bounds, flops, out, copy_weights, cost_source, cap,
 
 
 def _write_ranks(graph: Graph, specs, layout: tp.Layout, piece: StageGraph, lo: int, hi: int, writer: WeightWriter,
-                 tmp: Path, num_stages: int, common: dict) -> Stage:
+                 tmp: Path, num_stages: int, common: dict) -> Stage | None:
     """Write a tensor-parallel stage: per step, one ONNX file per rank that runs it. ``None`` when nothing in
     the stage is split (it is then an ordinary one-worker stage)."""
     k, degree = piece.index, layout.degree
@@ -354,8 +356,7 @@ def _write_ranks(graph: Graph, specs, layout: tp.Layout, piece: StageGraph, lo: 
         set(layout.rank_consts)
     steps = tp.split_steps(layout, lo, hi, [t.name for t in piece.inputs] + list(piece.carry),
                            [t.name for t in piece.outputs] + list(piece.carry), held,
-                           typed=lambda name: name.split("@")[0] in specs and (
-                               "@" not in name or name.endswith(("@shard", "@partial", "@sum"))))
+                           typed=lambda name: layout.value_spec(name, specs) is not None)
     if len(steps) == 1:
         return None
     rank_bytes = [0] * degree
@@ -405,14 +406,5 @@ def _source(graph: Graph, name: str) -> onnx.TensorProto:
 
 
 def _step_spec(specs, layout: tp.Layout, name: str) -> TensorSpec:
-    """The spec of a value inside a tensor-parallel stage: a rank's slice has 1/T of its sharded axis."""
-    for suffix, kind in (("@shard", "S"), ("@partial", "P"), ("@sum", "P")):
-        if name.endswith(suffix):
-            base = _spec(specs, name[: -len(suffix)])
-            state = layout.states.get(name[: -len(suffix)], tp.REPLICATED)
-            if kind == "S" and base.shape is not None and isinstance(base.shape[state.axis], int):
-                shape = list(base.shape)
-                shape[state.axis] //= layout.degree
-                return TensorSpec(name, base.dtype, tuple(shape))
-            return TensorSpec(name, base.dtype, base.shape)
-    return _spec(specs, name)
+    """The spec of a value inside a tensor-parallel stage (a rank's slice has 1/T of its sharded axis)."""
+    return layout.value_spec(name, specs) or _spec(specs, name)

@@ -119,6 +119,21 @@ class Layout:
         s = self.states.get(name, REPLICATED)
         return name if s.kind == "R" else f"{name}@{'shard' if s.kind == 'S' else 'partial'}"
 
+    def value_spec(self, name: str, specs: dict[str, TensorSpec]) -> TensorSpec | None:
+        """The type and shape of ``name`` on one rank, for model values and their rank-local versions
+        (``x@shard`` has 1/T of the sharded axis); ``None`` for helper values of unknown type."""
+        base, _, suffix = name.rpartition("@")
+        if not base or suffix not in ("shard", "partial", "sum"):
+            return specs.get(name)
+        spec = specs.get(base)
+        if spec is None:
+            return None
+        shape = spec.shape
+        axis = self.states.get(base, REPLICATED).axis
+        if suffix == "shard" and shape is not None and isinstance(shape[axis], int):
+            shape = shape[:axis] + (shape[axis] // self.degree,) + shape[axis + 1:]
+        return TensorSpec(name, spec.dtype, shape)
+
     def reduce_for(self, name: str) -> Reduce | None:
         """The reduce that makes ``name`` whole, when it is sharded or partial."""
         if name in self.reduces:
