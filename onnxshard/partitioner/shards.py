@@ -84,13 +84,19 @@ class WeightWriter:
             return t
         outer, dim = math.prod(dims[:ws.axis]), dims[ws.axis]
 
-        def write(dst):
-            step = max(1, CHUNK // max(1, dim * inner))
+        def write(dst):  # at most CHUNK bytes of the source in memory at once
+            row = dim * inner
+            if row > CHUNK:  # big rows: stream each chunk's byte range
+                for o in range(outer):
+                    for s, n in chunks:
+                        _stream(self.folder / ref.location, ref.offset + o * row + s * inner, n * inner, dst)
+                return
+            step = CHUNK // max(1, row)
             with open(self.folder / ref.location, "rb") as f:
                 for o in range(0, outer, step):
                     k = min(step, outer - o)
-                    f.seek(ref.offset + o * dim * inner)
-                    rows = np.frombuffer(f.read(k * dim * inner), np.uint8).reshape(k, dim, inner)
+                    f.seek(ref.offset + o * row)
+                    rows = np.frombuffer(f.read(k * row), np.uint8).reshape(k, dim, inner)
                     dst.write(np.concatenate([rows[:, s:s + n] for s, n in chunks], axis=1).tobytes())
 
         length = outer * new_dims[ws.axis] * inner
