@@ -15,7 +15,7 @@ import onnxshard
 from onnxshard import models
 from onnxshard.distributed import Pipeline
 from onnxshard.distributed.timeline import html_timeline
-from onnxshard.errors import PlanError
+from onnxshard.errors import InputError, PlanError, WorkerError
 from onnxshard.runtime import tools
 
 TP_MODELS = {
@@ -177,6 +177,11 @@ def test_pipeline_runs_rank_workers_on_ray(save_model, tmp_path):
         for _ in range(2):  # a second run reuses the same workers
             assert max(_relative(reference, pipe.run(feeds)).values()) <= 1e-4
         stats = pipe.stats
+        with pytest.raises(InputError, match="'ids'"):
+            pipe.run({"ids": feeds["ids"].astype(np.float32)})
+        with pytest.raises(WorkerError, match=r"stage 0, micro-batch \d+.*rank \d step 0"):
+            pipe.run({"ids": np.full((2, 6), 5000)})  # out of the vocabulary: ORT raises inside a rank's step
+        assert max(_relative(reference, pipe.run(feeds)).values()) <= 1e-4  # still usable
     assert [s.ranks for s in stats.stages] == [2, 2] and all(s.reduce_s > 0 for s in stats.stages)
     assert {c.rank for c in stats.calls} == {0, 1}
     assert "stage 0 rank 1" in html_timeline(stats)  # a row per rank worker
@@ -211,3 +216,16 @@ def test_a_lost_rank_worker_is_replaced_and_nothing_is_lost(save_model, tmp_path
         assert fired and pipe.recoveries and pipe.recoveries[0].stage == 0
         assert pipe.stats.delivered == 48
     assert max(_relative(reference, out).values()) <= 1e-4
+
+
+def test_vocabulary_split_keeps_gather_semantics_for_negative_and_bad_ids(save_model, tmp_path):
+    path = save_model(models.gpt2(), external=True)
+    plan = onnxshard.plan(path, tmp_path / "plan", tensor_parallel=4)
+    ids = np.array([[0, 1, 1023, 1024, 4095, -1, -4096]])  # rank edges, and ids counted from the end
+    rel = _relative(tools.run_model(path, {"ids": ids}), tools.run_stages(plan, {"ids": ids}))
+    assert max(rel.values()) <= 1e-4
+    for bad in (4096, -4097):  # out of range: an error, as on the whole model, not a silent zero row
+        with pytest.raises(InputError):
+            tools.run_model(path, {"ids": np.array([[bad]])})
+        with pytest.raises(WorkerError, match="out of"):
+            tools.run_stages(plan, {"ids": np.array([[bad]])})

@@ -172,7 +172,8 @@ class _StageMetrics:
     def record(self, stats: CallStats, finished: bool = True) -> None:
         if finished:
             self.micro_batches.inc()
-        self.busy.inc(stats.compute_s)
+        if stats.compute_s > 0:  # Ray counters refuse increments of 0
+            self.busy.inc(stats.compute_s)
         if stats.sent_bytes:
             self.sent.inc(stats.sent_bytes)
         if stats.failed:
