@@ -388,7 +388,7 @@ class Pipeline:
         least with one micro-batch per replica; the size is capped so the micro-batches in flight hold at most a
         quarter of ``max_batch_bytes``. ``None`` until a first batch has been measured (the default split
         applies)."""
-        if self.cost.slot_seconds(1) is None:
+        if not self.cost.measured:
             return None
         k, replicas = self.plan.num_stages, self.config.replicas
         per_replica = max(1, -(-total // replicas))
@@ -396,8 +396,9 @@ class Pipeline:
             per_sample = self._sample_bytes(feeds)[0] * (k + 1) * self._window()
             return max(1, min(per_replica, int(self._byte_limit / 4 // max(1, per_sample))))
         o = self.cost.overhead_s if self.cost.overhead_s is not None else self.config.call_overhead_s
+        fits = self.cost.fits()
         return min(range(1, per_replica + 1),
-                   key=lambda s: (-(-per_replica // s) + k - 1) * (self.cost.slot_seconds(s) + o))
+                   key=lambda s: (-(-per_replica // s) + k - 1) * (max(a + b * s for a, b in fits) + o))
 
     def _sample_bytes(self, feeds) -> tuple[int, int]:
         """Bytes one sample of ``feeds`` takes at the widest stage boundary, and in the outputs."""

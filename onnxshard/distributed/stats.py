@@ -113,24 +113,36 @@ class CostMeter:
             old = self.by_size[k].get(samples)
             self.by_size[k][samples] = t if old is None else (1 - self.SMOOTHING) * old + self.SMOOTHING * t
 
-    def stage_seconds(self, k: int, samples: int) -> float | None:
-        """Stage ``k``'s compute for a micro-batch of ``samples``, from the fit; ``None`` before any data."""
+    @property
+    def measured(self) -> bool:
+        """Whether every stage has finished at least one micro-batch."""
+        return all(self.by_size)
+
+    def fit(self, k: int) -> tuple[float, float] | None:
+        """(a, b): stage ``k`` takes about a + b x samples per micro-batch; ``None`` before any data."""
         points = self.by_size[k]
         if not points:
             return None
         if len(points) == 1:  # one size seen: proportional to the samples
             (size, t), = points.items()
-            return t / size * samples
+            return 0.0, t / size
         s = np.array(list(points), dtype=float)
         t = np.array(list(points.values()))
         b = max(0.0, float(np.polyfit(s, t, 1)[0]))
-        a = max(0.0, float(np.mean(t - b * s)))
-        return a + b * samples
+        return max(0.0, float(np.mean(t - b * s))), b
+
+    def fits(self) -> list[tuple[float, float]]:
+        """Every stage's fit (call only once ``measured``)."""
+        return [self.fit(k) for k in range(len(self.ranks))]
+
+    def stage_seconds(self, k: int, samples: int) -> float | None:
+        """Stage ``k``'s compute for a micro-batch of ``samples``, from the fit; ``None`` before any data."""
+        fit = self.fit(k)
+        return None if fit is None else fit[0] + fit[1] * samples
 
     def slot_seconds(self, samples: int) -> float | None:
         """The slowest stage's compute for a micro-batch of ``samples``."""
-        times = [self.stage_seconds(k, samples) for k in range(len(self.ranks))]
-        return None if any(x is None for x in times) else max(times)
+        return max(a + b * samples for a, b in self.fits()) if self.measured else None
 
     def observe(self, run: RunStats) -> None:
         """Learn the per-call overhead from a finished run: its wall time over M/R + K - 1 slots, less the
