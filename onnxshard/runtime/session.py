@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,19 +82,15 @@ def open_session(model: str | os.PathLike | bytes, config: RuntimeConfig = Runti
         raise ModelError(f"ONNX Runtime cannot load {where}: {e}") from e
 
 
-_shared_arena: list[bool] = []
-
-
+@functools.cache
 def _register_shared_arena() -> bool:
     """Register one arena allocator for CPU memory with ORT's environment, once per process."""
-    if not _shared_arena:
-        try:
-            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
-            _shared_arena.append(True)
-        except Exception:  # an ORT build without the API: each session keeps its own arena
-            _shared_arena.append(False)
-    return _shared_arena[0]
+    try:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        return True
+    except Exception:  # an ORT build without the API: each session keeps its own arena
+        return False
 
 
 class ShardSession:
