@@ -7,7 +7,6 @@ pipeline uses) against Ray Compiled Graphs (shared-memory channels), for Arrow b
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -23,10 +22,10 @@ def main() -> None:
     import ray
     from ray.dag import InputNode
 
+    from onnxshard.bench import start_local_ray
     from onnxshard.runtime import arrow
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    start_local_ray(4, {})
 
     @ray.remote(num_cpus=1)
     class Hop:

@@ -10,17 +10,16 @@ warm-up) for each size, in one Ray session. For "auto" it also prints the size c
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import ray
 
 import onnxshard
 from onnxshard import models
-from onnxshard.bench import table, timed
+from onnxshard.bench import start_local_ray, table, timed
 from onnxshard.distributed import Pipeline
-from onnxshard.distributed.pipeline import LOCAL_RAY_SYSTEM_CONFIG
 from onnxshard.runtime import RuntimeConfig, open_session
 
 
@@ -31,9 +30,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     rng = np.random.default_rng(0)
     if args.model == "transformer":
         model = models.transformer(layers=6, d=256, heads=4, ffn=1024)
@@ -47,8 +44,7 @@ def main() -> None:
         plan = onnxshard.plan(path, Path(tmp) / "plan", stages=args.stages)
         baseline = timed("ORT whole model, 2 threads", lambda s=open_session(path, RuntimeConfig(intra_op_threads=2)):
                          s.run(None, feeds), args.batch, args.repeats)
-        ray.init(num_cpus=args.stages, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+        start_local_ray(args.stages)
         rows = [baseline]
         sizes = [s for s in (1, 2, 4, 8, 16, 32) if s <= args.batch] + ["auto"]
         with Pipeline(plan, cpus_per_stage=1) as pipe:

@@ -10,15 +10,14 @@ warm-up) and ratios against ORT on the whole model with 1 thread, with as many t
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import ray
 
 from onnxshard import models
-from onnxshard.bench import run_bench
-from onnxshard.distributed.pipeline import LOCAL_RAY_SYSTEM_CONFIG
+from onnxshard.bench import run_bench, start_local_ray
 
 
 def main() -> None:
@@ -34,11 +33,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
 
-    import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=args.stages, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+    start_local_ray(args.stages)
     with tempfile.TemporaryDirectory() as tmp:
         model = models.save(models.transformer(layers=args.layers, d=args.d, heads=args.heads, ffn=args.ffn),
                             Path(tmp) / "model", external=True)

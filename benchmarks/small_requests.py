@@ -9,17 +9,16 @@ samples: ``Pipeline.stream(coalesce=N)``, and the same joining done by hand arou
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import ray
 
 import onnxshard
 from onnxshard import models
-from onnxshard.bench import table, timed
+from onnxshard.bench import start_local_ray, table, timed
 from onnxshard.distributed import microbatch
-from onnxshard.distributed.pipeline import LOCAL_RAY_SYSTEM_CONFIG
 from onnxshard.runtime import RuntimeConfig, open_session
 
 
@@ -35,11 +34,8 @@ def main() -> None:
     p.add_argument("--coalesce", type=int, default=16, help="samples per joined batch for the dynamic-batching rows "
                    "(0: leave them out)")
     args = p.parse_args()
-    import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=args.stages, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+    start_local_ray(args.stages)
     rng = np.random.default_rng(0)
     requests = [{"x": rng.standard_normal((args.seq, args.batch, 64)).astype(np.float32)}
                 for _ in range(args.requests)]

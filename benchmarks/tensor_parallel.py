@@ -11,23 +11,18 @@ model with 1 and 2 threads, measured in the same run) and each worker's weight b
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import ray
 
 import onnxshard
 from onnxshard import models
-from onnxshard.bench import table, timed
+from onnxshard.bench import proc_status_bytes, start_local_ray, table, timed
 from onnxshard.distributed import Pipeline
 from onnxshard.plan import human_bytes
 from onnxshard.runtime import RuntimeConfig, open_session
-
-
-def rss_anon(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(line for line in f if line.startswith("RssAnon:")).split()[1]) * 1024
 
 
 def main() -> None:
@@ -41,9 +36,6 @@ def main() -> None:
     p.add_argument("--inline-bytes", type=int, default=4 << 20, help="Ray's max_direct_call_object_size (default: "
                    "onnxshard's 4 MiB; Ray's own default is 100 KB)")
     args = p.parse_args()
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     model = models.llama(layers=args.layers, d=args.d, heads=8, kv_heads=4, ffn=4 * args.d)
     rng = np.random.default_rng(0)
     feeds = {"x": rng.standard_normal((args.batch, args.seq, args.d)).astype(np.float32),
@@ -62,8 +54,7 @@ def main() -> None:
             baselines.append(timed(f"ORT whole model, {threads} thread(s)", lambda s=session: s.run(None, feeds),
                                    args.batch, args.repeats))
         rows, memory = list(baselines), []
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 _system_config={"max_direct_call_object_size": args.inline_bytes})
+        start_local_ray(2, {"max_direct_call_object_size": args.inline_bytes})
         for name, plan in plans.items():
             with Pipeline(plan, micro_batch_size=args.micro_batch_size or max(1, args.batch // 4)) as pipe:
                 rows.append(timed(f"pipeline {name}", lambda pipe=pipe: pipe.run(feeds), args.batch, args.repeats))
@@ -72,7 +63,7 @@ def main() -> None:
                 for stage, ranks in zip(plan.stages, pipe.worker_info[0]):
                     for rank, info in enumerate(ranks):
                         held = stage.rank_param_bytes[rank] if stage.rank_param_bytes else stage.param_bytes
-                        memory.append((name, stage.index, rank, held, rss_anon(info["pid"])))
+                        memory.append((name, stage.index, rank, held, proc_status_bytes(info["pid"], "RssAnon")))
                 print(f"{name}: last run {pipe.stats.wall_s * 1e3:.1f} ms, reduces {reduce_s * 1e3:.1f} ms of "
                       f"{busy_s * 1e3:.1f} ms busy")
         ray.shutdown()

@@ -10,25 +10,21 @@ memory-mapped weights do not count) and total RSS from /proc.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import ray
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import onnxshard
 from onnxshard import models
+from onnxshard.bench import proc_status_bytes, start_local_ray
 from onnxshard.distributed import Pipeline
 from onnxshard.plan import human_bytes
 from onnxshard.runtime import RuntimeConfig
-
-
-def proc_kb(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(line for line in f if line.startswith(key)).split()[1]) * 1024
 
 
 def main() -> None:
@@ -45,10 +41,7 @@ def main() -> None:
         x = f"r{i}"
     model = models.make_model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["batch", width])],
                               [h.make_tensor_value_info(x, T.FLOAT, ["batch", width])], inits)
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    start_local_ray(2, {})
     with tempfile.TemporaryDirectory() as tmp:
         path = models.save(model, Path(tmp) / "model", external=True)
         del model, inits
@@ -62,7 +55,7 @@ def main() -> None:
             with Pipeline(plan, micro_batch_size=2, runtime=RuntimeConfig(prepacking=prepack)) as pipe:
                 pipe.run(feeds)
                 for info, stage in zip((ranks[0] for ranks in pipe.worker_info[0]), plan.stages):
-                    anon, rss = proc_kb(info["pid"], "RssAnon:"), proc_kb(info["pid"], "VmRSS:")
+                    anon, rss = proc_status_bytes(info["pid"], "RssAnon"), proc_status_bytes(info["pid"], "VmRSS")
                     print(f"{str(prepack):<11} {stage.index:>5} {human_bytes(stage.param_bytes):>14} "
                           f"{human_bytes(anon):>10} {human_bytes(rss):>10} {anon / stage.param_bytes:>14.2f}x")
     ray.shutdown()

@@ -4,6 +4,7 @@ process run. Medians of several timed runs after a warm-up; ratios against basel
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import statistics
 import tempfile
 import time
@@ -52,6 +53,24 @@ def table(rows: list[Timing], baselines: list[Timing]) -> str:
         ratios = "".join(f" {r.throughput / b.throughput:>21.2f}x" for b in baselines)
         lines.append(f"{r.name:<48} {r.throughput:>10.1f} {r.median * 1e3:>10.1f} {spread:>13}{ratios}")
     return "\n".join(lines)
+
+
+def start_local_ray(num_cpus: int, system_config: dict | None = None) -> None:
+    """A quiet local Ray for a benchmark script; ``system_config`` defaults to what a Pipeline sets when it starts
+    Ray itself (pass ``{}`` for Ray's own defaults)."""
+    import ray
+
+    from onnxshard.distributed.pipeline import LOCAL_RAY_SYSTEM_CONFIG
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             _system_config=LOCAL_RAY_SYSTEM_CONFIG if system_config is None else system_config)
+
+
+def proc_status_bytes(pid: int, key: str) -> int:
+    """A size line of /proc/PID/status (``RssAnon``, ``VmRSS``, ``VmHWM``...) in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith(key + ":")).split()[1]) * 1024
 
 
 # Data-parallel baseline: each process holds its own session and the whole batch, and runs its slice.

@@ -70,17 +70,8 @@ def transformer(layers=2, d=32, heads=4, ffn=64, seed=0, vocab=None, gelu_contri
             nodes += [h.make_node("MatMul", [p + "n1", p + w], [p + w + "m"]),
                       h.make_node("Add", [p + w + "m", p + w + "_b"], [p + w + "a"]),
                       h.make_node("Reshape", [p + w + "a", "split_heads"], [p + w + "r"])]
-        nodes += [h.make_node("Transpose", [p + "qr"], [p + "qt"], perm=[0, 2, 1, 3]),
-                  h.make_node("Transpose", [p + "kr"], [p + "kt"], perm=[0, 2, 3, 1]),
-                  h.make_node("Transpose", [p + "vr"], [p + "vt"], perm=[0, 2, 1, 3]),
-                  h.make_node("MatMul", [p + "qt", p + "kt"], [p + "s"]),
-                  h.make_node("Mul", [p + "s", "scale"], [p + "ss"]),
-                  h.make_node("Add", [p + "ss", "bias"], [p + "sm"]),
-                  h.make_node("Softmax", [p + "sm"], [p + "pr"], axis=-1),
-                  h.make_node("MatMul", [p + "pr", p + "vt"], [p + "ctx"]),
-                  h.make_node("Transpose", [p + "ctx"], [p + "ct"], perm=[0, 2, 1, 3]),
-                  h.make_node("Reshape", [p + "ct", "merge_heads"], [p + "cm"]),
-                  h.make_node("MatMul", [p + "cm", p + "o"], [p + "om"]),
+        nodes += _attention(p, "bias")
+        nodes += [h.make_node("MatMul", [p + "cm", p + "o"], [p + "om"]),
                   h.make_node("Add", [p + "om", p + "o_b"], [p + "oa"]),
                   h.make_node("Add", [x, p + "oa"], [p + "res1"]),
                   h.make_node("LayerNormalization", [p + "res1", p + "ln2_g", p + "ln2_b"], [p + "n2"], axis=-1),
@@ -97,6 +88,21 @@ def transformer(layers=2, d=32, heads=4, ffn=64, seed=0, vocab=None, gelu_contri
     nodes.append(h.make_node("Identity", [x], ["y"]))
     opsets = [h.make_opsetid("com.microsoft", 1)] if gelu_contrib else []
     return make_model(nodes, inputs, [h.make_tensor_value_info("y", T.FLOAT, ["batch", "seq", d])], inits, opsets=opsets)
+
+
+def _attention(p: str, mask: str) -> list[onnx.NodeProto]:
+    """Scaled dot-product attention over per-head ``{p}qr/kr/vr`` [batch, seq, heads, hd] with an additive
+    ``mask``, merged back to ``{p}cm`` [batch, seq, d] (initializers ``scale`` and ``merge_heads``)."""
+    return [h.make_node("Transpose", [p + "qr"], [p + "qt"], perm=[0, 2, 1, 3]),
+            h.make_node("Transpose", [p + "kr"], [p + "kt"], perm=[0, 2, 3, 1]),
+            h.make_node("Transpose", [p + "vr"], [p + "vt"], perm=[0, 2, 1, 3]),
+            h.make_node("MatMul", [p + "qt", p + "kt"], [p + "s"]),
+            h.make_node("Mul", [p + "s", "scale"], [p + "ss"]),
+            h.make_node("Add", [p + "ss", mask], [p + "sm"]),
+            h.make_node("Softmax", [p + "sm"], [p + "pr"], axis=-1),
+            h.make_node("MatMul", [p + "pr", p + "vt"], [p + "ctx"]),
+            h.make_node("Transpose", [p + "ctx"], [p + "ct"], perm=[0, 2, 1, 3]),
+            h.make_node("Reshape", [p + "ct", "merge_heads"], [p + "cm"])]
 
 
 def lstm(layers=4, inputs=64, hidden=256, seed=0):
@@ -153,17 +159,8 @@ def gpt2(layers=2, d=64, heads=4, vocab=4096, max_seq=64, seed=0):
                   h.make_node("Split", [p + "qkv", "qkv_sizes"], [p + "q", p + "k", p + "v"], axis=2)]
         for w in "qkv":
             nodes.append(h.make_node("Reshape", [p + w, "split_heads"], [p + w + "r"]))
-        nodes += [h.make_node("Transpose", [p + "qr"], [p + "qt"], perm=[0, 2, 1, 3]),
-                  h.make_node("Transpose", [p + "kr"], [p + "kt"], perm=[0, 2, 3, 1]),
-                  h.make_node("Transpose", [p + "vr"], [p + "vt"], perm=[0, 2, 1, 3]),
-                  h.make_node("MatMul", [p + "qt", p + "kt"], [p + "s"]),
-                  h.make_node("Mul", [p + "s", "scale"], [p + "ss"]),
-                  h.make_node("Add", [p + "ss", "mask"], [p + "sm"]),
-                  h.make_node("Softmax", [p + "sm"], [p + "pr"], axis=-1),
-                  h.make_node("MatMul", [p + "pr", p + "vt"], [p + "ctx"]),
-                  h.make_node("Transpose", [p + "ctx"], [p + "ct"], perm=[0, 2, 1, 3]),
-                  h.make_node("Reshape", [p + "ct", "merge_heads"], [p + "cm"]),
-                  h.make_node("MatMul", [p + "cm", p + "c_proj"], [p + "om"]),
+        nodes += _attention(p, "mask")
+        nodes += [h.make_node("MatMul", [p + "cm", p + "c_proj"], [p + "om"]),
                   h.make_node("Add", [p + "om", p + "c_proj_b"], [p + "oa"]),
                   h.make_node("Add", [x, p + "oa"], [p + "res1"]),
                   h.make_node("LayerNormalization", [p + "res1", p + "ln2_g", p + "ln2_b"], [p + "n2"], axis=-1),

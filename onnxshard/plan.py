@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from onnxshard import dtypes
@@ -91,8 +92,8 @@ class Step:
 
     @classmethod
     def from_json(cls, d: dict) -> Step:
-        return cls(int(d["ranks"]), tuple(d["files"]), tuple(TensorSpec.from_json(t) for t in d["inputs"]),
-                   tuple(TensorSpec.from_json(t) for t in d["outputs"]), tuple(d.get("carry", ())),
+        return cls(int(d["ranks"]), tuple(d["files"]), _specs_from_json(d["inputs"]),
+                   _specs_from_json(d["outputs"]), tuple(d.get("carry", ())),
                    tuple(Reduce.from_json(r) for r in d.get("reduces", ())), tuple(d.get("sha256", ())))
 
 
@@ -150,8 +151,8 @@ class Stage:
     def from_json(cls, d: dict) -> Stage:
         return cls(
             index=int(d["index"]), file=str(d["file"]),
-            inputs=tuple(TensorSpec.from_json(t) for t in d["inputs"]),
-            outputs=tuple(TensorSpec.from_json(t) for t in d["outputs"]),
+            inputs=_specs_from_json(d["inputs"]),
+            outputs=_specs_from_json(d["outputs"]),
             carry=tuple(d.get("carry", ())), nodes=int(d.get("nodes", 0)), param_bytes=int(d.get("param_bytes", 0)),
             flops=float(d.get("flops", 0.0)), sends_bytes=int(d.get("sends_bytes", 0)), sha256=str(d.get("sha256", "")),
             tensor_parallel=int(d.get("tensor_parallel", 1)), steps=tuple(Step.from_json(x) for x in d.get("steps", ())),
@@ -248,8 +249,8 @@ class Plan:
         try:
             plan = cls(
                 model=str(d["model"]), cost_source=str(d.get("cost_source", "analytic")),
-                inputs=tuple(TensorSpec.from_json(t) for t in d["inputs"]),
-                outputs=tuple(TensorSpec.from_json(t) for t in d["outputs"]),
+                inputs=_specs_from_json(d["inputs"]),
+                outputs=_specs_from_json(d["outputs"]),
                 stages=tuple(Stage.from_json(s) for s in d["stages"]),
                 weights=Weights(**d.get("weights", {})), root=root,
             )
@@ -293,12 +294,14 @@ class Plan:
                                 "it changed after planning: re-run `onnxshard plan`")
 
     def spec(self, name: str) -> TensorSpec:
-        """The spec of any tensor the plan names (graph inputs and outputs, stage boundaries)."""
-        for t in self.inputs + self.outputs + tuple(t for s in self.stages for t in s.inputs + s.outputs) + tuple(
-                t for s in self.stages for step in s.steps for t in step.inputs + step.outputs):
-            if t.name == name:
-                return t
-        raise KeyError(name)
+        """The spec of any tensor the plan names (graph inputs and outputs, stage and step boundaries)."""
+        return self._by_name[name]
+
+    @cached_property
+    def _by_name(self) -> dict[str, TensorSpec]:  # the coordinator asks for every request: look up, do not scan
+        named = self.inputs + self.outputs + tuple(t for s in self.stages for t in s.inputs + s.outputs) + tuple(
+            t for s in self.stages for step in s.steps for t in step.inputs + step.outputs)
+        return {t.name: t for t in reversed(named)}  # the first listing of a name wins
 
     def boundaries(self) -> str:
         """What crosses each cut, a line per tensor with its bytes per sample (symbolic dims counted as 1)."""
@@ -385,6 +388,10 @@ def spec_bytes(spec: TensorSpec, dims: dict[str, int] | None = None) -> int:
     for d in spec.shape or ():
         n *= d if isinstance(d, int) and d > 0 else (dims or {}).get(d, 1) if isinstance(d, str) else 1
     return n * dtypes.itemsize(spec.dtype)
+
+
+def _specs_from_json(items) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec.from_json(t) for t in items)
 
 
 def _shape(shape) -> str:

@@ -361,12 +361,14 @@ class Pipeline:
         batch size."""
         self._check_request(feeds)
         total = microbatch.batch_size(feeds, self.axes)
+        sample_bytes = self._sample_bytes(feeds)
         if size == "auto":
-            size = self.auto_micro_batch_size(total, feeds=None if single else feeds) if self.axes is not None else None
+            size = None if self.axes is None else self.auto_micro_batch_size(
+                total, stream_sample_bytes=None if single else sample_bytes[0])
         if size is None and self.axes is not None:
             size = max(1, -(-total // (4 * self.plan.num_stages * self.config.replicas)))
         count = 1 if self.axes is None or not size else -(-total // size)
-        self._check_size(feeds, total, count)
+        self._check_size(sample_bytes, total, count)
         return microbatch.split(feeds, self.axes, size), total
 
     def _check_request(self, feeds) -> None:
@@ -374,7 +376,7 @@ class Pipeline:
             raise InputError(f"feeds must be a dict of input name -> numpy array, got {type(feeds).__name__}")
         check_feeds(feeds, self.plan.inputs, where="model")
 
-    def auto_micro_batch_size(self, total: int, *, feeds: dict[str, np.ndarray] | None = None) -> int | None:
+    def auto_micro_batch_size(self, total: int, *, stream_sample_bytes: int | None = None) -> int | None:
         """Samples per micro-batch for a batch of ``total`` samples, from the stage costs measured so far.
 
         One batch (``run``): with K stages, micro-batches of s samples, M = ceil(B / s) of them per replica for B
@@ -384,21 +386,21 @@ class Pipeline:
         per-call overhead o (measured from the runs so far; ``call_overhead_s`` before that). The size chosen
         minimises that.
 
-        A batch of a stream (``feeds`` given): the next batches fill the pipeline, so a batch costs M (t(s) + o),
-        least with one micro-batch per replica; the size is capped so the micro-batches in flight hold at most a
-        quarter of ``max_batch_bytes``. ``None`` until a first batch has been measured (the default split
-        applies)."""
+        A batch of a stream (``stream_sample_bytes`` given: a sample's bytes at the widest stage boundary): the
+        next batches fill the pipeline, so a batch costs M (t(s) + o), least with one micro-batch per replica; the
+        size is capped so the micro-batches in flight hold at most a quarter of ``max_batch_bytes``.
+
+        ``None`` until a first batch has been measured (the default split applies)."""
         if not self.cost.measured:
             return None
         k, replicas = self.plan.num_stages, self.config.replicas
         per_replica = max(1, -(-total // replicas))
-        if feeds is not None:
-            per_sample = self._sample_bytes(feeds)[0] * (k + 1) * self._window()
-            return max(1, min(per_replica, int(self._byte_limit / 4 // max(1, per_sample))))
+        if stream_sample_bytes is not None:
+            in_flight = stream_sample_bytes * (k + 1) * self._window()
+            return max(1, min(per_replica, int(self._byte_limit / 4 // max(1, in_flight))))
         o = self.cost.overhead_s if self.cost.overhead_s is not None else self.config.call_overhead_s
-        fits = self.cost.fits()
-        return min(range(1, per_replica + 1),
-                   key=lambda s: (-(-per_replica // s) + k - 1) * (max(a + b * s for a, b in fits) + o))
+        slot = self.cost.slot_model()
+        return min(range(1, per_replica + 1), key=lambda s: (-(-per_replica // s) + k - 1) * (slot(s) + o))
 
     def _sample_bytes(self, feeds) -> tuple[int, int]:
         """Bytes one sample of ``feeds`` takes at the widest stage boundary, and in the outputs."""
@@ -416,9 +418,10 @@ class Pipeline:
         return (max(sample_bytes(s.output_names + list(s.carry)) for s in self.plan.stages),
                 sample_bytes(self.plan.output_names))
 
-    def _check_size(self, feeds, total: int, count: int) -> None:
-        """Refuse a batch that would not fit, saying how much it needs, instead of exhausting memory."""
-        per_sample, out_per_sample = self._sample_bytes(feeds)
+    def _check_size(self, sample_bytes: tuple[int, int], total: int, count: int) -> None:
+        """Refuse a batch that would not fit, saying how much it needs, instead of exhausting memory.
+        ``sample_bytes``: a sample's bytes at the widest stage boundary and in the outputs."""
+        per_sample, out_per_sample = sample_bytes
         samples = total if self.axes is not None else 1
         window = min(count, self._window())
         in_flight = window * -(-samples // count) * per_sample * (self.plan.num_stages + 1)

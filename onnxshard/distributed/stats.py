@@ -131,9 +131,11 @@ class CostMeter:
         b = max(0.0, float(np.polyfit(s, t, 1)[0]))
         return max(0.0, float(np.mean(t - b * s))), b
 
-    def fits(self) -> list[tuple[float, float]]:
-        """Every stage's fit (call only once ``measured``)."""
-        return [self.fit(k) for k in range(len(self.ranks))]
+    def slot_model(self):
+        """samples -> the slowest stage's compute for a micro-batch of that size, fitted once (call only once
+        ``measured``)."""
+        fits = [self.fit(k) for k in range(len(self.ranks))]
+        return lambda samples: max(a + b * samples for a, b in fits)
 
     def stage_seconds(self, k: int, samples: int) -> float | None:
         """Stage ``k``'s compute for a micro-batch of ``samples``, from the fit; ``None`` before any data."""
@@ -142,7 +144,7 @@ class CostMeter:
 
     def slot_seconds(self, samples: int) -> float | None:
         """The slowest stage's compute for a micro-batch of ``samples``."""
-        return max(a + b * samples for a, b in self.fits()) if self.measured else None
+        return self.slot_model()(samples) if self.measured else None
 
     def observe(self, run: RunStats) -> None:
         """Learn the per-call overhead from a finished run: its wall time over M/R + K - 1 slots, less the

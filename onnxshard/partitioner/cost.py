@@ -13,7 +13,7 @@ from onnx import TensorProto
 
 from onnxshard import dtypes
 from onnxshard.partitioner.graph import Graph
-from onnxshard.partitioner.model import is_external, read_external, tensor_nbytes
+from onnxshard.partitioner.model import is_external, load_inline, tensor_nbytes
 from onnxshard.plan import TensorSpec, spec_bytes
 
 SMALL_INT_BYTES = 1 << 16  # external int64 initializers up to this size are read to help shape inference
@@ -39,10 +39,7 @@ def infer_specs(graph: Graph, known: dict[str, TensorSpec] | None = None) -> dic
     for tensor in model.graph.initializer:
         # Reshape/Slice/Expand shapes are small int64 tensors; shape inference needs their values.
         if is_external(tensor) and tensor.data_type == TensorProto.INT64 and tensor_nbytes(tensor) <= SMALL_INT_BYTES:
-            raw = read_external(tensor, graph.folder)
-            del tensor.external_data[:]
-            tensor.data_location = TensorProto.DEFAULT
-            tensor.raw_data = raw
+            load_inline(tensor, graph.folder)
     try:
         model = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, RuntimeError, ValueError):

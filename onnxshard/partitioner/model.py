@@ -150,3 +150,11 @@ def read_external(tensor: TensorProto, folder: Path) -> bytes:
     with open(folder / ref.location, "rb") as f:
         f.seek(ref.offset)
         return f.read(ref.length)
+
+
+def load_inline(tensor: TensorProto, folder: Path) -> None:
+    """Read an external tensor's bytes into it, in place (for small tensors only: shapes, axes, split sizes)."""
+    raw = read_external(tensor, folder)
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.DEFAULT
+    tensor.raw_data = raw

@@ -31,8 +31,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxshard.partitioner.cost import SMALL_INT_BYTES
 from onnxshard.partitioner.graph import Graph, node_reads
-from onnxshard.partitioner.model import is_external, read_external, tensor_nbytes
+from onnxshard.partitioner.model import is_external, load_inline, node_tensors, tensor_nbytes
 from onnxshard.plan import Reduce, TensorSpec
 
 TP_CONFIG = "onnxshard.tp"  # configuration_id of the sharding_spec annotations onnxshard writes
@@ -196,7 +197,7 @@ def _tensor_bytes(graph: Graph, name: str) -> int:
     if name in graph.initializers:
         return tensor_nbytes(graph.initializers[name])
     node = graph.constants.get(name)
-    return sum(tensor_nbytes(a.t) for a in node.attribute if a.type == onnx.AttributeProto.TENSOR) if node else 0
+    return sum(tensor_nbytes(t) for t in node_tensors(node)) if node else 0
 
 
 class _Pass:
@@ -237,14 +238,11 @@ class _Pass:
         if t is None:
             return None
         if is_external(t):
-            if tensor_nbytes(t) > (1 << 16):
+            if tensor_nbytes(t) > SMALL_INT_BYTES:
                 return None
-            copy = onnx.TensorProto()
-            copy.CopyFrom(t)
-            copy.raw_data = read_external(t, self.g.folder)
-            del copy.external_data[:]
-            copy.data_location = onnx.TensorProto.DEFAULT
-            t = copy
+            t = copy = onnx.TensorProto()
+            copy.CopyFrom(self.g.initializers[name])
+            load_inline(copy, self.g.folder)
         return numpy_helper.to_array(t)
 
     def is_weight(self, name: str) -> bool:

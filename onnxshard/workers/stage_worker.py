@@ -63,10 +63,12 @@ class StageWorker:
             self.shard = RankShard(plan, self.stage, rank, self.config)
             sessions = list(self.shard.sessions.values())
             self._step_types = [{t.name: t.dtype for t in step.outputs + step.inputs} for step in self.stage.steps]
+            self._last_step = self.shard.steps()[-1]  # where this rank finishes a micro-batch
         else:
             self.session = ShardSession(plan.stage_path(self.stage), self.stage.inputs, self.stage.outputs,
                                         self.config, plan.weights_dir(), label=f"stage {stage_index}")
             sessions = [self.session]
+            self._last_step = 0
         self.providers = sessions[0].providers if sessions else []
         self._types = {t.name: t.dtype for t in self.stage.outputs}
         self._metrics = _StageMetrics(stage_index) if ray.is_initialized() else None
@@ -81,74 +83,73 @@ class StageWorker:
         so the coordinator reads every stage's stats from the last result. The batch sent on holds this stage's
         outputs and its carried columns."""
         batch, calls = packet
-        started = time.time()
-        if isinstance(batch, Failure):
-            return batch, (*calls, CallStats(self.index, micro_batch, started, 0.0, 0, failed=True))
-        t0 = time.perf_counter()
-        try:
+
+        def work():
             feeds = arrow.decode(batch, self.stage.input_names)
             outputs = self.session.run(feeds, micro_batch=micro_batch, stage=self.index)
             columns = [arrow.tensor_to_column(n, v, self._types.get(n)) for n, v in outputs.items()]
-            result = arrow.assemble(columns + arrow.select(batch, list(self.stage.carry)))
-        except OnnxShardError as e:
-            result = Failure(self.index, micro_batch, str(e), type(e).__name__)
-        except Exception as e:  # an unexpected bug still reaches the caller as a value, with its type
-            result = Failure(self.index, micro_batch, f"stage {self.index}: {type(e).__name__}: {e}")
-        failed = isinstance(result, Failure)
-        stats = CallStats(self.index, micro_batch, started, time.perf_counter() - t0, 0 if failed else result.nbytes,
-                          failed=failed)
-        return result, (*calls, self._record(stats))
+            return arrow.assemble(columns + arrow.select(batch, list(self.stage.carry))), 0.0
+
+        return self._call(micro_batch, calls, [batch], work)
 
     def run_step(self, step: int, micro_batch: int, *packets: Packet) -> Packet:
         """One step of a tensor-parallel stage on this rank. ``packets`` are the stage input (step 0) or every
         rank's packet from the step before, in rank order: this rank reads its own and takes from all of them
         the values it makes whole (sum or concatenation) before running its session for the step."""
-        started = time.time()
         calls = _merged_calls(packets)
         # Between steps the batches travel as refs this worker put in the object store (see below): fetch them.
         refs = [b for b, _ in packets if isinstance(b, ray.ObjectRef)]
         fetched = dict(zip(refs, ray.get(refs))) if refs else {}
-        packets = tuple((fetched.get(b, b) if isinstance(b, ray.ObjectRef) else b, c) for b, c in packets)
-        failure = next((b for b, _ in packets if isinstance(b, Failure)), None)
-        if failure is not None:
-            return failure, (*calls, self._record(CallStats(self.index, micro_batch, started, 0.0, 0, failed=True,
-                                                            rank=self.rank, step=step)))
-        t0 = time.perf_counter()
-        reduce_s = 0.0
-        try:
+        batches = [fetched.get(b, b) if isinstance(b, ray.ObjectRef) else b for b, _ in packets]
+
+        def work():
             own_names, source_names = self.shard.wants(step)
-            own_batch = packets[self.rank if len(packets) > 1 else 0][0]
+            own_batch = batches[self.rank if len(batches) > 1 else 0]
             own = arrow.decode(own_batch, own_names)
             r0 = time.perf_counter()
-            sources = [arrow.decode(b, source_names) for b, _ in packets] if source_names else []
-            reduce_s = time.perf_counter() - r0
-            made, carried, reduce_run_s = self.shard.run(step, own, sources, micro_batch=micro_batch)
-            reduce_s += reduce_run_s
+            sources = [arrow.decode(b, source_names) for b in batches] if source_names else []
+            decode_s = time.perf_counter() - r0
+            made, carried, reduce_s = self.shard.run(step, own, sources, micro_batch=micro_batch)
             types = self._step_types[step]
             columns = [arrow.tensor_to_column(n, v, types.get(n, self._types.get(n))) for n, v in made.items()]
             present = set(own_batch.schema.names)
             columns += arrow.select(own_batch, [c for c in carried if c in present])
             columns += [arrow.tensor_to_column(c, v, types.get(c, self._types.get(c))) for c, v in carried.items()
                         if c not in present]
-            result = arrow.assemble(columns)
-        except OnnxShardError as e:
-            result = Failure(self.index, micro_batch, str(e), type(e).__name__)
-        except Exception as e:
-            result = Failure(self.index, micro_batch, f"stage {self.index} rank {self.rank} step {step}: "
-                                                      f"{type(e).__name__}: {e}")
-        failed = isinstance(result, Failure)
-        stats = CallStats(self.index, micro_batch, started, time.perf_counter() - t0, 0 if failed else result.nbytes,
-                          failed=failed, rank=self.rank, step=step, reduce_s=reduce_s)
-        if not failed and step < len(self.stage.steps) - 1 and ray.is_initialized():
+            return arrow.assemble(columns), decode_s + reduce_s
+
+        result, calls = self._call(micro_batch, calls, batches, work, step=step)
+        if not isinstance(result, Failure) and step < len(self.stage.steps) - 1 and ray.is_initialized():
             # Every rank reads this batch: put it in the shared-memory store and send the ref, so it goes from
             # worker to worker even when Ray would return it inline through the coordinator.
             result = ray.put(result)
+        return result, calls
+
+    def _call(self, micro_batch: int, calls: tuple, batches: list, work, *, step: int = 0) -> Packet:
+        """``work()`` -> (batch, seconds spent reducing) for one micro-batch, its errors turned into a
+        :class:`Failure` value and its cost recorded; a Failure among ``batches`` is handed on untouched."""
+        started = time.time()
+        failure = next((b for b in batches if isinstance(b, Failure)), None)
+        if failure is not None:
+            return failure, (*calls, CallStats(self.index, micro_batch, started, 0.0, 0, failed=True,
+                                               rank=self.rank, step=step))
+        t0, reduce_s = time.perf_counter(), 0.0
+        try:
+            result, reduce_s = work()
+        except OnnxShardError as e:
+            result = Failure(self.index, micro_batch, str(e), type(e).__name__)
+        except Exception as e:  # an unexpected bug still reaches the caller as a value, with its type
+            where = f"stage {self.index}" + (f" rank {self.rank} step {step}" if self.stage.steps else "")
+            result = Failure(self.index, micro_batch, f"{where}: {type(e).__name__}: {e}")
+        failed = isinstance(result, Failure)
+        stats = CallStats(self.index, micro_batch, started, time.perf_counter() - t0, 0 if failed else result.nbytes,
+                          failed=failed, rank=self.rank, step=step, reduce_s=reduce_s)
         return result, (*calls, self._record(stats))
 
     def _record(self, stats: CallStats) -> CallStats:
         if self._metrics is not None:
             # a tensor-parallel rank counts a micro-batch once, at its last step
-            self._metrics.record(stats, finished=not self.stage.steps or stats.step == self.shard.steps()[-1])
+            self._metrics.record(stats, finished=stats.step == self._last_step)
         return stats
 
 
