@@ -1,5 +1,7 @@
-"""Latency of stage-to-stage hops for a 1 MiB activation: plain Ray actor calls chained by ObjectRef (what the
-pipeline uses) against Ray Compiled Graphs (shared-memory channels), for Arrow batches and raw numpy arrays.
+"""Latency of stage-to-stage hops for a 1 MiB activation: plain Ray actor calls chained by ObjectRef (the
+pipeline's ``ray`` transport) against Ray Compiled Graphs (shared-memory channels), for Arrow batches and raw
+numpy arrays; then the pipeline itself, with each of its transports, on a two-stage model that does next to no
+compute (a Neg per stage), so its round trip is three transfers plus the coordinator's own work.
 
     .venv/bin/python benchmarks/hop_latency.py [--mib 1] [--repeats 200]
 """
@@ -25,7 +27,7 @@ def main() -> None:
     from onnxshard.bench import start_local_ray
     from onnxshard.runtime import arrow
 
-    start_local_ray(4, {})
+    start_local_ray(4)
 
     @ray.remote(num_cpus=1)
     class Hop:
@@ -59,9 +61,34 @@ def main() -> None:
     for w in (a, b):  # teardown can stall on live actors
         ray.kill(w)
     compiled.teardown()
+    rows += pipeline_rows(payloads["numpy"], median_ms)
     for name, ms in rows:
-        print(f"{name:<32} round trip {ms:7.2f} ms   per transfer ~{ms / 3:6.2f} ms")
+        print(f"{name:<44} round trip {ms:7.2f} ms   per transfer ~{ms / 3:6.2f} ms")
     ray.shutdown()
+
+
+def pipeline_rows(x: np.ndarray, median_ms) -> list[tuple[str, float]]:
+    """pipe.run round trips of a (1, n) float32 batch through a 2-stage Neg -> Neg model, per transport."""
+    import tempfile
+    from pathlib import Path
+
+    from onnx import TensorProto, helper
+
+    import onnxshard
+    from onnxshard import models
+
+    graph = helper.make_graph([helper.make_node("Neg", ["x"], ["h"]), helper.make_node("Neg", ["h"], ["y"])], "hop",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", x.size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", x.size])])
+    feeds = {"x": x.reshape(1, -1)}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = models.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), Path(tmp) / "m")
+        plan = onnxshard.plan(model, Path(tmp) / "p", cuts=["h"])
+        for transport in ("ray", "direct"):
+            with onnxshard.Pipeline(plan, cpus_per_stage=1, transport=transport, micro_batch_size=1) as pipe:
+                rows.append((f"onnxshard pipeline, {transport} transport", median_ms(lambda p=pipe: p.run(feeds))))
+    return rows
 
 
 if __name__ == "__main__":

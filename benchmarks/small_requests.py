@@ -4,6 +4,7 @@ same requests one after another; then both with dynamic batching (consecutive re
 samples: ``Pipeline.stream(coalesce=N)``, and the same joining done by hand around ORT).
 
     .venv/bin/python benchmarks/small_requests.py [--requests 60] [--batch 4] [--seq 64] [--layers 4] [--coalesce 16]
+        [--transport ray|direct ...] [--max-in-flight N]
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--coalesce", type=int, default=16, help="samples per joined batch for the dynamic-batching rows "
                    "(0: leave them out)")
+    p.add_argument("--transport", action="append", choices=["ray", "direct"],
+                   help="transports to time (repeatable; default both)")
+    p.add_argument("--max-in-flight", type=int, help="micro-batches in flight (default: the pipeline's)")
     args = p.parse_args()
+    args.transport = args.transport or ["ray", "direct"]
 
     start_local_ray(args.stages)
     rng = np.random.default_rng(0)
@@ -48,10 +53,13 @@ def main() -> None:
             s = open_session(model, RuntimeConfig(intra_op_threads=threads, provider="cpu"))
             rows.append(timed(f"ORT whole model, {threads} thread(s), one by one",
                               lambda s=s: [s.run(None, r) for r in requests], samples, args.repeats))
-        with onnxshard.Pipeline(plan, micro_batch_size=args.batch, cpus_per_stage=1) as pipe:
-            rows.append(timed(f"onnxshard {args.stages} stages x 1 thread, stream",
-                              lambda: list(pipe.stream(requests)), samples, args.repeats))
-            stats = pipe.stats
+        stats = {}
+        for transport in args.transport:
+            with onnxshard.Pipeline(plan, micro_batch_size=args.batch, cpus_per_stage=1, transport=transport,
+                                    max_in_flight=args.max_in_flight) as pipe:
+                rows.append(timed(f"onnxshard {args.stages} stages x 1 thread, {transport}, stream",
+                                  lambda: list(pipe.stream(requests)), samples, args.repeats))
+                stats[transport] = pipe.stats
         if args.coalesce:
             # Dynamic batching, for the pipeline and (to be fair) for ORT: requests joined up to --coalesce samples.
             axes = microbatch.BatchAxes({"x": 1}, {"y": 1})
@@ -63,14 +71,17 @@ def main() -> None:
 
             rows.append(timed(f"ORT whole model, {args.stages} threads, joined to {args.coalesce}", ort_joined,
                               samples, args.repeats))
-            with onnxshard.Pipeline(plan, cpus_per_stage=1) as pipe:
-                rows.append(timed(f"onnxshard {args.stages} stages x 1 thread, stream, coalesce {args.coalesce}",
-                                  lambda: list(pipe.stream(requests, coalesce=args.coalesce)), samples,
-                                  args.repeats))
+            for transport in args.transport:
+                with onnxshard.Pipeline(plan, cpus_per_stage=1, transport=transport,
+                                        max_in_flight=args.max_in_flight) as pipe:
+                    rows.append(timed(f"onnxshard {args.stages} stages x 1 thread, {transport}, stream, coalesce "
+                                      f"{args.coalesce}", lambda: list(pipe.stream(requests, coalesce=args.coalesce)),
+                                      samples, args.repeats))
         print(f"stacked LSTM {args.layers} x {args.hidden}, {args.requests} requests of batch {args.batch} x seq "
               f"{args.seq}; medians of {args.repeats}")
         print(table(rows, rows[:2]))
-        print(stats.table())
+        for transport, run in stats.items():
+            print(f"{transport}, stream:\n{run.table()}")
     ray.shutdown()
 
 

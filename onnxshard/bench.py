@@ -101,8 +101,11 @@ def data_parallel(model: str, feeds: dict, processes: int, samples: int, repeats
 
 def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarray], samples: int,
               micro_batch_size: int | str | None = "auto", repeats: int = 5, address: str | None = None,
-              batch_axes=None, data_parallel_axis0: bool = True) -> str:
-    """Baselines and the pipeline on ``feeds``; returns the printed report."""
+              batch_axes=None, data_parallel_axis0: bool = True, transport: str = "auto",
+              stream_batches: int = 4) -> str:
+    """Baselines and the pipeline on ``feeds``; returns the printed report. The pipeline runs the batch alone
+    (``run``: it fills and drains around it) and as a stream of ``stream_batches`` copies (``stream``: each batch
+    fills the bubble of the one before, as in batch inference)."""
     from onnxshard.api import plan as make_plan
     from onnxshard.distributed import Pipeline
 
@@ -120,13 +123,18 @@ def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarra
         if data_parallel_axis0 and k > 1:
             baselines.append(data_parallel(model, feeds, k, samples, repeats))
         with Pipeline(the_plan, micro_batch_size=micro_batch_size, cpus_per_stage=1, address=address,
-                      batch_axes=batch_axes) as pipe:
-            result = timed(f"onnxshard {k} stages x 1 thread", lambda: pipe.run(feeds), samples, repeats)
+                      batch_axes=batch_axes, transport=transport) as pipe:
+            name = f"onnxshard {k} stages x 1 thread ({pipe.transport})"
+            result = timed(name, lambda: pipe.run(feeds), samples, repeats)
             size = micro_batch_size or "default"
             if size == "auto":
                 size = f"auto ({pipe.auto_micro_batch_size(samples)})"
-            result = replace(result, name=f"{result.name}, micro-batch {size}")
+            rows = [replace(result, name=f"{result.name}, micro-batch {size}")]
             stats = pipe.stats
+            if stream_batches > 1:
+                rows.append(timed(f"{name}, stream of {stream_batches} batches",
+                                  lambda: list(pipe.stream([feeds] * stream_batches)), samples * stream_batches,
+                                  repeats))
     report = [f"{model}: {samples} samples, medians of {repeats} runs after a warm-up",
-              table(baselines + [result], baselines), stats.table()]
+              table(baselines + rows, baselines), stats.table()]
     return "\n".join(report)

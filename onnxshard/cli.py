@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-dim", help="the symbolic dim name of the batch")
     p.add_argument("--address", help="Ray address (default: a local embedded Ray)")
+    _transport_option(p)
     p.set_defaults(handler=cmd_bench)
 
     p = sub.add_parser("demo", help="plan a small transformer, run it as a pipeline on local Ray, check it")
@@ -98,6 +99,13 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
                    help="batch axis of an input or output (repeatable; AXIS 'none' for no batch axis)")
     p.add_argument("--batch-dim", help="the symbolic dim name of the batch, e.g. batch_size")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local embedded Ray)")
+    _transport_option(p)
+
+
+def _transport_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--transport", choices=["auto", "direct", "ray"], default="auto",
+                   help="how micro-batches travel between stages: direct (Unix sockets, one node), ray (actor "
+                   "calls, any cluster), auto (default: direct where it applies)")
 
 
 def _plan_options(p: argparse.ArgumentParser) -> None:
@@ -222,7 +230,7 @@ def cmd_run(args) -> int:
     feeds = _load_npz(args.inputs)
     target = args.target if is_plan_dir(args.target) else Path(args.target)
     options = dict(micro_batch_size=args.micro_batch_size, replicas=args.replicas, cpus_per_stage=args.cpus_per_stage,
-                   gpus_per_stage=args.gpus_per_stage, batch_axes=_batch_axes(args))
+                   gpus_per_stage=args.gpus_per_stage, batch_axes=_batch_axes(args), transport=args.transport)
     with Pipeline(target, stages=args.stages, address=args.address, **options) as pipe:
         print(pipe.plan.table())
         outputs = pipe.run(feeds, progress=_progress_bar())
@@ -275,7 +283,7 @@ def cmd_bench(args) -> int:
         feeds = random_feeds(plan_inputs, dims=dims)
     samples = next(iter(feeds.values())).shape[0] if feeds else 1
     print(run_bench(target, stages=args.stages, feeds=feeds, samples=samples, micro_batch_size=args.micro_batch_size,
-                    repeats=args.repeats, address=args.address, batch_axes=args.batch_dim))
+                    repeats=args.repeats, address=args.address, batch_axes=args.batch_dim, transport=args.transport))
     return 0
 
 

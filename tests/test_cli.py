@@ -92,6 +92,9 @@ def test_bench_prints_ratios_against_ort_baselines(save_model, ray_session, caps
     assert main(["bench", str(path), "--stages", "2", "--batch", "8", "--repeats", "1", "--micro-batch-size", "auto"]) == 0
     out = capsys.readouterr().out
     for row in ("ORT whole model, 1 thread(s)", "ORT whole model, 2 thread(s)", "ORT 2 processes x 1 thread",
-                "onnxshard 2 stages x 1 thread, micro-batch auto ("):
+                "onnxshard 2 stages x 1 thread (direct), micro-batch auto (",
+                "onnxshard 2 stages x 1 thread (direct), stream of 4 batches"):
         assert row in out
+    assert main(["bench", str(path), "--batch", "8", "--repeats", "1", "--transport", "ray"]) == 0
+    assert "onnxshard 2 stages x 1 thread (ray), micro-batch auto (" in capsys.readouterr().out
     assert "GPipe bound" in out

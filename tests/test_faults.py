@@ -50,10 +50,11 @@ def _feeds():
     return {"x": np.random.default_rng(7).standard_normal((MICRO_BATCHES, 32)).astype(np.float32)}
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_killed_workers_are_replaced_and_results_are_exact(mlp_plan, replicas):
+@pytest.mark.parametrize("replicas, transport", [(1, "direct"), (2, "direct"), (1, "ray")])
+def test_killed_workers_are_replaced_and_results_are_exact(mlp_plan, replicas, transport):
     feeds = _feeds()
-    with Pipeline(mlp_plan, micro_batch_size=1, replicas=replicas, cpus_per_stage=0.5, max_restarts=4) as pipe:
+    with Pipeline(mlp_plan, micro_batch_size=1, replicas=replicas, cpus_per_stage=0.5, max_restarts=4,
+                  transport=transport) as pipe:
         expected = pipe.run(feeds)["y"]
         before = {w["pid"] for row in pipe.worker_info for ranks in row for w in ranks}
         for stage in range(3):
@@ -70,9 +71,10 @@ def test_killed_workers_are_replaced_and_results_are_exact(mlp_plan, replicas):
     _assert_gone(all_pids)
 
 
-def test_hung_worker_is_killed_after_the_call_deadline_and_replaced(mlp_plan):
+@pytest.mark.parametrize("transport", ["direct", "ray"])
+def test_hung_worker_is_killed_after_the_call_deadline_and_replaced(mlp_plan, transport):
     feeds = _feeds()
-    with Pipeline(mlp_plan, micro_batch_size=1, cpus_per_stage=0.5, call_timeout_s=2) as pipe:
+    with Pipeline(mlp_plan, micro_batch_size=1, cpus_per_stage=0.5, call_timeout_s=2, transport=transport) as pipe:
         expected = pipe.run(feeds)["y"]
         stopped = pipe.worker_info[0][1][0]["pid"]
         t0 = time.perf_counter()

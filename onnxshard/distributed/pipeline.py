@@ -1,15 +1,23 @@
 """The coordinator: start stage workers on Ray and stream micro-batches through them.
 
-Micro-batch ``i`` goes to replica ``i % R``; on that replica it is a chain of actor calls whose ObjectRefs pass
-straight from stage to stage, so activations never come through the coordinator. At most ``max_in_flight``
-micro-batches are in the pipeline at once, and results are taken oldest first, so they come back in order and
-memory stays flat over an unbounded stream.
+Micro-batch ``i`` goes to replica ``i % R``. Two transports carry it from stage to stage:
+
+- ``direct`` (chosen by ``"auto"`` when every worker runs on the coordinator's node and no stage is
+  tensor-parallel): each replica's workers are linked into a chain of Unix sockets, coordinator -> stage 0 -> ...
+  -> coordinator, carrying Arrow IPC frames (``distributed/links.py``, ``workers/link.py``); a hop costs a socket
+  copy instead of a Ray actor call.
+- ``ray``: per micro-batch a chain of actor calls whose ObjectRefs pass straight from stage to stage, so
+  activations never come through the coordinator. Works across nodes and for tensor-parallel stages.
+
+At most ``max_in_flight`` micro-batches are in the pipeline at once, and results are taken oldest first, so they
+come back in order and memory stays flat over an unbounded stream.
 
 Recovery: Ray retries nothing (actors and calls have no retries, since a retried call can run twice and out of
 order). The coordinator holds every in-flight micro-batch's ObjectRefs stage by stage, so when a worker dies (or
 hangs past ``call_timeout_s`` and is killed) it starts a replacement in the same placement-group bundle and replays
-each affected micro-batch from the last stage input that still exists. A result is stored once per micro-batch id,
-so nothing is lost or repeated.
+each affected micro-batch from the last stage input that still exists. Over direct links, a dead worker breaks its
+replica's chain: the coordinator finds it, replaces it, relinks the replica and resends every micro-batch of that
+replica it has not got back. A result is stored once per micro-batch id, so nothing is lost or repeated.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections import deque
@@ -31,6 +40,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from onnxshard.distributed import microbatch
+from onnxshard.distributed.links import DirectLinks, LinkBroken
 from onnxshard.distributed.stats import CostMeter, RunStats, Tally
 from onnxshard.errors import InputError, OnnxShardError, PlanError, WorkerError
 from onnxshard.plan import Plan, human_bytes, is_plan_dir, spec_bytes
@@ -66,6 +76,9 @@ class PipelineConfig:
     max_restarts: times each worker may be replaced after dying (or hanging) before the run fails.
     max_retries: times one micro-batch may be replayed after losing a worker before the run fails.
     call_timeout_s: a stage call running longer than this counts as a hung worker: it is killed and replaced.
+    transport: how micro-batches travel between stages: ``"direct"`` (Unix sockets between the workers, Arrow IPC
+        frames; every worker on the coordinator's node, no tensor-parallel stage), ``"ray"`` (actor calls chained
+        by ObjectRef; any cluster) or ``"auto"`` (direct where it applies, else ray).
     run_timeout_s: a whole ``run``/``stream`` call taking longer than this fails.
     worker_start_timeout_s: how long a (re)started worker may take to load its shard.
     """
@@ -87,6 +100,10 @@ class PipelineConfig:
     call_timeout_s: float | None = None
     run_timeout_s: float | None = None
     worker_start_timeout_s: float = 120.0
+    transport: str = "auto"
+
+
+TRANSPORTS = ("auto", "direct", "ray")
 
 
 @dataclass
@@ -138,6 +155,8 @@ class Pipeline:
         if self.config.replicas < 1:
             raise PlanError(f"replicas must be at least 1 (got {self.config.replicas})")
         _check_size_option(self.config.micro_batch_size, PlanError)
+        if self.config.transport not in TRANSPORTS:
+            raise PlanError(f"transport must be one of {TRANSPORTS} (got {self.config.transport!r})")
         self._tmp: Path | None = None
         self.plan = self._resolve_plan(plan, stages)
         self.axes = microbatch.infer_batch_axes(self.plan, self.config.batch_axes)
@@ -154,6 +173,8 @@ class Pipeline:
         self._delivered = self._replayed = 0
         self._doomed: list = []  # refs of calls a replay replaced
         self._in_flight_gauge = None
+        self._links: DirectLinks | None = None
+        self.transport = "ray"
         self.cost = CostMeter([s.tensor_parallel for s in self.plan.stages])
         try:
             self._start(address)
@@ -195,6 +216,9 @@ class Pipeline:
             raise PlanError(self._unsatisfiable(bundle, count)) from None
         self.workers = [[self._spawn_stage(r, s) for s in range(k)] for r in range(cfg.replicas)]
         self.worker_info = [[self._await_ready(ranks) for ranks in row] for row in self.workers]
+        self.transport = self._choose_transport()
+        if self.transport == "direct":
+            self._links = self._link(lambda: DirectLinks(self.workers, cfg.worker_start_timeout_s))
         self._byte_limit = cfg.max_batch_bytes or int(0.8 * ray.available_resources().get("object_store_memory",
                                                                                            2**62))
         from ray.util.metrics import Gauge
@@ -210,6 +234,33 @@ class Pipeline:
             max_restarts=0, max_task_retries=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=first + rank),
         ).remote(str(self.plan.root), stage, cfg.runtime, rank) for rank in range(self.plan.stages[stage].tensor_parallel)]
+
+    def _choose_transport(self) -> str:
+        """``direct`` where it applies (see PipelineConfig.transport), else ``ray``."""
+        wanted = self.config.transport
+        if wanted == "ray":
+            return "ray"
+        here = ray.get_runtime_context().get_node_id()
+        why = None
+        if any(s.steps for s in self.plan.stages):
+            why = "a tensor-parallel stage exchanges values between its ranks through Ray"
+        elif any(w["node"] != here for row in self.worker_info for ranks in row for w in ranks):
+            why = "some workers run on other nodes than the coordinator (direct links are Unix sockets)"
+        elif not hasattr(socket, "AF_UNIX"):
+            why = "this platform has no Unix sockets"
+        if why is None:
+            return "direct"
+        if wanted == "direct":
+            raise PlanError(f"transport 'direct' cannot be used here: {why}; use transport='ray' or 'auto'")
+        return "ray"
+
+    def _link(self, make):
+        """Link workers (``make()``), turning a failure into a WorkerError that says what to do."""
+        try:
+            return make()
+        except (OSError, GetTimeoutError, RayActorError) as e:
+            raise WorkerError(f"could not link the stage workers over Unix sockets ({_cause(e)}); use "
+                              "transport='ray'") from None
 
     def _await_ready(self, workers: list) -> list[dict]:
         try:
@@ -236,6 +287,9 @@ class Pipeline:
 
     def close(self) -> None:
         """Stop the workers, free their placement group, and shut Ray down if this pipeline started it."""
+        if self._links is not None:
+            self._links.close()
+            self._links = None
         for w in [w for row in self.workers for ranks in row for w in ranks] + self.retired:
             try:
                 ray.kill(w, no_restart=True)
@@ -333,9 +387,10 @@ class Pipeline:
             if progress:
                 progress(done, count)
 
+        slot = self.cost.slot_model() if size == "auto" and self.cost.measured else None  # one fit per stream
         try:
             for request, feeds in enumerate(batches):
-                chunks, total = self._prepare(feeds, size, single)
+                chunks, total = self._prepare(feeds, size, single, request + 1, slot)
                 samples += total
                 pending[request] = [None] * len(chunks)
                 order.append(request)
@@ -351,20 +406,23 @@ class Pipeline:
                 finish_oldest()
                 yield from self._ready(order, pending)
         finally:
+            if self._links is not None:
+                self._links.forget()
             self.stats = tally.summary(replicas=replicas, samples=samples, micro_batches=count,
                                        wall_s=time.perf_counter() - started, delivered=self._delivered,
                                        replayed=self._replayed)
             self.cost.observe(self.stats)
 
-    def _prepare(self, feeds, size: int | str | None, single: bool = False) -> tuple[list[dict[str, np.ndarray]], int]:
+    def _prepare(self, feeds, size: int | str | None, single: bool = False, requests: int = 1,
+                 slot=None) -> tuple[list[dict[str, np.ndarray]], int]:
         """Check a batch against the model's inputs and split it, before anything is scheduled; also return its
-        batch size."""
+        batch size. ``requests``/``slot``: see ``auto_micro_batch_size``."""
         self._check_request(feeds)
         total = microbatch.batch_size(feeds, self.axes)
         sample_bytes = self._sample_bytes(feeds)
         if size == "auto":
             size = None if self.axes is None else self.auto_micro_batch_size(
-                total, stream_sample_bytes=None if single else sample_bytes[0])
+                total, stream_sample_bytes=None if single else sample_bytes[0], requests=requests, slot=slot)
         if size is None and self.axes is not None:
             size = max(1, -(-total // (4 * self.plan.num_stages * self.config.replicas)))
         count = 1 if self.axes is None or not size else -(-total // size)
@@ -376,31 +434,38 @@ class Pipeline:
             raise InputError(f"feeds must be a dict of input name -> numpy array, got {type(feeds).__name__}")
         check_feeds(feeds, self.plan.inputs, where="model")
 
-    def auto_micro_batch_size(self, total: int, *, stream_sample_bytes: int | None = None) -> int | None:
+    def auto_micro_batch_size(self, total: int, *, stream_sample_bytes: int | None = None, requests: int = 1,
+                              slot=None) -> int | None:
         """Samples per micro-batch for a batch of ``total`` samples, from the stage costs measured so far.
 
-        One batch (``run``): with K stages, micro-batches of s samples, M = ceil(B / s) of them per replica for B
-        samples per replica, the batch takes about (M + K - 1)(t(s) + o): the pipeline fills and drains (K - 1
-        extra slots), each slot lasts the slowest stage's compute t(s) (a line a + b s fitted to the measured
+        With K stages, micro-batches of s samples, M = ceil(B / s) of them per replica for B samples per replica,
+        a batch alone (``run``) takes about (M + K - 1)(t(s) + o): the pipeline fills and drains (K - 1 extra
+        slots), each slot lasts the slowest stage's compute t(s) (a line a + b s fitted to the measured
         micro-batches: a is what a call costs whatever its size, such as an LSTM's sequential steps) plus the
         per-call overhead o (measured from the runs so far; ``call_overhead_s`` before that). The size chosen
         minimises that.
 
-        A batch of a stream (``stream_sample_bytes`` given: a sample's bytes at the widest stage boundary): the
-        next batches fill the pipeline, so a batch costs M (t(s) + o), least with one micro-batch per replica; the
-        size is capped so the micro-batches in flight hold at most a quarter of ``max_batch_bytes``.
+        The ``requests``-th batch of a stream shares the fill and drain with the batches before it, so the size
+        minimises (n M + K - 1)(t(s) + o) for the n = ``requests`` batches so far: a short stream of big batches
+        splits them as ``run`` does, a long stream of small requests tends to one micro-batch per request. In a
+        stream (``stream_sample_bytes``: a sample's bytes at the widest stage boundary) the size is also capped
+        so the micro-batches in flight hold at most a quarter of ``max_batch_bytes``. ``slot``: the fitted t(s)
+        (``CostMeter.slot_model()``), to fit once per stream rather than per batch.
 
         ``None`` until a first batch has been measured (the default split applies)."""
         if not self.cost.measured:
             return None
         k, replicas = self.plan.num_stages, self.config.replicas
         per_replica = max(1, -(-total // replicas))
+        largest = per_replica
         if stream_sample_bytes is not None:
             in_flight = stream_sample_bytes * (k + 1) * self._window()
-            return max(1, min(per_replica, int(self._byte_limit / 4 // max(1, in_flight))))
+            largest = max(1, min(per_replica, int(self._byte_limit / 4 // max(1, in_flight))))
         o = self.cost.overhead_s if self.cost.overhead_s is not None else self.config.call_overhead_s
-        slot = self.cost.slot_model()
-        return min(range(1, per_replica + 1), key=lambda s: (-(-per_replica // s) + k - 1) * (slot(s) + o))
+        slot = slot or self.cost.slot_model()
+        # one candidate per count of micro-batches (up to 512 of them): the smallest size giving that count
+        sizes = {min(largest, -(-per_replica // m)) for m in range(1, min(per_replica, 512) + 1)}
+        return min(sorted(sizes), key=lambda s: (requests * -(-per_replica // s) + k - 1) * (slot(s) + o))
 
     def _sample_bytes(self, feeds) -> tuple[int, int]:
         """Bytes one sample of ``feeds`` takes at the widest stage boundary, and in the outputs."""
@@ -440,7 +505,14 @@ class Pipeline:
         batch = arrow.encode(chunk, {t.name: t.dtype for t in self.plan.inputs})
         # refs[0] is the packet itself: Ray sends it inline (or stores it) with the call, and a replay resends it.
         flight = Flight(request, part, mb, mb % self.config.replicas, [(batch, ())])
-        self._launch(flight, 0)
+        flight.submitted = time.monotonic()
+        if self._links is None:
+            self._launch(flight, 0)
+            return flight
+        try:
+            self._links.send(flight.replica, flight.id, flight.refs[0])
+        except LinkBroken:
+            pass  # found when the coordinator waits for this micro-batch: it relinks and resends then
         return flight
 
     def _launch(self, flight: Flight, start: int) -> None:
@@ -469,15 +541,9 @@ class Pipeline:
         """Wait for the oldest micro-batch, recovering lost workers on the way; store its result once."""
         self._drain_doomed()
         flight = window[0]
-        while True:
-            try:  # a blocking get; ray.wait costs ~1 ms of driver CPU per call here
-                result, stats = ray.get(flight.refs[-1], timeout=self._wait_budget(deadline))
-                calls = [replace(c, replica=flight.replica) for c in stats]
-                break
-            except GetTimeoutError:
-                self._on_timeout(flight, window, deadline)
-            except (RayActorError, RayTaskError, ObjectLostError) as e:
-                self._recover(flight, window, cause=_cause(e), stage=self._dead_stage(flight.replica, e))
+        result, stats = self._wait_direct(flight, window, deadline) if self._links else \
+            self._wait_ray(flight, window, deadline)
+        calls = [replace(c, replica=flight.replica) for c in stats]
         window.popleft()
         if isinstance(result, Failure):
             self._fail_data(flight, result, pending, on_error)
@@ -487,6 +553,24 @@ class Pipeline:
                 pending[flight.request][flight.part] = arrow.decode(result, [t.name for t in self.plan.outputs])
                 self._delivered += 1
         return calls
+
+    def _wait_ray(self, flight: Flight, window: deque[Flight], deadline: float | None) -> tuple:
+        while True:
+            try:  # a blocking get; ray.wait costs ~1 ms of driver CPU per call here
+                return ray.get(flight.refs[-1], timeout=self._wait_budget(deadline))
+            except GetTimeoutError:
+                self._on_timeout(flight, window, deadline)
+            except (RayActorError, RayTaskError, ObjectLostError) as e:
+                self._recover(flight, window, cause=_cause(e), stage=self._dead_stage(flight.replica, e))
+
+    def _wait_direct(self, flight: Flight, window: deque[Flight], deadline: float | None) -> tuple:
+        while True:
+            try:
+                return self._links.take(flight.replica, flight.id, self._wait_budget(deadline))
+            except TimeoutError:
+                self._on_timeout(flight, window, deadline)
+            except LinkBroken as e:
+                self._relink(flight.replica, window, cause=f"direct link broken ({e})")
 
     def _drain_doomed(self) -> None:
         """Read the errors of calls abandoned by a replay, once they settle, so Ray does not log them as unhandled."""
@@ -511,13 +595,18 @@ class Pipeline:
                               micro_batch=flight.id)
         if self.config.call_timeout_s is None or time.monotonic() - flight.submitted < self.config.call_timeout_s:
             return
+        cause = f"hung for over {self.config.call_timeout_s:g} s (call deadline)"
+        if self._links is not None:
+            hung = self._unresponsive(flight.replica, busy_over=self.config.call_timeout_s)
+            if hung:  # else the micro-batch is only queued behind slow ones: keep waiting
+                self._relink(flight.replica, window, cause=cause, dead=hung)
+            return
         stage = self._first_unfinished(flight)
         log.warning("stage %d (replica %d) has run micro-batch %d for over %gs: killing it as hung",
                     stage, flight.replica, flight.id, self.config.call_timeout_s)
         for worker in self.workers[flight.replica][stage]:
             ray.kill(worker, no_restart=True)
-        self._recover(flight, window, cause=f"hung for over {self.config.call_timeout_s:g} s (call deadline)",
-                      stage=stage)
+        self._recover(flight, window, cause=cause, stage=stage)
 
     def _dead_stage(self, replica: int, error: Exception) -> int:
         """The stage of ``replica`` whose worker died: named by the error, else found by asking each worker."""
@@ -552,23 +641,7 @@ class Pipeline:
         """Replace the dead worker of ``flight``'s replica and replay every in-flight micro-batch it lost."""
         t0 = time.perf_counter()
         stage = self._first_unfinished(flight) if stage is None else stage
-        key = (flight.replica, stage)
-        self.restarts[key] = self.restarts.get(key, 0) + 1
-        if self.restarts[key] > self.config.max_restarts:
-            raise WorkerError(f"stage {stage} worker (replica {flight.replica}) was lost "
-                              f"{self.restarts[key]} times, over max_restarts={self.config.max_restarts}; last "
-                              f"cause: {cause} (micro-batch {flight.id})", stage=stage, micro_batch=flight.id)
-        old = self.workers[flight.replica][stage]
-        self.retired += old
-        for worker in old:  # a tensor-parallel stage restarts all its ranks: they run each micro-batch together
-            try:
-                ray.kill(worker, no_restart=True)
-            except Exception:
-                pass
-        log.warning("stage %d worker (replica %d) lost (%s); starting a replacement", stage, flight.replica, cause)
-        new = self._spawn_stage(flight.replica, stage)
-        self.workers[flight.replica][stage] = new
-        self.worker_info[flight.replica][stage] = self._await_ready(new)
+        self._replace_stage(flight.replica, stage, cause, flight.id)
         replayed = 0
         for other in window:  # oldest first, so the new worker gets them in order
             if other.replica != flight.replica:
@@ -585,6 +658,70 @@ class Pipeline:
             replayed += 1
             self._replayed += 1
         self.recoveries.append(Recovery(stage, flight.replica, cause, time.perf_counter() - t0, replayed))
+
+    def _replace_stage(self, replica: int, stage: int, cause: str, micro_batch: int | None = None) -> None:
+        """Kill a stage's workers and start new ones in their bundles, within ``max_restarts``."""
+        key = (replica, stage)
+        self.restarts[key] = self.restarts.get(key, 0) + 1
+        if self.restarts[key] > self.config.max_restarts:
+            where = "" if micro_batch is None else f" (micro-batch {micro_batch})"
+            raise WorkerError(f"stage {stage} worker (replica {replica}) was lost {self.restarts[key]} times, over "
+                              f"max_restarts={self.config.max_restarts}; last cause: {cause}{where}", stage=stage,
+                              micro_batch=micro_batch)
+        old = self.workers[replica][stage]
+        self.retired += old
+        for worker in old:  # a tensor-parallel stage restarts all its ranks: they run each micro-batch together
+            try:
+                ray.kill(worker, no_restart=True)
+            except Exception:
+                pass
+        log.warning("stage %d worker (replica %d) lost (%s); starting a replacement", stage, replica, cause)
+        new = self._spawn_stage(replica, stage)
+        self.workers[replica][stage] = new
+        self.worker_info[replica][stage] = self._await_ready(new)
+
+    def _unresponsive(self, replica: int, busy_over: float | None = None, probe_s: float = 2.0) -> list[int]:
+        """Stages of ``replica`` whose worker is dead, does not answer within ``probe_s``, or (``busy_over``) has
+        been computing one micro-batch for longer than that."""
+        workers = [ranks[0] for ranks in self.workers[replica]]
+        probes = [w.link_status.remote() for w in workers]
+        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=probe_s)
+        lost = []
+        for stage, probe in enumerate(probes):
+            if probe not in ready:
+                lost.append(stage)
+                continue
+            try:
+                status = ray.get(probe)
+            except (RayActorError, RayTaskError):
+                lost.append(stage)
+                continue
+            if busy_over is not None and status["busy_s"] > busy_over:
+                lost.append(stage)
+        return lost
+
+    def _relink(self, replica: int, window: deque[Flight], *, cause: str, dead: list[int] | None = None) -> None:
+        """Direct transport: replace ``replica``'s dead workers (found by probing if not given), link the replica
+        again and resend each of its in-flight micro-batches that has not come back."""
+        t0 = time.perf_counter()
+        dead = self._unresponsive(replica) if dead is None else dead
+        for stage in dead:
+            self._replace_stage(replica, stage, cause)
+        self._link(lambda: self._links.connect(replica, self.workers[replica]))
+        replayed = 0
+        for flight in window:
+            if flight.replica != replica or self._links.has(flight.id):
+                continue
+            flight.replays += 1
+            if flight.replays > self.config.max_retries:
+                raise WorkerError(f"micro-batch {flight.id} was resent {flight.replays - 1} times, over "
+                                  f"max_retries={self.config.max_retries}; last cause: {cause}",
+                                  micro_batch=flight.id)
+            flight.submitted = time.monotonic()
+            self._links.send(replica, flight.id, flight.refs[0])
+            replayed += 1
+            self._replayed += 1
+        self.recoveries.append(Recovery(dead[0] if dead else -1, replica, cause, time.perf_counter() - t0, replayed))
 
     def _finished(self, flight: Flight) -> bool:
         ready, _ = ray.wait([flight.refs[-1]], timeout=0)

@@ -6,6 +6,7 @@ untouched, so the coordinator learns which stage and micro-batch failed and why,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from onnxshard.errors import OnnxShardError
 from onnxshard.plan import Plan
 from onnxshard.runtime import RuntimeConfig, ShardSession, arrow
 from onnxshard.runtime.tensor_parallel import RankShard
+from onnxshard.workers.link import Link
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class StageWorker:
         self.providers = sessions[0].providers if sessions else []
         self._types = {t.name: t.dtype for t in self.stage.outputs}
         self._metrics = _StageMetrics(stage_index) if ray.is_initialized() else None
+        self._link: Link | None = None
 
     def ready(self) -> dict:
         """Where and how this worker runs (the coordinator waits on it after starting the actor)."""
@@ -124,6 +127,30 @@ class StageWorker:
             # worker to worker even when Ray would return it inline through the coordinator.
             result = ray.put(result)
         return result, calls
+
+    # -- direct transport (see workers/link.py) --------------------------------------------------------------
+    def open_link(self) -> str:
+        """Close any link this worker serves and listen for a new one; returns the socket path to send to."""
+        if self._link is not None:
+            self._link.close()
+        self._link = Link(self._serve_frame)
+        return self._link.path
+
+    def start_link(self, downstream: str) -> None:
+        """Serve the link opened last: results go to the socket at ``downstream``."""
+        self._link.start(downstream)
+
+    def link_status(self) -> dict:
+        """Whether the link is up, and the micro-batch it is computing and for how long (for hang detection)."""
+        link = self._link
+        if link is None:
+            return {"open": False, "micro_batch": None, "busy_s": 0.0}
+        since = link.busy_since
+        return {"open": not link.closed, "micro_batch": link.busy_with,
+                "busy_s": 0.0 if since is None else time.monotonic() - since}
+
+    def _serve_frame(self, micro_batch: int, batch, meta: dict):
+        return packet_to_frame(self.run(packet_from_frame(batch, meta), micro_batch))
 
     def _call(self, micro_batch: int, calls: tuple, batches: list, work, *, step: int = 0) -> Packet:
         """``work()`` -> (batch, seconds spent reducing) for one micro-batch, its errors turned into a
@@ -179,6 +206,22 @@ class _StageMetrics:
             self.sent.inc(stats.sent_bytes)
         if stats.failed:
             self.failures.inc()
+
+
+def packet_to_frame(packet: Packet) -> tuple:
+    """A packet as a frame's batch and metadata (a Failure travels as metadata, with no tensors)."""
+    data, calls = packet
+    meta = {"calls": [dataclasses.astuple(c) for c in calls]}
+    if isinstance(data, Failure):
+        meta["failure"] = dataclasses.asdict(data)
+        return None, meta
+    return data, meta
+
+
+def packet_from_frame(batch, meta: dict) -> Packet:
+    calls = tuple(CallStats(*c) for c in meta.get("calls", ()))
+    failure = meta.get("failure")
+    return (Failure(**failure) if failure else batch), calls
 
 
 def _merged_calls(packets) -> tuple[CallStats, ...]:

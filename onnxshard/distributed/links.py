@@ -1,0 +1,162 @@
+"""The coordinator's ends of the direct transport: one chain of Unix sockets per replica.
+
+Per replica the coordinator writes each micro-batch into stage 0's socket and a reader thread takes finished
+micro-batches off the last stage's socket; Ray only starts, links and watches the workers. A hop costs an Arrow
+IPC write and a socket copy instead of an actor call (benchmarks/RESULTS.md). A broken link (a worker died)
+surfaces as :class:`LinkBroken`; the pipeline then replaces the dead worker, relinks the replica and resends what
+it had not got back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+
+import ray
+
+from onnxshard.runtime.frames import recv_frame, send_frame
+from onnxshard.workers.stage_worker import packet_from_frame, packet_to_frame
+
+SEND_TIMEOUT_S = 30.0  # a stage-0 reader drains its socket at once, so a send this slow means a stopped worker
+
+
+class LinkBroken(ConnectionError):
+    """A replica's chain of links broke: a worker died, hung in a send, or closed its link."""
+
+
+class _Chain:
+    """One replica's coordinator-side sockets and reader thread."""
+
+    def __init__(self, replica: int, paths: list[str], on_frame, on_break, accept_timeout_s: float):
+        self.replica = replica
+        self.paths = paths  # the workers' sockets, in stage order
+        self.folder = tempfile.mkdtemp(prefix="onnxshard-coord-")  # mode 0700
+        self.path = os.path.join(self.folder, "out")
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(self.path)
+        self.server.listen(1)
+        self.server.settimeout(accept_timeout_s)
+        self.to_first: socket.socket | None = None
+        self.back: socket.socket | None = None
+        self.lock = threading.Lock()  # one sender at a time
+        self._on_frame, self._on_break = on_frame, on_break
+
+    def connect(self) -> None:
+        self.to_first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.to_first.settimeout(SEND_TIMEOUT_S)
+        self.to_first.connect(self.paths[0])
+        self.back, _ = self.server.accept()
+        self.back.settimeout(None)
+        threading.Thread(target=self._read, name=f"onnxshard-chain-{self.replica}", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                self._on_frame(*recv_frame(self.back))
+        except Exception as e:  # noqa: BLE001 - any end of the stream breaks the chain
+            self._on_break(self, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+
+    def close(self) -> None:
+        for s in (self.to_first, self.back, self.server):
+            if s is None:
+                continue
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        # A live worker removes its own link folder when it relinks; a killed one cannot: they are on this node.
+        for folder in [self.folder] + [os.path.dirname(p) for p in self.paths]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+class DirectLinks:
+    """Per replica, a chain coordinator -> stage 0 -> ... -> stage K-1 -> coordinator over Unix sockets."""
+
+    def __init__(self, rows: list[list[list]], timeout_s: float):
+        self.timeout_s = timeout_s
+        self._chains: dict[int, _Chain] = {}
+        self._broken: dict[int, str] = {}
+        self._results: dict[int, tuple] = {}
+        self._wanted: set[int] = set()
+        self._cond = threading.Condition()
+        for replica, row in enumerate(rows):
+            self.connect(replica, row)
+
+    def connect(self, replica: int, row: list[list]) -> None:
+        """(Re)link ``replica``'s stage workers ``row`` (one worker per stage) into a chain."""
+        self.drop(replica)
+        workers = [ranks[0] for ranks in row]
+        paths = ray.get([w.open_link.remote() for w in workers], timeout=self.timeout_s)
+        chain = _Chain(replica, paths, self._arrived, self._break, self.timeout_s)
+        ray.get([w.start_link.remote(paths[i + 1] if i + 1 < len(workers) else chain.path)
+                 for i, w in enumerate(workers)], timeout=self.timeout_s)
+        chain.connect()
+        with self._cond:
+            self._chains[replica] = chain
+            self._broken.pop(replica, None)
+
+    def drop(self, replica: int) -> None:
+        chain = self._chains.pop(replica, None)
+        if chain is not None:
+            chain.close()
+
+    def close(self) -> None:
+        for replica in list(self._chains):
+            self.drop(replica)
+
+    def send(self, replica: int, micro_batch: int, packet: tuple) -> None:
+        """Write a micro-batch into the replica's chain; raises :class:`LinkBroken` if the chain is down."""
+        with self._cond:
+            self._wanted.add(micro_batch)
+            chain = self._chains.get(replica)
+            broken = self._broken.get(replica)
+        if chain is None or broken:
+            raise LinkBroken(broken or f"replica {replica} is not linked")
+        try:
+            with chain.lock:
+                send_frame(chain.to_first, micro_batch, *packet_to_frame(packet))
+        except OSError as e:
+            self._break(chain, f"sending micro-batch {micro_batch}: {type(e).__name__}: {e}")
+            raise LinkBroken(self._broken.get(replica, str(e))) from None
+
+    def has(self, micro_batch: int) -> bool:
+        with self._cond:
+            return micro_batch in self._results
+
+    def take(self, replica: int, micro_batch: int, timeout: float | None) -> tuple:
+        """The packet (batch or Failure, calls) of a micro-batch sent earlier. Raises :class:`LinkBroken` if the
+        replica's chain breaks first, ``TimeoutError`` after ``timeout`` seconds."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while micro_batch not in self._results:
+                if replica in self._broken:
+                    raise LinkBroken(self._broken[replica])
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"micro-batch {micro_batch} not back within {timeout:g} s")
+                self._cond.wait(left)
+            self._wanted.discard(micro_batch)
+            return packet_from_frame(*self._results.pop(micro_batch))
+
+    def forget(self) -> None:
+        """Stop waiting for the micro-batches sent so far (a stream ended early): drop their results on arrival."""
+        with self._cond:
+            self._wanted.clear()
+            self._results.clear()
+
+    def _arrived(self, micro_batch: int, batch, meta: dict) -> None:
+        with self._cond:
+            if micro_batch in self._wanted:
+                self._results[micro_batch] = (batch, meta)
+                self._cond.notify_all()
+
+    def _break(self, chain: _Chain, cause: str) -> None:
+        with self._cond:
+            if self._chains.get(chain.replica) is chain and chain.replica not in self._broken:
+                self._broken[chain.replica] = cause
+            self._cond.notify_all()

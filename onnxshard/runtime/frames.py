@@ -1,0 +1,57 @@
+"""Micro-batches over a socket: the direct transport's wire format (no Ray).
+
+A frame is a fixed header (magic, micro-batch id, payload length) and an Arrow IPC stream holding one record
+batch; the schema's metadata carries small JSON values beside the tensors (the calls so far, or the failure that
+replaces the data). Sending writes the header and the IPC bytes with ``sendall``; receiving reads into one buffer
+the decoded batch then views (no copy after the socket's own).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+
+import pyarrow as pa
+
+MAGIC = b"OSF1"
+_HEADER = struct.Struct("<4sqq")
+_EMPTY = pa.RecordBatch.from_arrays([], schema=pa.schema([]))
+
+
+class LinkClosed(ConnectionError):
+    """The other end of a link closed it (cleanly, or by dying)."""
+
+
+def send_frame(sock: socket.socket, micro_batch: int, batch: pa.RecordBatch | None, meta: dict) -> int:
+    """Write one frame; ``batch=None`` sends no tensors (a failure). Returns the payload bytes."""
+    batch = (_EMPTY if batch is None else batch).replace_schema_metadata(
+        {k: json.dumps(v) for k, v in meta.items()})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    payload = sink.getvalue()
+    sock.sendall(_HEADER.pack(MAGIC, micro_batch, payload.size))
+    sock.sendall(memoryview(payload))
+    return payload.size
+
+
+def recv_frame(sock: socket.socket) -> tuple[int, pa.RecordBatch, dict]:
+    """Read one frame: (micro-batch id, batch, metadata). Raises :class:`LinkClosed` at end of stream."""
+    magic, micro_batch, size = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    if magic != MAGIC or size < 0:
+        raise ConnectionError(f"not an onnxshard frame (header {magic!r}); the link is out of step")
+    batch = pa.ipc.open_stream(pa.py_buffer(_recv_exact(sock, size))).read_next_batch()
+    meta = {k.decode(): json.loads(v) for k, v in (batch.schema.metadata or {}).items()}
+    return micro_batch, batch.replace_schema_metadata(None), meta
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytearray:
+    data = bytearray(size)
+    view, got = memoryview(data), 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise LinkClosed("the link was closed")
+        got += n
+    return data

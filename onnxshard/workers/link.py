@@ -1,0 +1,94 @@
+"""A stage worker's end of the direct transport: frames in from upstream, frames out to downstream.
+
+The coordinator asks each worker of a replica to listen (a Unix socket in a private folder, so only this user's
+processes on this node can connect), then links them into a chain: coordinator -> stage 0 -> ... -> coordinator.
+Two threads serve a link: a reader that takes frames off the upstream socket as soon as they arrive (so the
+sender upstream never waits for this stage to finish computing), and a worker thread that runs each micro-batch
+and writes the result downstream. When either socket breaks, the link closes both, so the break travels along the
+chain to the coordinator, which then finds the dead worker and relinks.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+import pyarrow as pa
+
+from onnxshard.runtime.frames import recv_frame, send_frame
+
+Handler = Callable[[int, pa.RecordBatch, dict], tuple[pa.RecordBatch | None, dict]]
+ACCEPT_TIMEOUT_S = 60.0
+
+
+class Link:
+    """Listens on creation; :meth:`start` connects downstream, accepts upstream and serves in the background."""
+
+    def __init__(self, handle: Handler):
+        self._handle = handle
+        self._folder = tempfile.mkdtemp(prefix="onnxshard-link-")  # mode 0700
+        self.path = os.path.join(self._folder, "in")
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(self.path)
+        self._server.listen(1)
+        self._sockets = [self._server]
+        self._closed = threading.Event()
+        self.busy_since: float | None = None  # when the micro-batch being computed started
+        self.busy_with: int | None = None
+
+    def start(self, downstream: str) -> None:
+        threading.Thread(target=self._serve, args=(downstream,), name="onnxshard-link", daemon=True).start()
+
+    def _serve(self, downstream: str) -> None:
+        frames: queue.Queue = queue.Queue()
+        try:
+            down = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sockets.append(down)
+            down.connect(downstream)
+            self._server.settimeout(ACCEPT_TIMEOUT_S)
+            up, _ = self._server.accept()
+            up.settimeout(None)
+            self._sockets.append(up)
+            threading.Thread(target=self._read, args=(up, frames), name="onnxshard-link-reader", daemon=True).start()
+            while (frame := frames.get()) is not None:
+                micro_batch, batch, meta = frame
+                self.busy_since, self.busy_with = time.monotonic(), micro_batch
+                out, meta = self._handle(micro_batch, batch, meta)
+                self.busy_since = self.busy_with = None
+                send_frame(down, micro_batch, out, meta)
+        except OSError:  # a neighbour went away (or close() was called): the chain is torn down
+            pass
+        finally:
+            self.close()
+
+    def _read(self, up: socket.socket, frames: queue.Queue) -> None:
+        try:
+            while True:
+                frames.put(recv_frame(up))
+        except (OSError, ValueError, pa.ArrowException):
+            pass
+        finally:
+            frames.put(None)
+            self.close()
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        for s in self._sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()

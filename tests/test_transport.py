@@ -1,0 +1,121 @@
+"""The two transports between stages: direct Unix-socket links (Arrow IPC frames) and Ray actor calls."""
+
+import glob
+import os
+import signal
+import socket
+import struct
+import tempfile
+
+import numpy as np
+import pytest
+import ray
+import zoo
+
+import onnxshard
+from onnxshard import PlanError
+from onnxshard.distributed import Pipeline
+from onnxshard.runtime import arrow, frames, tools
+from onnxshard.workers import CallStats, Failure
+from onnxshard.workers.stage_worker import packet_from_frame, packet_to_frame
+
+
+def test_frames_round_trip_tensors_failures_and_calls():
+    a, b = socket.socketpair()
+    with a, b:
+        tensors = {"x": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "flag": np.array([True, False]),
+                   "empty": np.zeros((0, 5), np.int64), "scalar": np.array(3.5, np.float64)}
+        calls = (CallStats(0, 7, 1.5, 0.25, 96),)
+        frames.send_frame(a, 7, *packet_to_frame((arrow.encode(tensors), calls)))
+        frames.send_frame(a, 8, *packet_to_frame((Failure(1, 8, "stage 1 broke", "InputError"), calls)))
+        mb, batch, meta = frames.recv_frame(b)
+        data, got_calls = packet_from_frame(batch, meta)
+        assert mb == 7 and got_calls == calls
+        for name, value in arrow.decode(data).items():
+            assert value.dtype == tensors[name].dtype and np.array_equal(value, tensors[name])
+        mb, batch, meta = frames.recv_frame(b)
+        assert mb == 8 and packet_from_frame(batch, meta) == (Failure(1, 8, "stage 1 broke", "InputError"), calls)
+        a.sendall(struct.pack("<4sqq", b"HTTP", 1, 2))
+        with pytest.raises(ConnectionError, match="not an onnxshard frame"):
+            frames.recv_frame(b)
+        a.close()
+        with pytest.raises(frames.LinkClosed):
+            frames.recv_frame(b)
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("transport")
+    path = zoo.save(zoo.transformer(layers=4), tmp / "model")
+    return path, onnxshard.plan(path, tmp / "p", stages=3), onnxshard.plan(path, tmp / "tp", stages=1,
+                                                                           tensor_parallel=2)
+
+
+def _batches(plan, n=12):
+    return [tools.random_feeds(plan.inputs, dims={"batch": 1 + i % 4, "seq": 5}, seed=i) for i in range(n)]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_direct_and_ray_transports_give_ort_results(plans):
+    path, plan, _ = plans
+    batches = _batches(plan)
+    references = [tools.run_model(path, f) for f in batches]
+    for transport in ("direct", "ray"):
+        with Pipeline(plan, micro_batch_size=2, replicas=2, cpus_per_stage=0.25, transport=transport) as pipe:
+            assert pipe.transport == transport
+            for results in (list(pipe.stream(batches)), list(pipe.stream(batches, coalesce=5))):
+                assert len(results) == len(references)
+                for ref, got in zip(references, results):
+                    assert tools.max_differences(ref, got) == {"y": 0.0}
+            assert {c.stage for c in pipe.stats.calls} == {0, 1, 2}
+            assert pipe.stats.delivered == pipe.stats.micro_batches and not pipe.recoveries
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_auto_transport_is_direct_on_one_node_and_ray_for_tensor_parallel_stages(plans):
+    path, plan, tp_plan = plans
+    feeds = _batches(plan, 1)[0]
+    with Pipeline(plan, cpus_per_stage=0.25) as pipe:
+        assert pipe.transport == "direct"
+    with Pipeline(tp_plan, cpus_per_stage=0.25) as pipe:
+        assert pipe.transport == "ray"
+        assert tools.max_differences(tools.run_model(path, feeds), pipe.run(feeds))["y"] <= 1e-5
+    with pytest.raises(PlanError, match="transport 'direct' cannot be used here: a tensor-parallel stage"):
+        Pipeline(tp_plan, cpus_per_stage=0.25, transport="direct")
+    with pytest.raises(PlanError, match="transport must be one of"):
+        Pipeline(plan, transport="tcp")
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_stopped_middle_stage_is_found_replaced_and_its_micro_batches_resent(plans):
+    """SIGSTOP (no socket closes, the link just goes quiet): the call deadline finds the worker by probing."""
+    path, plan, _ = plans
+    batches = _batches(plan, 30)
+    references = [tools.run_model(path, f) for f in batches]
+    with Pipeline(plan, micro_batch_size=1, cpus_per_stage=0.25, call_timeout_s=2, transport="direct") as pipe:
+        stopped = pipe.worker_info[0][1][0]["pid"]
+        results = []
+        for i, got in enumerate(pipe.stream(batches)):
+            results.append(got)
+            if i == 5:
+                os.kill(stopped, signal.SIGSTOP)
+        assert len(results) == len(references)
+        for ref, got in zip(references, results):
+            assert tools.max_differences(ref, got) == {"y": 0.0}
+        assert pipe.recoveries[-1].stage == 1 and "call deadline" in pipe.recoveries[-1].cause
+        assert pipe.stats.delivered == pipe.stats.micro_batches
+        assert pipe.worker_info[0][1][0]["pid"] != stopped  # the stopped one was killed
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_link_folders_are_removed_at_close_even_for_killed_workers(plans):
+    _, plan, _ = plans
+    pattern = os.path.join(tempfile.gettempdir(), "onnxshard-*")
+    before = set(glob.glob(pattern))
+    with Pipeline(plan, micro_batch_size=1, cpus_per_stage=0.25, transport="direct") as pipe:
+        assert len(set(glob.glob(pattern)) - before) == 3 + 1  # a socket folder per worker and the coordinator's
+        ray.kill(pipe.workers[0][2][0], no_restart=True)
+        feeds = _batches(plan, 1)[0]
+        pipe.run(feeds)
+        assert len(pipe.recoveries) == 1 and pipe.recoveries[0].stage == 2
+    assert set(glob.glob(pattern)) - before == set()
