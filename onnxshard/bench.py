@@ -45,13 +45,14 @@ def timed(name: str, fn: Callable[[], object], samples: int, repeats: int) -> Ti
 
 
 def table(rows: list[Timing], baselines: list[Timing]) -> str:
-    head = f"{'':<48} {'samples/s':>10} {'median ms':>10} {'spread ms':>13}" + "".join(
+    width = max(48, *(len(r.name) for r in rows))
+    head = f"{'':<{width}} {'samples/s':>10} {'median ms':>10} {'spread ms':>13}" + "".join(
         f" {'vs ' + b.name[:18]:>22}" for b in baselines)
     lines = [head]
     for r in rows:
         spread = f"{min(r.seconds) * 1e3:.1f}-{max(r.seconds) * 1e3:.1f}"
         ratios = "".join(f" {r.throughput / b.throughput:>21.2f}x" for b in baselines)
-        lines.append(f"{r.name:<48} {r.throughput:>10.1f} {r.median * 1e3:>10.1f} {spread:>13}{ratios}")
+        lines.append(f"{r.name:<{width}} {r.throughput:>10.1f} {r.median * 1e3:>10.1f} {spread:>13}{ratios}")
     return "\n".join(lines)
 
 

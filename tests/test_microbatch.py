@@ -15,16 +15,20 @@ def _feeds(n):
 
 
 @pytest.mark.parametrize("n,size,count", [(7, 3, 3), (6, 3, 2), (2, 5, 1), (5, 1, 5), (4, None, 1)])
-def test_split_makes_views_of_the_right_sizes_and_merge_inverts_it(n, size, count):
+def test_split_makes_views_of_the_right_sizes_and_assembly_inverts_it(n, size, count):
     feeds = _feeds(n)
     parts = microbatch.split(feeds, AXES, size)
     assert len(parts) == count
     assert all(p["table"] is feeds["table"] for p in parts)  # broadcast, not split
     assert all(np.shares_memory(p["x"], feeds["x"]) for p in parts)
     outputs = [{"y": p["x"] * 2, "state_out": p["state"] + 1} for p in parts]
-    merged = microbatch.merge(outputs, AXES)
-    np.testing.assert_array_equal(merged["y"], feeds["x"] * 2)
-    np.testing.assert_array_equal(merged["state_out"], feeds["state"] + 1)
+    assembly = microbatch.Assembly([microbatch.batch_size(p, AXES) for p in parts], AXES)
+    for i in reversed(range(count)):  # parts may come back in any order; each lands in its place once
+        assert assembly.add(i, outputs[i]) and not assembly.add(i, outputs[i])
+        assert assembly.done == (i == 0)
+    np.testing.assert_array_equal(assembly.outputs["y"], feeds["x"] * 2)
+    np.testing.assert_array_equal(assembly.outputs["state_out"], feeds["state"] + 1)
+    assert not np.shares_memory(assembly.outputs["y"], outputs[0]["y"])
 
 
 def test_batch_size_checks():

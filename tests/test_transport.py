@@ -119,3 +119,21 @@ def test_link_folders_are_removed_at_close_even_for_killed_workers(plans):
         pipe.run(feeds)
         assert len(pipe.recoveries) == 1 and pipe.recoveries[0].stage == 2
     assert set(glob.glob(pattern)) - before == set()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_large_activations_stay_exact(tmp_path):
+    """Frames of many socket buffers each (4 MiB a hop): the worker's reader, compute and sender threads overlap."""
+    from onnx import TensorProto, helper
+
+    width = 1 << 18  # one sample is 1 MiB at each hop
+    graph = helper.make_graph([helper.make_node("Neg", ["x"], ["h"]), helper.make_node("Sqrt", ["h"], ["y"])], "big",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])])
+    path = zoo.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m")
+    plan = onnxshard.plan(path, tmp_path / "p", cuts=["h"])
+    feeds = {"x": -np.random.default_rng(1).random((10, width), np.float32)}
+    with Pipeline(plan, micro_batch_size=4, cpus_per_stage=0.25, transport="direct") as pipe:
+        got = pipe.run(feeds)
+        assert tools.max_differences(tools.run_model(path, feeds), got) == {"y": 0.0}
+        assert got["y"].flags.writeable and pipe.stats.micro_batches == 3

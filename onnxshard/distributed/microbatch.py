@@ -139,11 +139,39 @@ def split(feeds: dict[str, np.ndarray], axes: BatchAxes | None, size: int | None
     return chunks
 
 
-def merge(parts: list[dict[str, np.ndarray]], axes: BatchAxes | None) -> dict[str, np.ndarray]:
-    """The inverse of :func:`split` for outputs: concatenate in order along each output's batch axis."""
-    if len(parts) == 1:
-        return dict(parts[0])
-    return {name: np.concatenate([p[name] for p in parts], axis=axes.outputs[name]) for name in parts[0]}
+class Assembly:
+    """One batch's outputs, put together as its micro-batches come back: each part is copied into place when it
+    arrives, so the copying overlaps the pipeline's work instead of following it (the inverse of :func:`split`)."""
+
+    def __init__(self, sizes: list[int], axes: BatchAxes | None):
+        self.axes = axes
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        self.missing = set(range(len(sizes)))
+        self.outputs: dict[str, np.ndarray] = {}
+
+    @property
+    def done(self) -> bool:
+        return not self.missing
+
+    def add(self, index: int, part: dict[str, np.ndarray]) -> bool:
+        """Put micro-batch ``index``'s outputs in place (copied: ``part`` may view a buffer that is reused or
+        read-only). False if that part is already in (a replayed duplicate)."""
+        if index not in self.missing:
+            return False
+        self.missing.discard(index)
+        if len(self.offsets) == 2:  # one part: the outputs are its own copy
+            self.outputs = {name: np.array(value) for name, value in part.items()}
+            return True
+        for name, value in part.items():
+            axis = self.axes.outputs[name]
+            if name not in self.outputs:
+                shape = list(value.shape)
+                shape[axis] = int(self.offsets[-1])
+                self.outputs[name] = np.empty(shape, value.dtype)
+            where = [slice(None)] * value.ndim
+            where[axis] = slice(self.offsets[index], self.offsets[index + 1])
+            self.outputs[name][tuple(where)] = value
+        return True
 
 
 def coalesce(batches: Iterable[dict[str, np.ndarray]], axes: BatchAxes, max_samples: int,

@@ -392,14 +392,15 @@ class Pipeline:
             for request, feeds in enumerate(batches):
                 chunks, total = self._prepare(feeds, size, single, request + 1, slot)
                 samples += total
-                pending[request] = [None] * len(chunks)
+                sizes = [microbatch.batch_size(c, self.axes) for c in chunks]
+                pending[request] = microbatch.Assembly(sizes, self.axes)
                 order.append(request)
                 for part, chunk in enumerate(chunks):
                     while len(window) >= window_size:
                         finish_oldest()
                         yield from self._ready(order, pending)
                     window.append(self._submit(part, chunk, request))
-                    window[-1].samples = microbatch.batch_size(chunk, self.axes) if self.axes is not None else 1
+                    window[-1].samples = sizes[part]
                     count += 1
                     self._in_flight_gauge.set(len(window))
             while window:
@@ -548,9 +549,9 @@ class Pipeline:
         if isinstance(result, Failure):
             self._fail_data(flight, result, pending, on_error)
             return calls
-        if flight.request in pending and pending[flight.request] is not None:
-            if pending[flight.request][flight.part] is None:  # exactly once: a replayed duplicate is dropped
-                pending[flight.request][flight.part] = arrow.decode(result, [t.name for t in self.plan.outputs])
+        assembly = pending.get(flight.request)
+        if assembly is not None:  # exactly once: a replayed duplicate is dropped
+            if assembly.add(flight.part, arrow.decode(result, [t.name for t in self.plan.outputs])):
                 self._delivered += 1
         return calls
 
@@ -747,16 +748,15 @@ class Pipeline:
 
     def _ready(self, order: deque, pending: dict) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         while order:
-            parts = pending[order[0]]
-            if parts is None:  # skipped
+            assembly = pending[order[0]]
+            if assembly is None:  # skipped
                 pending.pop(order.popleft())
                 continue
-            if any(p is None for p in parts):
+            if not assembly.done:
                 return
             request = order.popleft()
             pending.pop(request)
-            merged = microbatch.merge(parts, self.axes)
-            yield request, {name: np.array(v) if len(parts) == 1 else v for name, v in merged.items()}
+            yield request, assembly.outputs
 
 
 def _check_size_option(size, error: type[Exception]) -> None:

@@ -2,8 +2,9 @@
 
 A frame is a fixed header (magic, micro-batch id, payload length) and an Arrow IPC stream holding one record
 batch; the schema's metadata carries small JSON values beside the tensors (the calls so far, or the failure that
-replaces the data). Sending writes the header and the IPC bytes with ``sendall``; receiving reads into one buffer
-the decoded batch then views (no copy after the socket's own).
+replaces the data). Sending measures the IPC stream first (no bytes written), then writes the header and streams
+the tensors' own buffers into the socket (no serialisation copy); receiving reads into one buffer that the decoded
+batch then views. A large activation is copied only by the kernel, into the socket and out of it.
 """
 
 from __future__ import annotations
@@ -27,13 +28,32 @@ def send_frame(sock: socket.socket, micro_batch: int, batch: pa.RecordBatch | No
     """Write one frame; ``batch=None`` sends no tensors (a failure). Returns the payload bytes."""
     batch = (_EMPTY if batch is None else batch).replace_schema_metadata(
         {k: json.dumps(v) for k, v in meta.items()})
-    sink = pa.BufferOutputStream()
+    size = _write_ipc(pa.MockOutputStream(), batch).size()
+    sock.sendall(_HEADER.pack(MAGIC, micro_batch, size))
+    _write_ipc(pa.PythonFile(_SocketWriter(sock), mode="w"), batch)
+    return size
+
+
+def _write_ipc(sink, batch: pa.RecordBatch):
     with pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write_batch(batch)
-    payload = sink.getvalue()
-    sock.sendall(_HEADER.pack(MAGIC, micro_batch, payload.size))
-    sock.sendall(memoryview(payload))
-    return payload.size
+    return sink
+
+
+class _SocketWriter:
+    """The file interface Arrow writes an IPC stream to, straight into a socket."""
+
+    closed = False
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+
+    def write(self, data) -> int:
+        self._sock.sendall(data)
+        return len(memoryview(data))
+
+    def flush(self) -> None:
+        pass
 
 
 def recv_frame(sock: socket.socket) -> tuple[int, pa.RecordBatch, dict]:

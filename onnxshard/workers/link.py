@@ -2,14 +2,16 @@
 
 The coordinator asks each worker of a replica to listen (a Unix socket in a private folder, so only this user's
 processes on this node can connect), then links them into a chain: coordinator -> stage 0 -> ... -> coordinator.
-Two threads serve a link: a reader that takes frames off the upstream socket as soon as they arrive (so the
-sender upstream never waits for this stage to finish computing), and a worker thread that runs each micro-batch
-and writes the result downstream. When either socket breaks, the link closes both, so the break travels along the
-chain to the coordinator, which then finds the dead worker and relinks.
+Three threads serve a link, so receiving, computing and sending overlap: a reader takes frames off the upstream
+socket as soon as they arrive (the stage before never waits for this one to finish computing), a worker runs each
+micro-batch, and a sender writes the results downstream (the next micro-batch computes while a large result is
+still going out). When either socket breaks, the link closes both, so the break travels along the chain to the
+coordinator, which then finds the dead worker and relinks.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import shutil
@@ -23,6 +25,7 @@ import pyarrow as pa
 
 from onnxshard.runtime.frames import recv_frame, send_frame
 
+log = logging.getLogger(__name__)
 Handler = Callable[[int, pa.RecordBatch, dict], tuple[pa.RecordBatch | None, dict]]
 ACCEPT_TIMEOUT_S = 60.0
 
@@ -47,6 +50,7 @@ class Link:
 
     def _serve(self, downstream: str) -> None:
         frames: queue.Queue = queue.Queue()
+        results: queue.Queue = queue.Queue()
         try:
             down = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._sockets.append(down)
@@ -56,13 +60,26 @@ class Link:
             up.settimeout(None)
             self._sockets.append(up)
             threading.Thread(target=self._read, args=(up, frames), name="onnxshard-link-reader", daemon=True).start()
-            while (frame := frames.get()) is not None:
+            threading.Thread(target=self._send, args=(down, results), name="onnxshard-link-sender",
+                             daemon=True).start()
+            while (frame := frames.get()) is not None and not self.closed:
                 micro_batch, batch, meta = frame
                 self.busy_since, self.busy_with = time.monotonic(), micro_batch
-                out, meta = self._handle(micro_batch, batch, meta)
+                results.put((micro_batch, *self._handle(micro_batch, batch, meta)))
                 self.busy_since = self.busy_with = None
-                send_frame(down, micro_batch, out, meta)
         except OSError:  # a neighbour went away (or close() was called): the chain is torn down
+            self.close()
+        except Exception:  # a bug: break the chain (the coordinator relinks, then gives up after max_retries)
+            log.exception("direct link failed")
+            self.close()
+        finally:
+            results.put(None)  # the sender finishes what is queued, then closes the link
+
+    def _send(self, down: socket.socket, results: queue.Queue) -> None:
+        try:
+            while (item := results.get()) is not None:
+                send_frame(down, *item)
+        except OSError:
             pass
         finally:
             self.close()
