@@ -125,7 +125,7 @@ def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarra
             baselines.append(data_parallel(model, feeds, k, samples, repeats))
         with Pipeline(the_plan, micro_batch_size=micro_batch_size, cpus_per_stage=1, address=address,
                       batch_axes=batch_axes, transport=transport) as pipe:
-            name = f"onnxshard {k} stages x 1 thread ({pipe.transport})"
+            name = f"onnxshard {k} stage{'s' if k > 1 else ''} x 1 thread ({pipe.transport})"
             result = timed(name, lambda: pipe.run(feeds), samples, repeats)
             size = micro_batch_size or "default"
             if size == "auto":
