@@ -61,10 +61,48 @@ def main() -> None:
     for w in (a, b):  # teardown can stall on live actors
         ray.kill(w)
     compiled.teardown()
+    rows.append(("direct links, echo actors, arrow", direct_link_ms(payloads["arrow"], median_ms)))
     rows += pipeline_rows(payloads["numpy"], median_ms)
     for name, ms in rows:
         print(f"{name:<44} round trip {ms:7.2f} ms   per transfer ~{ms / 3:6.2f} ms")
     ray.shutdown()
+
+
+def direct_link_ms(batch, median_ms) -> float:
+    """The pipeline's direct links alone: two actors that hand each frame straight on (no ORT, no coordinator
+    bookkeeping), driver -> a -> b -> driver."""
+    import itertools
+
+    import ray
+
+    from onnxshard.distributed.links import DirectLinks
+
+    @ray.remote(num_cpus=1)
+    class EchoLink:
+        def open_link(self):
+            from onnxshard.workers.link import Link
+
+            self.link = Link(lambda micro_batch, b, meta: (b, meta))
+            return self.link.path
+
+        def start_link(self, downstream):
+            self.link.start(downstream)
+
+    actors = [EchoLink.remote(), EchoLink.remote()]
+    links = DirectLinks([[[a] for a in actors]], 30.0)
+    ids = itertools.count()
+
+    def round_trip():
+        i = next(ids)
+        links.send(0, i, (batch, ()))
+        links.take(0, i, None)
+
+    try:
+        return median_ms(round_trip)
+    finally:
+        links.close()
+        for a in actors:
+            ray.kill(a)
 
 
 def pipeline_rows(x: np.ndarray, median_ms) -> list[tuple[str, float]]:
