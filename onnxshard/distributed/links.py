@@ -93,9 +93,13 @@ class DirectLinks:
         workers = [ranks[0] for ranks in row]
         paths = ray.get([w.open_link.remote() for w in workers], timeout=self.timeout_s)
         chain = _Chain(replica, paths, self._arrived, self._break, self.timeout_s)
-        ray.get([w.start_link.remote(paths[i + 1] if i + 1 < len(workers) else chain.path)
-                 for i, w in enumerate(workers)], timeout=self.timeout_s)
-        chain.connect()
+        try:
+            ray.get([w.start_link.remote(paths[i + 1] if i + 1 < len(workers) else chain.path)
+                     for i, w in enumerate(workers)], timeout=self.timeout_s)
+            chain.connect()
+        except BaseException:
+            chain.close()
+            raise
         with self._cond:
             self._chains[replica] = chain
             self._broken.pop(replica, None)

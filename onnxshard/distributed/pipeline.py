@@ -719,7 +719,10 @@ class Pipeline:
                                   f"max_retries={self.config.max_retries}; last cause: {cause}",
                                   micro_batch=flight.id)
             flight.submitted = time.monotonic()
-            self._links.send(replica, flight.id, flight.refs[0])
+            try:
+                self._links.send(replica, flight.id, flight.refs[0])
+            except LinkBroken:
+                break  # the new chain broke too: the next wait finds out and relinks again
             replayed += 1
             self._replayed += 1
         self.recoveries.append(Recovery(dead[0] if dead else -1, replica, cause, time.perf_counter() - t0, replayed))
