@@ -85,11 +85,11 @@ def direct_link_ms(batch, median_ms) -> float:
             self.link = Link(lambda micro_batch, b, meta: (b, meta))
             return self.link.path
 
-        def start_link(self, downstream):
+        def start_link(self, downstream, hold_over=None, keep=0):  # the echo holds nothing back
             self.link.start(downstream)
 
     actors = [EchoLink.remote(), EchoLink.remote()]
-    links = DirectLinks([[[a] for a in actors]], 30.0)
+    links = DirectLinks([[[a] for a in actors]], 30.0, keep=4)
     ids = itertools.count()
 
     def round_trip():

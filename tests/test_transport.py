@@ -15,6 +15,7 @@ import zoo
 import onnxshard
 from onnxshard import PlanError
 from onnxshard.distributed import Pipeline
+from onnxshard.distributed.links import HOLD_OVER
 from onnxshard.runtime import arrow, frames, tools
 from onnxshard.workers import CallStats, Failure
 from onnxshard.workers.stage_worker import packet_from_frame, packet_to_frame
@@ -123,10 +124,13 @@ def test_link_folders_are_removed_at_close_even_for_killed_workers(plans):
 
 @pytest.mark.usefixtures("ray_session")
 def test_large_activations_stay_exact(tmp_path):
-    """Frames of many socket buffers each (4 MiB a hop): the worker's reader, compute and sender threads overlap."""
+    """Frames of many socket buffers each (1 MiB a sample): the worker's reader, compute and sender threads overlap;
+    the last stage's results of 4 samples (4 MiB, over HOLD_OVER) are held and fetched through the object store,
+    the last one of 2 samples goes through the socket."""
     from onnx import TensorProto, helper
 
     width = 1 << 18  # one sample is 1 MiB at each hop
+    assert 4 * width * 4 >= HOLD_OVER > 2 * width * 4
     graph = helper.make_graph([helper.make_node("Neg", ["x"], ["h"]), helper.make_node("Sqrt", ["h"], ["y"])], "big",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])])

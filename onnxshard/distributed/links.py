@@ -2,9 +2,11 @@
 
 Per replica the coordinator writes each micro-batch into stage 0's socket and a reader thread takes finished
 micro-batches off the last stage's socket; Ray only starts, links and watches the workers. A hop costs an Arrow
-IPC write and a socket copy instead of an actor call (benchmarks/RESULTS.md). A broken link (a worker died)
-surfaces as :class:`LinkBroken`; the pipeline then replaces the dead worker, relinks the replica and resends what
-it had not got back.
+IPC write and a socket copy instead of an actor call (benchmarks/RESULTS.md). A large result of the last stage
+(``HOLD_OVER`` bytes or more, such as full-vocabulary logits) stays in that worker and the coordinator fetches it
+with one actor call, so it comes through Ray's shared-memory object store instead of two socket copies. A broken
+link (a worker died) surfaces as :class:`LinkBroken`; the pipeline then replaces the dead worker, relinks the
+replica and resends what it had not got back.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import ray
 from onnxshard.runtime.frames import recv_frame, send_frame
 from onnxshard.workers.stage_worker import packet_from_frame, packet_to_frame
 
+HOLD_OVER = 4 << 20  # = LOCAL_RAY_SYSTEM_CONFIG's inline limit: larger Ray results go through the object store
 SEND_TIMEOUT_S = 30.0  # a stage-0 reader drains its socket at once, so a send this slow means a stopped worker
 
 
@@ -31,8 +34,9 @@ class LinkBroken(ConnectionError):
 class _Chain:
     """One replica's coordinator-side sockets and reader thread."""
 
-    def __init__(self, replica: int, paths: list[str], on_frame, on_break, accept_timeout_s: float):
+    def __init__(self, replica: int, last, paths: list[str], on_frame, on_break, accept_timeout_s: float):
         self.replica = replica
+        self.last = last  # the last stage's worker, which holds large results
         self.paths = paths  # the workers' sockets, in stage order
         self.folder = tempfile.mkdtemp(prefix="onnxshard-coord-")  # mode 0700
         self.path = os.path.join(self.folder, "out")
@@ -56,7 +60,7 @@ class _Chain:
     def _read(self) -> None:
         try:
             while True:
-                self._on_frame(*recv_frame(self.back))
+                self._on_frame(self, *recv_frame(self.back))
         except Exception as e:  # noqa: BLE001 - any end of the stream breaks the chain
             self._on_break(self, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
 
@@ -77,8 +81,9 @@ class _Chain:
 class DirectLinks:
     """Per replica, a chain coordinator -> stage 0 -> ... -> stage K-1 -> coordinator over Unix sockets."""
 
-    def __init__(self, rows: list[list[list]], timeout_s: float):
+    def __init__(self, rows: list[list[list]], timeout_s: float, keep: int):
         self.timeout_s = timeout_s
+        self.keep = keep  # results a last stage may hold at once: the coordinator's in-flight window
         self._chains: dict[int, _Chain] = {}
         self._broken: dict[int, str] = {}
         self._results: dict[int, tuple] = {}
@@ -92,10 +97,10 @@ class DirectLinks:
         self.drop(replica)
         workers = [ranks[0] for ranks in row]
         paths = ray.get([w.open_link.remote() for w in workers], timeout=self.timeout_s)
-        chain = _Chain(replica, paths, self._arrived, self._break, self.timeout_s)
+        chain = _Chain(replica, workers[-1], paths, self._arrived, self._break, self.timeout_s)
         try:
-            ray.get([w.start_link.remote(paths[i + 1] if i + 1 < len(workers) else chain.path)
-                     for i, w in enumerate(workers)], timeout=self.timeout_s)
+            ray.get([w.start_link.remote(paths[i + 1]) for i, w in enumerate(workers[:-1])] +
+                    [workers[-1].start_link.remote(chain.path, HOLD_OVER, self.keep)], timeout=self.timeout_s)
             chain.connect()
         except BaseException:
             chain.close()
@@ -145,7 +150,13 @@ class DirectLinks:
                     raise TimeoutError(f"micro-batch {micro_batch} not back within {timeout:g} s")
                 self._cond.wait(left)
             self._wanted.discard(micro_batch)
-            return packet_from_frame(*self._results.pop(micro_batch))
+            batch, meta = self._results.pop(micro_batch)
+        if isinstance(batch, ray.ObjectRef):  # a held result, fetched when it arrived
+            try:
+                batch = ray.get(batch, timeout=timeout)
+            except Exception as e:  # noqa: BLE001 - the worker died, or dropped it: resend the micro-batch
+                raise LinkBroken(f"fetching micro-batch {micro_batch}'s result: {type(e).__name__}: {e}") from None
+        return packet_from_frame(batch, meta)
 
     def forget(self) -> None:
         """Stop waiting for the micro-batches sent so far (a stream ended early): drop their results on arrival."""
@@ -153,7 +164,9 @@ class DirectLinks:
             self._wanted.clear()
             self._results.clear()
 
-    def _arrived(self, micro_batch: int, batch, meta: dict) -> None:
+    def _arrived(self, chain: _Chain, micro_batch: int, batch, meta: dict) -> None:
+        if meta.get("held") and micro_batch in self._wanted:
+            batch = chain.last.fetch.remote(micro_batch)  # start the fetch now; take() waits for it
         with self._cond:
             if micro_batch in self._wanted:
                 self._results[micro_batch] = (batch, meta)

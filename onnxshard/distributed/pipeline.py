@@ -218,7 +218,7 @@ class Pipeline:
         self.worker_info = [[self._await_ready(ranks) for ranks in row] for row in self.workers]
         self.transport = self._choose_transport()
         if self.transport == "direct":
-            self._links = self._link(lambda: DirectLinks(self.workers, cfg.worker_start_timeout_s))
+            self._links = self._link(lambda: DirectLinks(self.workers, cfg.worker_start_timeout_s, self._window()))
         self._byte_limit = cfg.max_batch_bytes or int(0.8 * ray.available_resources().get("object_store_memory",
                                                                                            2**62))
         from ray.util.metrics import Gauge

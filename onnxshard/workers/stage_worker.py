@@ -6,14 +6,16 @@ untouched, so the coordinator learns which stage and micro-batch failed and why,
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import threading
 import time
 from dataclasses import dataclass
 
 import ray
 
-from onnxshard.errors import OnnxShardError
+from onnxshard.errors import OnnxShardError, WorkerError
 from onnxshard.plan import Plan
 from onnxshard.runtime import RuntimeConfig, ShardSession, arrow
 from onnxshard.runtime.tensor_parallel import RankShard
@@ -75,6 +77,10 @@ class StageWorker:
         self._types = {t.name: t.dtype for t in self.stage.outputs}
         self._metrics = _StageMetrics(stage_index) if ray.is_initialized() else None
         self._link: Link | None = None
+        self._hold_over: int | None = None
+        self._held: collections.OrderedDict = collections.OrderedDict()
+        self._held_lock = threading.Lock()
+        self._keep = 0
 
     def ready(self) -> dict:
         """Where and how this worker runs (the coordinator waits on it after starting the actor)."""
@@ -136,9 +142,24 @@ class StageWorker:
         self._link = Link(self._serve_frame)
         return self._link.path
 
-    def start_link(self, downstream: str) -> None:
-        """Serve the link opened last: results go to the socket at ``downstream``."""
+    def start_link(self, downstream: str, hold_over: int | None = None, keep: int = 0) -> None:
+        """Serve the link opened last: results go to the socket at ``downstream``. ``hold_over`` (the last stage):
+        a result of that many bytes or more stays here and only a note goes down the link; the coordinator takes
+        it with :meth:`fetch`, through Ray's shared-memory object store (one copy instead of two through the
+        socket). At most ``keep`` results are held; older ones are dropped (their micro-batches get resent)."""
+        self._hold_over, self._keep = hold_over, keep
+        with self._held_lock:
+            self._held.clear()
         self._link.start(downstream)
+
+    def fetch(self, micro_batch: int):
+        """A result held back from the link (see start_link)."""
+        with self._held_lock:
+            batch = self._held.pop(micro_batch, None)
+        if batch is None:
+            raise WorkerError(f"stage {self.index} holds no result for micro-batch {micro_batch} (dropped: more "
+                              f"than {self._keep} were waiting)", stage=self.index, micro_batch=micro_batch)
+        return batch
 
     def link_status(self) -> dict:
         """Whether the link is up, and the micro-batch it is computing and for how long (for hang detection)."""
@@ -150,7 +171,14 @@ class StageWorker:
                 "busy_s": 0.0 if since is None else time.monotonic() - since}
 
     def _serve_frame(self, micro_batch: int, batch, meta: dict):
-        return packet_to_frame(self.run(packet_from_frame(batch, meta), micro_batch))
+        out, meta = packet_to_frame(self.run(packet_from_frame(batch, meta), micro_batch))
+        if self._hold_over is None or out is None or out.nbytes < self._hold_over:
+            return out, meta
+        with self._held_lock:
+            self._held[micro_batch] = out
+            while len(self._held) > max(1, self._keep):
+                self._held.popitem(last=False)
+        return None, {**meta, "held": True}
 
     def _call(self, micro_batch: int, calls: tuple, batches: list, work, *, step: int = 0) -> Packet:
         """``work()`` -> (batch, seconds spent reducing) for one micro-batch, its errors turned into a
