@@ -136,8 +136,7 @@ def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarra
             if stream_batches > 1:
                 rows.append(timed(f"{name}, stream of {stream_batches} batches",
                                   lambda: deque(pipe.stream([feeds] * stream_batches), maxlen=0),
-                                  samples * stream_batches,
-                                  repeats))
+                                  samples * stream_batches, repeats))
     report = [f"{model}: {samples} samples, medians of {repeats} runs after a warm-up",
               table(baselines + rows, baselines), stats.table()]
     return "\n".join(report)

@@ -11,19 +11,16 @@ replica and resends what it had not got back.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 
 import ray
 
-from onnxshard.runtime.frames import recv_frame, send_frame
+from onnxshard.runtime import frames
 from onnxshard.workers.stage_worker import packet_from_frame, packet_to_frame
 
-HOLD_OVER = 4 << 20  # = LOCAL_RAY_SYSTEM_CONFIG's inline limit: larger Ray results go through the object store
+HOLD_OVER = 4 << 20  # results this large cost less through Ray's object store than through a socket (RESULTS.md)
 SEND_TIMEOUT_S = 30.0  # a stage-0 reader drains its socket at once, so a send this slow means a stopped worker
 
 
@@ -38,21 +35,15 @@ class _Chain:
         self.replica = replica
         self.last = last  # the last stage's worker, which holds large results
         self.paths = paths  # the workers' sockets, in stage order
-        self.folder = tempfile.mkdtemp(prefix="onnxshard-coord-")  # mode 0700
-        self.path = os.path.join(self.folder, "out")
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(self.path)
-        self.server.listen(1)
-        self.server.settimeout(accept_timeout_s)
+        self.server = frames.listen("onnxshard-coord-", accept_timeout_s)
+        self.path = self.server.getsockname()
         self.to_first: socket.socket | None = None
         self.back: socket.socket | None = None
         self.lock = threading.Lock()  # one sender at a time
         self._on_frame, self._on_break = on_frame, on_break
 
     def connect(self) -> None:
-        self.to_first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.to_first.settimeout(SEND_TIMEOUT_S)
-        self.to_first.connect(self.paths[0])
+        self.to_first = frames.connect(self.paths[0], SEND_TIMEOUT_S)
         self.back, _ = self.server.accept()
         self.back.settimeout(None)
         threading.Thread(target=self._read, name=f"onnxshard-chain-{self.replica}", daemon=True).start()
@@ -60,22 +51,13 @@ class _Chain:
     def _read(self) -> None:
         try:
             while True:
-                self._on_frame(self, *recv_frame(self.back))
+                self._on_frame(self, *frames.recv_frame(self.back))
         except Exception as e:  # noqa: BLE001 - any end of the stream breaks the chain
             self._on_break(self, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
 
     def close(self) -> None:
-        for s in (self.to_first, self.back, self.server):
-            if s is None:
-                continue
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
         # A live worker removes its own link folder when it relinks; a killed one cannot: they are on this node.
-        for folder in [self.folder] + [os.path.dirname(p) for p in self.paths]:
-            shutil.rmtree(folder, ignore_errors=True)
+        frames.close([self.to_first, self.back, self.server], [self.path, *self.paths])
 
 
 class DirectLinks:
@@ -128,7 +110,7 @@ class DirectLinks:
             raise LinkBroken(broken or f"replica {replica} is not linked")
         try:
             with chain.lock:
-                send_frame(chain.to_first, micro_batch, *packet_to_frame(packet))
+                frames.send_frame(chain.to_first, micro_batch, *packet_to_frame(packet))
         except OSError as e:
             self._break(chain, f"sending micro-batch {micro_batch}: {type(e).__name__}: {e}")
             raise LinkBroken(self._broken.get(replica, str(e))) from None

@@ -160,6 +160,8 @@ class Pipeline:
         self._tmp: Path | None = None
         self.plan = self._resolve_plan(plan, stages)
         self.axes = microbatch.infer_batch_axes(self.plan, self.config.batch_axes)
+        self._input_types = {t.name: t.dtype for t in self.plan.inputs}  # per micro-batch: look up once
+        self._output_names = self.plan.output_names
         self._owns_ray = False
         self._pg = None
         self.workers: list[list[list]] = []  # [replica][stage][rank]
@@ -369,7 +371,7 @@ class Pipeline:
         replicas = self.config.replicas
         window_size = self._window()
         window: deque[Flight] = deque()
-        pending: dict[int, list] = {}
+        pending: dict[int, microbatch.Assembly | None] = {}  # None: skipped
         order: deque = deque()
         tally = Tally([s.tensor_parallel for s in self.plan.stages])
         samples, count, done, started = 0, 0, 0, time.perf_counter()
@@ -399,8 +401,7 @@ class Pipeline:
                     while len(window) >= window_size:
                         finish_oldest()
                         yield from self._ready(order, pending)
-                    window.append(self._submit(part, chunk, request))
-                    window[-1].samples = sizes[part]
+                    window.append(self._submit(part, chunk, request, sizes[part]))
                     count += 1
                     self._in_flight_gauge.set(len(window))
             while window:
@@ -500,13 +501,13 @@ class Pipeline:
                              f"{human_bytes(limit)} allowed; send smaller batches or micro-batches, or raise "
                              "max_batch_bytes / Ray's object store memory")
 
-    def _submit(self, part: int, chunk: dict[str, np.ndarray], request: int) -> Flight:
+    def _submit(self, part: int, chunk: dict[str, np.ndarray], request: int, samples: int) -> Flight:
         mb = self._next_id
         self._next_id += 1
-        batch = arrow.encode(chunk, {t.name: t.dtype for t in self.plan.inputs})
+        batch = arrow.encode(chunk, self._input_types)
         # refs[0] is the packet itself: Ray sends it inline (or stores it) with the call, and a replay resends it.
-        flight = Flight(request, part, mb, mb % self.config.replicas, [(batch, ())])
-        flight.submitted = time.monotonic()
+        flight = Flight(request, part, mb, mb % self.config.replicas, [(batch, ())], samples=samples,
+                        submitted=time.monotonic())
         if self._links is None:
             self._launch(flight, 0)
             return flight
@@ -551,7 +552,7 @@ class Pipeline:
             return calls
         assembly = pending.get(flight.request)
         if assembly is not None:  # exactly once: a replayed duplicate is dropped
-            if assembly.add(flight.part, arrow.decode(result, [t.name for t in self.plan.outputs])):
+            if assembly.add(flight.part, arrow.decode(result, self._output_names)):
                 self._delivered += 1
         return calls
 
@@ -649,16 +650,20 @@ class Pipeline:
                 continue
             if self._first_unfinished(other) > stage or self._finished(other):
                 continue  # already past the dead worker
-            other.replays += 1
-            if other.replays > self.config.max_retries:
-                raise WorkerError(f"micro-batch {other.id} was replayed {other.replays - 1} times, over "
-                                  f"max_retries={self.config.max_retries}; last cause: {cause}",
-                                  stage=stage, micro_batch=other.id)
+            self._count_replay(other, cause, stage)
             # Stage ``stage``'s input is made (or being made) by a live worker: only the lost calls are reissued.
             self._launch(other, stage)
             replayed += 1
-            self._replayed += 1
         self.recoveries.append(Recovery(stage, flight.replica, cause, time.perf_counter() - t0, replayed))
+
+    def _count_replay(self, flight: Flight, cause: str, stage: int | None) -> None:
+        """One more replay of ``flight``, within ``max_retries``."""
+        flight.replays += 1
+        if flight.replays > self.config.max_retries:
+            raise WorkerError(f"micro-batch {flight.id} was replayed {flight.replays - 1} times, over "
+                              f"max_retries={self.config.max_retries}; last cause: {cause}",
+                              stage=stage, micro_batch=flight.id)
+        self._replayed += 1
 
     def _replace_stage(self, replica: int, stage: int, cause: str, micro_batch: int | None = None) -> None:
         """Kill a stage's workers and start new ones in their bundles, within ``max_restarts``."""
@@ -684,20 +689,15 @@ class Pipeline:
     def _unresponsive(self, replica: int, busy_over: float | None = None, probe_s: float = 2.0) -> list[int]:
         """Stages of ``replica`` whose worker is dead, does not answer within ``probe_s``, or (``busy_over``) has
         been computing one micro-batch for longer than that."""
-        workers = [ranks[0] for ranks in self.workers[replica]]
-        probes = [w.link_status.remote() for w in workers]
+        probes = [ranks[0].busy_seconds.remote() for ranks in self.workers[replica]]
         ready, _ = ray.wait(probes, num_returns=len(probes), timeout=probe_s)
         lost = []
         for stage, probe in enumerate(probes):
-            if probe not in ready:
-                lost.append(stage)
-                continue
             try:
-                status = ray.get(probe)
+                busy = ray.get(probe) if probe in ready else None
             except (RayActorError, RayTaskError):
-                lost.append(stage)
-                continue
-            if busy_over is not None and status["busy_s"] > busy_over:
+                busy = None
+            if busy is None or (busy_over is not None and busy > busy_over):
                 lost.append(stage)
         return lost
 
@@ -709,23 +709,20 @@ class Pipeline:
         for stage in dead:
             self._replace_stage(replica, stage, cause)
         self._link(lambda: self._links.connect(replica, self.workers[replica]))
+        stage = dead[0] if dead else None  # the first stage lost (None: the link broke with every worker alive)
         replayed = 0
         for flight in window:
             if flight.replica != replica or self._links.has(flight.id):
                 continue
-            flight.replays += 1
-            if flight.replays > self.config.max_retries:
-                raise WorkerError(f"micro-batch {flight.id} was resent {flight.replays - 1} times, over "
-                                  f"max_retries={self.config.max_retries}; last cause: {cause}",
-                                  micro_batch=flight.id)
+            self._count_replay(flight, cause, stage)
             flight.submitted = time.monotonic()
             try:
                 self._links.send(replica, flight.id, flight.refs[0])
             except LinkBroken:
                 break  # the new chain broke too: the next wait finds out and relinks again
             replayed += 1
-            self._replayed += 1
-        self.recoveries.append(Recovery(dead[0] if dead else -1, replica, cause, time.perf_counter() - t0, replayed))
+        self.recoveries.append(Recovery(-1 if stage is None else stage, replica, cause, time.perf_counter() - t0,
+                                        replayed))
 
     def _finished(self, flight: Flight) -> bool:
         ready, _ = ray.wait([flight.refs[-1]], timeout=0)

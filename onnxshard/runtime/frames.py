@@ -10,8 +10,11 @@ batch then views. A large activation is copied only by the kernel, into the sock
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import struct
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +26,39 @@ _EMPTY = pa.RecordBatch.from_arrays([], schema=pa.schema([]))
 
 class LinkClosed(ConnectionError):
     """The other end of a link closed it (cleanly, or by dying)."""
+
+
+def listen(prefix: str, timeout: float | None = None) -> socket.socket:
+    """A Unix socket listening in a new private folder (mode 0700: only this user's processes can connect); its
+    path is ``sock.getsockname()``. ``timeout`` bounds ``accept``."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(os.path.join(tempfile.mkdtemp(prefix=prefix), "socket"))
+    server.listen(1)
+    server.settimeout(timeout)
+    return server
+
+
+def connect(path: str, timeout: float | None = None) -> socket.socket:
+    """A Unix socket connected to ``path``; ``timeout`` bounds each send and receive."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(path)
+    return sock
+
+
+def close(sockets, paths=()) -> None:
+    """Shut down and close ``sockets`` (waking any thread blocked on them) and remove the private folders of the
+    socket ``paths`` (see :func:`listen`)."""
+    for sock in sockets:
+        if sock is None:
+            continue
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+    for path in paths:
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
 def send_frame(sock: socket.socket, micro_batch: int, batch: pa.RecordBatch | None, meta: dict) -> int:

@@ -12,18 +12,15 @@ coordinator, which then finds the dead worker and relinks.
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 
 import pyarrow as pa
 
-from onnxshard.runtime.frames import recv_frame, send_frame
+from onnxshard.runtime import frames
 
 log = logging.getLogger(__name__)
 Handler = Callable[[int, pa.RecordBatch, dict], tuple[pa.RecordBatch | None, dict]]
@@ -35,38 +32,32 @@ class Link:
 
     def __init__(self, handle: Handler):
         self._handle = handle
-        self._folder = tempfile.mkdtemp(prefix="onnxshard-link-")  # mode 0700
-        self.path = os.path.join(self._folder, "in")
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(self.path)
-        self._server.listen(1)
+        self._server = frames.listen("onnxshard-link-", ACCEPT_TIMEOUT_S)
+        self.path = self._server.getsockname()
         self._sockets = [self._server]
         self._closed = threading.Event()
         self.busy_since: float | None = None  # when the micro-batch being computed started
-        self.busy_with: int | None = None
 
     def start(self, downstream: str) -> None:
         threading.Thread(target=self._serve, args=(downstream,), name="onnxshard-link", daemon=True).start()
 
     def _serve(self, downstream: str) -> None:
-        frames: queue.Queue = queue.Queue()
+        arrived: queue.Queue = queue.Queue()
         results: queue.Queue = queue.Queue()
         try:
-            down = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            down = frames.connect(downstream)
             self._sockets.append(down)
-            down.connect(downstream)
-            self._server.settimeout(ACCEPT_TIMEOUT_S)
             up, _ = self._server.accept()
             up.settimeout(None)
             self._sockets.append(up)
-            threading.Thread(target=self._read, args=(up, frames), name="onnxshard-link-reader", daemon=True).start()
+            threading.Thread(target=self._read, args=(up, arrived), name="onnxshard-link-reader", daemon=True).start()
             threading.Thread(target=self._send, args=(down, results), name="onnxshard-link-sender",
                              daemon=True).start()
-            while (frame := frames.get()) is not None and not self.closed:
+            while (frame := arrived.get()) is not None and not self.closed:
                 micro_batch, batch, meta = frame
-                self.busy_since, self.busy_with = time.monotonic(), micro_batch
+                self.busy_since = time.monotonic()
                 results.put((micro_batch, *self._handle(micro_batch, batch, meta)))
-                self.busy_since = self.busy_with = None
+                self.busy_since = None
         except OSError:  # a neighbour went away (or close() was called): the chain is torn down
             self.close()
         except Exception:  # a bug: break the chain (the coordinator relinks, then gives up after max_retries)
@@ -78,34 +69,33 @@ class Link:
     def _send(self, down: socket.socket, results: queue.Queue) -> None:
         try:
             while (item := results.get()) is not None:
-                send_frame(down, *item)
+                frames.send_frame(down, *item)
         except OSError:
             pass
         finally:
             self.close()
 
-    def _read(self, up: socket.socket, frames: queue.Queue) -> None:
+    def _read(self, up: socket.socket, arrived: queue.Queue) -> None:
         try:
             while True:
-                frames.put(recv_frame(up))
+                arrived.put(frames.recv_frame(up))
         except (OSError, ValueError, pa.ArrowException):
             pass
         finally:
-            frames.put(None)
+            arrived.put(None)
             self.close()
 
     def close(self) -> None:
         if self._closed.is_set():
             return
         self._closed.set()
-        for s in self._sockets:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-        shutil.rmtree(self._folder, ignore_errors=True)
+        frames.close(self._sockets, [self.path])
 
     @property
     def closed(self) -> bool:
         return self._closed.is_set()
+
+    def busy_seconds(self) -> float:
+        """How long the micro-batch being computed has taken so far (0 when idle)."""
+        since = self.busy_since
+        return 0.0 if since is None else time.monotonic() - since

@@ -161,14 +161,10 @@ class StageWorker:
                               f"than {self._keep} were waiting)", stage=self.index, micro_batch=micro_batch)
         return batch
 
-    def link_status(self) -> dict:
-        """Whether the link is up, and the micro-batch it is computing and for how long (for hang detection)."""
-        link = self._link
-        if link is None:
-            return {"open": False, "micro_batch": None, "busy_s": 0.0}
-        since = link.busy_since
-        return {"open": not link.closed, "micro_batch": link.busy_with,
-                "busy_s": 0.0 if since is None else time.monotonic() - since}
+    def busy_seconds(self) -> float:
+        """How long the link has been computing its current micro-batch (0 when idle): the coordinator's hang
+        check. Answered on the actor's own thread, so a stopped or wedged process does not answer at all."""
+        return 0.0 if self._link is None else self._link.busy_seconds()
 
     def _serve_frame(self, micro_batch: int, batch, meta: dict):
         out, meta = packet_to_frame(self.run(packet_from_frame(batch, meta), micro_batch))
