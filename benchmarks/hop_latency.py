@@ -62,9 +62,9 @@ def main() -> None:
         ray.kill(w)
     compiled.teardown()
     rows.append(("direct links, echo actors, arrow", direct_link_ms(payloads["arrow"], median_ms)))
-    rows += pipeline_rows(payloads["numpy"], median_ms)
-    for name, ms in rows:
-        print(f"{name:<44} round trip {ms:7.2f} ms   per transfer ~{ms / 3:6.2f} ms")
+    rows = [(name, ms, 3) for name, ms in rows] + pipeline_rows(payloads["numpy"], median_ms)
+    for name, ms, transfers in rows:
+        print(f"{name:<48} {ms:7.2f} ms   per transfer ~{ms / transfers:6.2f} ms   ({transfers} transfer(s))")
     ray.shutdown()
 
 
@@ -106,7 +106,9 @@ def direct_link_ms(batch, median_ms) -> float:
 
 
 def pipeline_rows(x: np.ndarray, median_ms) -> list[tuple[str, float]]:
-    """pipe.run round trips of a (1, n) float32 batch through a 2-stage Neg -> Neg model, per transport."""
+    """pipe.run round trips of a (1, n) float32 batch through a Neg -> Neg -> Neg model cut into 1, 2 and 3
+    stages, per transport. The work is the same in each, so what a further stage adds is one more hop: an
+    activation handed from one stage worker to the next, with everything the worker does around its ORT run."""
     import tempfile
     from pathlib import Path
 
@@ -115,17 +117,23 @@ def pipeline_rows(x: np.ndarray, median_ms) -> list[tuple[str, float]]:
     import onnxshard
     from onnxshard import models
 
-    graph = helper.make_graph([helper.make_node("Neg", ["x"], ["h"]), helper.make_node("Neg", ["h"], ["y"])], "hop",
+    names = ["x", "h1", "h2", "y"]
+    graph = helper.make_graph([helper.make_node("Neg", [a], [b]) for a, b in zip(names, names[1:])], "hop",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", x.size])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", x.size])])
     feeds = {"x": x.reshape(1, -1)}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = models.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), Path(tmp) / "m")
-        plan = onnxshard.plan(model, Path(tmp) / "p", cuts=["h"])
         for transport in ("ray", "direct"):
-            with onnxshard.Pipeline(plan, cpus_per_stage=1, transport=transport, micro_batch_size=1) as pipe:
-                rows.append((f"onnxshard pipeline, {transport} transport", median_ms(lambda p=pipe: p.run(feeds))))
+            trips = []
+            for stages in (1, 2, 3):
+                plan = onnxshard.plan(model, Path(tmp) / f"p{stages}", cuts=names[1:stages])
+                with onnxshard.Pipeline(plan, cpus_per_stage=1, transport=transport, micro_batch_size=1) as pipe:
+                    trips.append(median_ms(lambda p=pipe: p.run(feeds)))
+                rows.append((f"onnxshard pipeline, {transport}, {stages} stage(s)", trips[-1], stages + 1))
+            rows.append((f"  {transport}: added by one more stage (one hop)", statistics.median(
+                [b - a for a, b in zip(trips, trips[1:])]), 1))
     return rows
 
 

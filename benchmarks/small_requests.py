@@ -3,7 +3,8 @@ request one micro-batch, stages working on different requests at once) against O
 same requests one after another; then both with dynamic batching (consecutive requests joined up to --coalesce
 samples: ``Pipeline.stream(coalesce=N)``, and the same joining done by hand around ORT).
 
-    .venv/bin/python benchmarks/small_requests.py [--requests 60] [--batch 4] [--seq 64] [--layers 4] [--coalesce 16]
+    .venv/bin/python benchmarks/small_requests.py [--requests 60] [--batch 4] [--seq 64] [--layers 4] [--inputs 64]
+        [--hidden 256] [--coalesce 16]
         [--transport ray|direct ...] [--max-in-flight N]
 """
 
@@ -30,6 +31,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--inputs", type=int, default=64, help="features per time step")
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--coalesce", type=int, default=16, help="samples per joined batch for the dynamic-batching rows "
@@ -42,11 +44,12 @@ def main() -> None:
 
     start_local_ray(args.stages)
     rng = np.random.default_rng(0)
-    requests = [{"x": rng.standard_normal((args.seq, args.batch, 64)).astype(np.float32)}
+    requests = [{"x": rng.standard_normal((args.seq, args.batch, args.inputs)).astype(np.float32)}
                 for _ in range(args.requests)]
     samples = args.requests * args.batch
     with tempfile.TemporaryDirectory() as tmp:
-        model = models.save(models.lstm(layers=args.layers, hidden=args.hidden), Path(tmp) / "m", external=True)
+        model = models.save(models.lstm(layers=args.layers, inputs=args.inputs, hidden=args.hidden), Path(tmp) / "m",
+                            external=True)
         plan = onnxshard.plan(model, Path(tmp) / "p", stages=args.stages)
         rows = []
         for threads in (1, args.stages):

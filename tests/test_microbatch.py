@@ -28,7 +28,14 @@ def test_split_makes_views_of_the_right_sizes_and_assembly_inverts_it(n, size, c
         assert assembly.done == (i == 0)
     np.testing.assert_array_equal(assembly.outputs["y"], feeds["x"] * 2)
     np.testing.assert_array_equal(assembly.outputs["state_out"], feeds["state"] + 1)
-    assert not np.shares_memory(assembly.outputs["y"], outputs[0]["y"])
+    # a batch of one part keeps its writable arrays as they came (they are the caller's own); a read-only
+    # part (a view of the object store, say) is copied, so the caller always gets writable arrays
+    assert np.shares_memory(assembly.outputs["y"], outputs[0]["y"]) == (count == 1)
+    readonly = feeds["x"] * 2
+    readonly.flags.writeable = False
+    one = microbatch.Assembly([n], AXES)
+    assert one.add(0, {"y": readonly})
+    assert one.outputs["y"].flags.writeable and not np.shares_memory(one.outputs["y"], readonly)
 
 
 def test_batch_size_checks():

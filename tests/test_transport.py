@@ -34,6 +34,12 @@ def test_frames_round_trip_tensors_failures_and_calls():
         assert mb == 7 and got_calls == calls
         for name, value in arrow.decode(data).items():
             assert value.dtype == tensors[name].dtype and np.array_equal(value, tensors[name])
+            assert not value.flags.writeable or not value.size  # views the received buffer, unless asked (below)
+        writable = arrow.decode(data, writable=True)
+        for name, value in writable.items():  # the frame's own buffer: writable views, no copies
+            assert value.flags.writeable and np.array_equal(value, tensors[name])
+        writable["x"][0, 0, 0] = -1.0
+        assert arrow.decode(data)["x"][0, 0, 0] == -1.0 and writable["scalar"] == 3.5
         mb, batch, meta = frames.recv_frame(b)
         assert mb == 8 and packet_from_frame(batch, meta) == (Failure(1, 8, "stage 1 broke", "InputError"), calls)
         a.sendall(struct.pack("<4sqq", b"HTTP", 1, 2))
@@ -68,6 +74,11 @@ def test_direct_and_ray_transports_give_ort_results(plans):
                 assert len(results) == len(references)
                 for ref, got in zip(references, results):
                     assert tools.max_differences(ref, got) == {"y": 0.0}
+                # callers get writable arrays of their own, as from ORT (one-part results are not copied on
+                # direct links: they are the received frame's buffer)
+                ys = [got["y"] for got in results]
+                assert all(y.flags.writeable for y in ys)
+                assert not any(np.shares_memory(a, b) for i, a in enumerate(ys) for b in ys[i + 1:])
             assert {c.stage for c in pipe.stats.calls} == {0, 1, 2}
             assert pipe.stats.delivered == pipe.stats.micro_batches and not pipe.recoveries
 

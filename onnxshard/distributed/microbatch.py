@@ -155,12 +155,14 @@ class Assembly:
 
     def add(self, index: int, part: dict[str, np.ndarray]) -> bool:
         """Put micro-batch ``index``'s outputs in place (copied: ``part`` may view a buffer that is reused or
-        read-only). False if that part is already in (a replayed duplicate)."""
+        read-only). A batch of one part keeps the part's writable arrays as they are: pass them writable only
+        when nothing else uses their memory (``arrow.decode(..., writable=True)``). False if that part is
+        already in (a replayed duplicate)."""
         if index not in self.missing:
             return False
         self.missing.discard(index)
-        if len(self.offsets) == 2:  # one part: the outputs are its own copy
-            self.outputs = {name: np.array(value) for name, value in part.items()}
+        if len(self.offsets) == 2:
+            self.outputs = {name: value if value.flags.writeable else np.array(value) for name, value in part.items()}
             return True
         for name, value in part.items():
             axis = self.axes.outputs[name]

@@ -46,8 +46,9 @@ def tensor_to_column(name: str, value: np.ndarray, onnx_type: str | None = None)
     return pa.field(name, column.type, nullable=False, metadata=metadata), column
 
 
-def column_to_tensor(field: pa.Field, column: pa.Array) -> np.ndarray:
-    """The numpy tensor a column holds: a view of the Arrow buffer (strings: an object array)."""
+def column_to_tensor(field: pa.Field, column: pa.Array, writable: bool = False) -> np.ndarray:
+    """The numpy tensor a column holds: a view of the Arrow buffer (strings: an object array). The view is
+    read-only unless ``writable`` and the memory underneath is a mutable buffer (see :func:`decode`)."""
     meta = field.metadata or {}
     if ONNX_TYPE not in meta or SHAPE not in meta:
         raise InputError(f"Arrow column {field.name!r} is not an onnxshard tensor column (no onnx_type/shape metadata)")
@@ -64,7 +65,10 @@ def column_to_tensor(field: pa.Field, column: pa.Array) -> np.ndarray:
     data = values.buffers()[1]
     if data is None or len(values) == 0:
         return np.empty(shape, dtype=np.bool_ if onnx_type == "bool" else np_dtype)
-    array = np.frombuffer(data, dtype=np_dtype, count=len(values), offset=values.offset * np_dtype.itemsize)
+    offset = values.offset * np_dtype.itemsize
+    if writable:
+        data, offset = _mutable_root(data, offset)
+    array = np.frombuffer(data, dtype=np_dtype, count=len(values), offset=offset)
     if onnx_type == "bool":
         array = array.view(np.bool_)
     return array.reshape(shape)
@@ -80,8 +84,10 @@ def encode(tensors: dict[str, np.ndarray], onnx_types: dict[str, str] | None = N
     return pa.RecordBatch.from_arrays(columns, schema=pa.schema(fields))
 
 
-def decode(batch: pa.RecordBatch, names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Named tensors from a micro-batch (all columns, or just ``names``)."""
+def decode(batch: pa.RecordBatch, names: list[str] | None = None, *, writable: bool = False) -> dict[str, np.ndarray]:
+    """Named tensors from a micro-batch (all columns, or just ``names``). ``writable``: the batch's memory is
+    the caller's alone (a frame received into a buffer of its own, see ``frames.recv_frame``), so the tensors may
+    be writable views of it, which the caller can hand on without copying; elsewhere they stay read-only."""
     schema = batch.schema
     wanted = names if names is not None else schema.names
     out = {}
@@ -89,8 +95,18 @@ def decode(batch: pa.RecordBatch, names: list[str] | None = None) -> dict[str, n
         i = schema.get_field_index(name)
         if i < 0:
             raise InputError(f"micro-batch has no tensor {name!r}; it holds {schema.names}")
-        out[name] = column_to_tensor(schema.field(i), batch.column(i))
+        out[name] = column_to_tensor(schema.field(i), batch.column(i), writable)
     return out
+
+
+def _mutable_root(buffer: pa.Buffer, offset: int) -> tuple[pa.Buffer, int]:
+    """The buffer that ``buffer`` slices (Arrow marks slices read-only) and the offset in it, if that is mutable."""
+    root = buffer
+    while root.parent is not None:
+        root = root.parent
+    if not root.is_mutable:
+        return buffer, offset
+    return root, offset + buffer.address - root.address
 
 
 def select(batch: pa.RecordBatch, names: list[str]) -> list[tuple[pa.Field, pa.Array]]:

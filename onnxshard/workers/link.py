@@ -42,8 +42,8 @@ class Link:
         threading.Thread(target=self._serve, args=(downstream,), name="onnxshard-link", daemon=True).start()
 
     def _serve(self, downstream: str) -> None:
-        arrived: queue.Queue = queue.Queue()
-        results: queue.Queue = queue.Queue()
+        arrived: queue.SimpleQueue = queue.SimpleQueue()
+        results: queue.SimpleQueue = queue.SimpleQueue()
         try:
             down = frames.connect(downstream)
             self._sockets.append(down)
@@ -66,7 +66,7 @@ class Link:
         finally:
             results.put(None)  # the sender finishes what is queued, then closes the link
 
-    def _send(self, down: socket.socket, results: queue.Queue) -> None:
+    def _send(self, down: socket.socket, results: queue.SimpleQueue) -> None:
         try:
             while (item := results.get()) is not None:
                 frames.send_frame(down, *item)
@@ -75,7 +75,7 @@ class Link:
         finally:
             self.close()
 
-    def _read(self, up: socket.socket, arrived: queue.Queue) -> None:
+    def _read(self, up: socket.socket, arrived: queue.SimpleQueue) -> None:
         try:
             while True:
                 arrived.put(frames.recv_frame(up))

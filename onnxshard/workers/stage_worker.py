@@ -232,10 +232,13 @@ class _StageMetrics:
             self.failures.inc()
 
 
+_CALL_FIELDS = [f.name for f in dataclasses.fields(CallStats)]
+
+
 def packet_to_frame(packet: Packet) -> tuple:
     """A packet as a frame's batch and metadata (a Failure travels as metadata, with no tensors)."""
     data, calls = packet
-    meta = {"calls": [dataclasses.astuple(c) for c in calls]}
+    meta = {"calls": [[getattr(c, name) for name in _CALL_FIELDS] for c in calls]}  # astuple deep-copies: slow
     if isinstance(data, Failure):
         meta["failure"] = dataclasses.asdict(data)
         return None, meta
