@@ -38,8 +38,8 @@ def main() -> None:
                    help="samples per micro-batch, or auto")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--transport", choices=["auto", "direct", "ray"], default="auto")
+    p.add_argument("--profile", action="store_true", help="cut where measured per-node times balance")
     args = p.parse_args()
-
 
     start_local_ray(args.stages)
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,7 +56,8 @@ def main() -> None:
         model = models.save(built, Path(tmp) / "model", external=True)
         print(f"{what}, batch {args.batch} x seq {args.seq}")
         print(run_bench(model, stages=args.stages, feeds=feeds, samples=args.batch,
-                        micro_batch_size=args.micro_batch_size, repeats=args.repeats, transport=args.transport))
+                        micro_batch_size=args.micro_batch_size, repeats=args.repeats, transport=args.transport,
+                        profile=args.profile))
     ray.shutdown()
 
 

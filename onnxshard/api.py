@@ -27,6 +27,7 @@ def plan(
     cuts: Sequence[str] = (),
     max_stage_memory: int | str | None = None,
     profile: bool = False,
+    profile_feeds: dict | None = None,
     optimize: bool = False,
     copy_weights: bool = False,
     dims: dict[str, int] | None = None,
@@ -40,6 +41,7 @@ def plan(
     cuts: tensor names to cut after (each starts a new stage); overrides the automatic choice.
     max_stage_memory: weight bytes one stage may hold (``"2GB"`` or an int).
     profile: balance measured ONNX Runtime per-node times instead of analytic FLOPs.
+    profile_feeds: the inputs to measure them on (default: random inputs sized by ``dims``).
     optimize: apply ONNX Runtime's extended fusions before cutting (writes an optimised copy with its weights).
     copy_weights: write a self-contained per-stage copy of the weights instead of linking the model's files.
     dims: sizes for symbolic dims in cost estimates (others count 1), e.g. ``{"seq": 128}``.
@@ -64,7 +66,8 @@ def plan(
                                              allow_domains=allow_domains)
         node_times = None
         if profile:
-            feeds = tools.random_feeds(tuple(analysis.specs[i] for i in analysis.graph.inputs), dims=dims)
+            feeds = profile_feeds or tools.random_feeds(tuple(analysis.specs[i] for i in analysis.graph.inputs),
+                                                        dims=dims)
             node_times = tools.profile_node_times(analysis.graph.model, analysis.graph.folder, feeds)
         result = partitioner.partition(analysis, out, stages=stages, cuts=cuts, max_stage_memory=max_stage_memory,
                                        node_times=node_times, copy_weights=copy_weights or optimize,

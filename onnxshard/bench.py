@@ -104,17 +104,18 @@ def data_parallel(model: str, feeds: dict, processes: int, samples: int, repeats
 def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarray], samples: int,
               micro_batch_size: int | str | None = "auto", repeats: int = 5, address: str | None = None,
               batch_axes=None, data_parallel_axis0: bool = True, transport: str = "auto",
-              stream_batches: int = 4) -> str:
+              stream_batches: int = 4, profile: bool = False) -> str:
     """Baselines and the pipeline on ``feeds``; returns the printed report. The pipeline runs the batch alone
     (``run``: it fills and drains around it) and as a stream of ``stream_batches`` copies (``stream``: each batch
-    fills the bubble of the one before, as in batch inference; each result is dropped as it comes, as ORT's are)."""
+    fills the bubble of the one before, as in batch inference; each result is dropped as it comes, as ORT's are).
+    ``profile``: when ``target`` is a model, cut it where ORT's measured per-node times on ``feeds`` balance."""
     from onnxshard.api import plan as make_plan
     from onnxshard.distributed import Pipeline
 
     target = Path(target)
     with tempfile.TemporaryDirectory(prefix="onnxshard-bench-") as tmp:
-        the_plan = Plan.load(target) if is_plan_dir(target) else make_plan(target, Path(tmp) / "plan",
-                                                                                       stages=stages)
+        the_plan = Plan.load(target) if is_plan_dir(target) else make_plan(
+            target, Path(tmp) / "plan", stages=stages, profile=profile, profile_feeds=feeds if profile else None)
         k = the_plan.num_stages
         model = the_plan.model
         baselines = []
@@ -137,6 +138,7 @@ def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarra
                 rows.append(timed(f"{name}, stream of {stream_batches} batches",
                                   lambda: deque(pipe.stream([feeds] * stream_batches), maxlen=0),
                                   samples * stream_batches, repeats))
-    report = [f"{model}: {samples} samples, medians of {repeats} runs after a warm-up",
+    report = [f"{model}: {samples} samples, medians of {repeats} runs after a warm-up; stages cut by "
+              f"{the_plan.cost_source} cost",
               table(baselines + rows, baselines), stats.table()]
     return "\n".join(report)

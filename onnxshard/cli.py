@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-dim", help="the symbolic dim name of the batch")
     p.add_argument("--address", help="Ray address (default: a local embedded Ray)")
+    p.add_argument("--profile", action="store_true", help="when TARGET is a model, cut it where ORT's measured "
+                   "per-node times on the inputs balance (not analytic FLOPs)")
     _transport_option(p)
     p.set_defaults(handler=cmd_bench)
 
@@ -283,7 +285,8 @@ def cmd_bench(args) -> int:
         feeds = random_feeds(plan_inputs, dims=dims)
     samples = next(iter(feeds.values())).shape[0] if feeds else 1
     print(run_bench(target, stages=args.stages, feeds=feeds, samples=samples, micro_batch_size=args.micro_batch_size,
-                    repeats=args.repeats, address=args.address, batch_axes=args.batch_dim, transport=args.transport))
+                    repeats=args.repeats, address=args.address, batch_axes=args.batch_dim, transport=args.transport,
+                    profile=args.profile))
     return 0
 
 

@@ -148,6 +148,9 @@ def test_profile_and_optimize_options(save_model, tmp_path):
     path = save_model(zoo.transformer(layers=4), external=True)
     plan = onnxshard.plan(path, tmp_path / "p1", stages=2, profile=True)
     assert plan.cost_source == "profile" and onnxshard.verify(plan, tolerance=1e-6).ok
+    feeds = tools.random_feeds(plan.inputs, dims={"batch": 3, "seq": 7})
+    plan = onnxshard.plan(path, tmp_path / "p3", stages=2, profile=True, profile_feeds=feeds)  # measured on these
+    assert plan.cost_source == "profile" and onnxshard.verify(plan, feeds=feeds, tolerance=1e-6).ok
     plan = onnxshard.plan(path, tmp_path / "p2", stages=2, optimize=True)
     assert plan.weights.mode == "copy"
     assert onnxshard.verify(plan, tolerance=1e-5).ok
