@@ -1,7 +1,8 @@
 """Latency of stage-to-stage hops for a 1 MiB activation: plain Ray actor calls chained by ObjectRef (the
 pipeline's ``ray`` transport) against Ray Compiled Graphs (shared-memory channels), for Arrow batches and raw
-numpy arrays; then the pipeline itself, with each of its transports, on a two-stage model that does next to no
-compute (a Neg per stage), so its round trip is three transfers plus the coordinator's own work.
+numpy arrays; the direct links alone (echo actors); then the pipeline itself, with each of its transports, on a
+model that does next to no compute (three Negs) cut into 1, 2 and 3 stages: what a further stage adds to the round
+trip is one more hop, with the stage worker's own work around its ORT run.
 
     .venv/bin/python benchmarks/hop_latency.py [--mib 1] [--repeats 200]
 """
@@ -132,8 +133,8 @@ def pipeline_rows(x: np.ndarray, median_ms) -> list[tuple[str, float]]:
                 with onnxshard.Pipeline(plan, cpus_per_stage=1, transport=transport, micro_batch_size=1) as pipe:
                     trips.append(median_ms(lambda p=pipe: p.run(feeds)))
                 rows.append((f"onnxshard pipeline, {transport}, {stages} stage(s)", trips[-1], stages + 1))
-            rows.append((f"  {transport}: added by one more stage (one hop)", statistics.median(
-                [b - a for a, b in zip(trips, trips[1:])]), 1))
+            rows += [(f"  {transport}: added by stage {k + 1} (one more hop)", b - a, 1)
+                     for k, (a, b) in enumerate(zip(trips, trips[1:]), start=1)]
     return rows
 
 

@@ -88,3 +88,52 @@ def test_coalesce_joins_consecutive_requests_and_unmerge_splits_them_back():
     for request, out in zip(requests, back):
         np.testing.assert_array_equal(out["y"], request["x"] * 2)
         np.testing.assert_array_equal(out["state_out"], request["state"] + 1)
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+def test_array_pool_reuses_memory_only_after_every_view_is_gone():
+    pool = microbatch.ArrayPool(max_free_bytes=3 * 4096, min_bytes=4096, per_size=2)
+    a = pool.empty((32, 32), np.float32)  # 4 KiB: pooled
+    assert a.flags.writeable and a.flags.c_contiguous and a.shape == (32, 32) and a.dtype == np.float32
+    a[:] = 7.0
+    view, where = a[3:], _address(a)
+    del a
+    b = pool.empty((32, 32), np.float32)
+    assert _address(b) != where  # a view still holds the first buffer
+    np.testing.assert_array_equal(view, 7.0)
+    del view
+    c = pool.empty((1024,), np.float32)  # same bytes, any shape and dtype of that size
+    assert _address(c) == where and pool.free_bytes == 0
+    small = pool.empty((3, 4), np.float64)
+    assert type(small.base) is not type(c.base)  # under min_bytes: a plain allocation
+    kept = [pool.empty((1024,), np.int32) for _ in range(4)]
+    del b, c, kept
+    assert pool.free_bytes == 2 * 4096  # at most per_size of one size
+    pool.clear()
+    assert pool.free_bytes == 0
+
+
+def test_assembly_takes_large_outputs_from_the_pool():
+    pool = microbatch.ArrayPool(min_bytes=1)
+    feeds = _feeds(6)
+    parts = microbatch.split(feeds, AXES, 3)
+    outputs = [{"y": p["x"] * 2, "state_out": p["state"] + 1} for p in parts]
+    first = microbatch.Assembly([3, 3], AXES, pool)
+    for i, out in enumerate(outputs):
+        first.add(i, out)
+    where = _address(first.outputs["y"])
+    np.testing.assert_array_equal(first.outputs["y"], feeds["x"] * 2)
+    second = microbatch.Assembly([3, 3], AXES, pool)
+    for i, out in enumerate(outputs):
+        second.add(i, out)
+    assert _address(second.outputs["y"]) != where  # the first result is still held
+    del first
+    third = microbatch.Assembly([3, 3], AXES, pool)
+    for i, out in enumerate(outputs):
+        third.add(i, out)
+    assert _address(third.outputs["y"]) == where
+    np.testing.assert_array_equal(third.outputs["y"], feeds["x"] * 2)
+    np.testing.assert_array_equal(second.outputs["state_out"], feeds["state"] + 1)

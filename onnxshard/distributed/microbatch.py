@@ -2,14 +2,16 @@
 
 ``split`` cuts every input that has a batch axis into consecutive chunks of ``size`` along that axis (the last
 chunk may be smaller; a batch of ``size`` or fewer is one micro-batch) and hands every input without a batch axis
-whole to each micro-batch (broadcast). ``merge`` concatenates each output's chunks in order along its batch axis.
-Chunks are numpy views: splitting copies nothing.
+whole to each micro-batch (broadcast). An :class:`Assembly` puts each output's chunks back in order along its
+batch axis as they arrive. Chunks are numpy views: splitting copies nothing.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -139,11 +141,68 @@ def split(feeds: dict[str, np.ndarray], axes: BatchAxes | None, size: int | None
     return chunks
 
 
+class ArrayPool:
+    """Large output arrays whose memory is used again once the caller lets go of them.
+
+    A fresh allocation of hundreds of MB is paid for in page faults as it is first written: on the 2-core VM, with
+    the stages running, ~44 ms per 51 MB, so a GPT-2-sized batch's 411 MB of logits cost the coordinator 0.35 s of
+    CPU each time (benchmarks/RESULTS.md); memory handed back costs nothing to reuse, as in ORT's own arena. An
+    array from :meth:`empty` is an ordinary writable numpy array; when it and every view of it are gone, its buffer
+    comes back here for the next array of the same size. At most ``per_size`` free buffers of one size and
+    ``max_free_bytes`` in all are kept; arrays under ``min_bytes`` are plain allocations."""
+
+    def __init__(self, max_free_bytes: int = 1 << 30, min_bytes: int = 4 << 20, per_size: int = 2):
+        self.max_free_bytes, self.min_bytes, self.per_size = max_free_bytes, min_bytes, per_size
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def empty(self, shape, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes < self.min_bytes or dtype.hasobject:
+            return np.empty(shape, dtype)
+        with self._lock:
+            free = self._free.get(nbytes)
+            raw = free.pop() if free else None
+        if raw is None:
+            raw = np.empty(nbytes, np.uint8)
+        lease = _Lease(raw, tuple(shape), dtype)
+        weakref.finalize(lease, self._give_back, raw).atexit = False
+        return np.asarray(lease)  # its base is the lease, which every view keeps alive
+
+    @property
+    def free_bytes(self) -> int:
+        with self._lock:
+            return sum(raw.nbytes for buffers in self._free.values() for raw in buffers)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+    def _give_back(self, raw: np.ndarray) -> None:
+        with self._lock:
+            free = self._free.setdefault(raw.nbytes, [])
+            held = sum(r.nbytes for buffers in self._free.values() for r in buffers)
+            if len(free) < self.per_size and held + raw.nbytes <= self.max_free_bytes:
+                free.append(raw)
+
+
+class _Lease:
+    """A pooled buffer seen as an array (numpy's array interface); numpy keeps it as the base of that array."""
+
+    def __init__(self, raw: np.ndarray, shape: tuple, dtype: np.dtype):
+        self.raw = raw
+        self.__array_interface__ = {"data": (raw.ctypes.data, False), "shape": shape, "typestr": dtype.str,
+                                    "version": 3}
+
+
 class Assembly:
     """One batch's outputs, put together as its micro-batches come back: each part is copied into place when it
-    arrives, so the copying overlaps the pipeline's work instead of following it (the inverse of :func:`split`)."""
+    arrives, so the copying overlaps the pipeline's work instead of following it (the inverse of :func:`split`).
+    ``pool``: where large output arrays come from (see :class:`ArrayPool`)."""
 
-    def __init__(self, sizes: list[int], axes: BatchAxes | None):
+    def __init__(self, sizes: list[int], axes: BatchAxes | None, pool: ArrayPool | None = None):
+        self._empty = pool.empty if pool is not None else np.empty
         self.axes = axes
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         self.missing = set(range(len(sizes)))
@@ -162,18 +221,23 @@ class Assembly:
             return False
         self.missing.discard(index)
         if len(self.offsets) == 2:
-            self.outputs = {name: value if value.flags.writeable else np.array(value) for name, value in part.items()}
+            self.outputs = {name: value if value.flags.writeable else self._copy(value) for name, value in part.items()}
             return True
         for name, value in part.items():
             axis = self.axes.outputs[name]
             if name not in self.outputs:
                 shape = list(value.shape)
                 shape[axis] = int(self.offsets[-1])
-                self.outputs[name] = np.empty(shape, value.dtype)
+                self.outputs[name] = self._empty(shape, value.dtype)
             where = [slice(None)] * value.ndim
             where[axis] = slice(self.offsets[index], self.offsets[index + 1])
             self.outputs[name][tuple(where)] = value
         return True
+
+    def _copy(self, value: np.ndarray) -> np.ndarray:
+        out = self._empty(value.shape, value.dtype)
+        out[...] = value
+        return out
 
 
 def coalesce(batches: Iterable[dict[str, np.ndarray]], axes: BatchAxes, max_samples: int,

@@ -176,6 +176,7 @@ class Pipeline:
         self._doomed: list = []  # refs of calls a replay replaced
         self._in_flight_gauge = None
         self._links: DirectLinks | None = None
+        self._outputs = microbatch.ArrayPool()  # large outputs reuse the memory of those the caller dropped
         self.transport = "ray"
         self.cost = CostMeter([s.tensor_parallel for s in self.plan.stages])
         try:
@@ -298,6 +299,7 @@ class Pipeline:
             except Exception:  # already dead
                 pass
         self.workers, self.retired = [], []
+        self._outputs.clear()
         if self._pg is not None:
             try:
                 remove_placement_group(self._pg)
@@ -395,7 +397,7 @@ class Pipeline:
                 chunks, total = self._prepare(feeds, size, single, request + 1, slot)
                 samples += total
                 sizes = [microbatch.batch_size(c, self.axes) for c in chunks]
-                pending[request] = microbatch.Assembly(sizes, self.axes)
+                pending[request] = microbatch.Assembly(sizes, self.axes, self._outputs)
                 order.append(request)
                 for part, chunk in enumerate(chunks):
                     while len(window) >= window_size:
