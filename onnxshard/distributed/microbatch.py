@@ -155,6 +155,7 @@ class ArrayPool:
         self.max_free_bytes, self.min_bytes, self.per_size = max_free_bytes, min_bytes, per_size
         self._free: dict[int, list[np.ndarray]] = {}
         self._lock = threading.Lock()
+        self._closed = False
 
     def empty(self, shape, dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -175,12 +176,16 @@ class ArrayPool:
         with self._lock:
             return sum(raw.nbytes for buffers in self._free.values() for raw in buffers)
 
-    def clear(self) -> None:
+    def close(self) -> None:
+        """Let go of the free buffers, and of those handed back from now on."""
         with self._lock:
             self._free.clear()
+            self._closed = True
 
     def _give_back(self, raw: np.ndarray) -> None:
         with self._lock:
+            if self._closed:
+                return
             free = self._free.setdefault(raw.nbytes, [])
             held = sum(r.nbytes for buffers in self._free.values() for r in buffers)
             if len(free) < self.per_size and held + raw.nbytes <= self.max_free_bytes:

@@ -299,7 +299,7 @@ class Pipeline:
             except Exception:  # already dead
                 pass
         self.workers, self.retired = [], []
-        self._outputs.clear()
+        self._outputs.close()
         if self._pg is not None:
             try:
                 remove_placement_group(self._pg)
