@@ -74,10 +74,16 @@ class DirectLinks:
         for replica, row in enumerate(rows):
             self.connect(replica, row)
 
-    def connect(self, replica: int, row: list[list]) -> None:
-        """(Re)link ``replica``'s stage workers ``row`` (one worker per stage) into a chain."""
+    def connect(self, replica: int, row: list[list]) -> list:
+        """(Re)link ``replica``'s stage workers ``row`` (one worker per stage) into a chain. Results held by a last
+        stage that has been replaced are forgotten (their micro-batches count as not back, to be resent); returns
+        the fetches of them that were under way, which fail with the old worker."""
         self.drop(replica)
         workers = [ranks[0] for ranks in row]
+        with self._cond:
+            lost = [mb for mb, (batch, _, chain) in self._results.items() if chain.replica == replica
+                    and isinstance(batch, ray.ObjectRef) and chain.last is not workers[-1]]
+            fetches = [self._results.pop(mb)[0] for mb in lost]
         paths = ray.get([w.open_link.remote() for w in workers], timeout=self.timeout_s)
         chain = _Chain(replica, workers[-1], paths, self._arrived, self._break, self.timeout_s)
         try:
@@ -90,6 +96,7 @@ class DirectLinks:
         with self._cond:
             self._chains[replica] = chain
             self._broken.pop(replica, None)
+        return fetches
 
     def drop(self, replica: int) -> None:
         chain = self._chains.pop(replica, None)
@@ -132,7 +139,7 @@ class DirectLinks:
                     raise TimeoutError(f"micro-batch {micro_batch} not back within {timeout:g} s")
                 self._cond.wait(left)
             self._wanted.discard(micro_batch)
-            batch, meta = self._results.pop(micro_batch)
+            batch, meta, _ = self._results.pop(micro_batch)
         if isinstance(batch, ray.ObjectRef):  # a held result, fetched when it arrived
             try:
                 batch = ray.get(batch, timeout=timeout)
@@ -151,7 +158,7 @@ class DirectLinks:
             batch = chain.last.fetch.remote(micro_batch)  # start the fetch now; take() waits for it
         with self._cond:
             if micro_batch in self._wanted:
-                self._results[micro_batch] = (batch, meta)
+                self._results[micro_batch] = (batch, meta, chain)
                 self._cond.notify_all()
 
     def _break(self, chain: _Chain, cause: str) -> None:

@@ -711,7 +711,7 @@ class Pipeline:
         dead = self._unresponsive(replica) if dead is None else dead
         for stage in dead:
             self._replace_stage(replica, stage, cause)
-        self._link(lambda: self._links.connect(replica, self.workers[replica]))
+        self._doomed += self._link(lambda: self._links.connect(replica, self.workers[replica]))
         stage = dead[0] if dead else None  # the first stage lost (None: the link broke with every worker alive)
         replayed = 0
         for flight in window:
