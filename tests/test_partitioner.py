@@ -68,6 +68,24 @@ def test_transformer_12_layers_4_stages_balanced_cut_on_residual_stream(save_mod
         assert len(residual) == 1 and sent - set(residual) <= {"bias"}, sent  # bias: the mask, broadcast form
 
 
+def test_dims_reach_layers_after_a_broadcast_that_shape_inference_leaves_anonymous(save_model, tmp_path):
+    """GPT-2 adds a position embedding sliced to the sequence length: ONNX shape inference types the sum, and
+    every layer after it, with an anonymous dim instead of ``seq``. ``dims`` must still size those layers, or the
+    LM head (typed ``seq`` from the graph output) outweighs them all and takes a stage alone."""
+    from onnxshard import models, partitioner
+
+    path = save_model(models.gpt2(layers=4, d=64, heads=4, vocab=4096, max_seq=64), external=True)
+    plain = partitioner.analyse_model(path)
+    sized = partitioner.analyse_model(path, dims={"seq": 64})
+    fc = next(i for i, n in enumerate(sized.graph.nodes) if n.output[0] == "h0.f1")
+    assert isinstance(sized.specs["h0.f1"].shape[1], str)  # the spec keeps its symbol; only costs are sized
+    assert sized.costs[fc].flops == 64 * plain.costs[fc].flops
+    plan = onnxshard.plan(path, tmp_path / "plan", stages=2, dims={"seq": 64})
+    flops = [s.flops for s in plan.stages]
+    assert max(flops) <= 1.2 * np.mean(flops), flops
+    assert onnxshard.verify(plan, dims={"seq": 8}, tolerance=1e-5).ok
+
+
 def test_skip_connection_is_carried_through_middle_stages(save_model, tmp_path):
     plan = onnxshard.plan(save_model(zoo.multi_io()), tmp_path / "plan", cuts=["early", "t1", "t2"])
     assert plan.num_stages == 4

@@ -57,7 +57,7 @@ def analyse_model(path: str | os.PathLike, *, dims: dict[str, int] | None = None
                if x not in specs or specs[x].shape is None]
     if untyped and type_oracle is not None:
         specs = costmod.infer_specs(graph, known=type_oracle(graph.model, graph.folder, untyped))
-    return Analysis(path, graph, specs, dict(dims or {}))
+    return Analysis(path, graph, specs, costmod.infer_dim_sizes(graph, specs, dict(dims or {})))
 
 
 def partition(

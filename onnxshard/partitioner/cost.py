@@ -61,6 +61,47 @@ def infer_specs(graph: Graph, known: dict[str, TensorSpec] | None = None) -> dic
     return specs
 
 
+# Ops whose inputs broadcast numpy-style into their output (MatMul: over the dims before the last two).
+_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Mod", "Max", "Min", "Sum", "Mean", "Where", "Equal",
+                           "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "BitShift",
+                           "PRelu", "MatMul"})
+
+
+def infer_dim_sizes(graph: Graph, specs: dict[str, TensorSpec], dims: dict[str, int]) -> dict[str, int]:
+    """``dims`` plus sizes for the anonymous dims shape inference invents where it cannot tell two symbols apart.
+
+    Broadcasting ``(batch, seq, d) + (p, d)`` (a position embedding sliced to ``seq``) gives ``(batch, unk__2, d)``,
+    and every layer after it then works on ``unk__2`` positions, which would count as 1 while the LM head, typed from
+    the graph outputs, counts ``seq``. Where a broadcasting node's output dim has no size and an input's dim at that
+    place has one other than 1, the output dim has it too (broadcasting allows nothing else); the same anonymous
+    symbol then has that size everywhere. Only the costs use this: the specs (and so the plan's checks of inputs)
+    keep their symbols."""
+    sizes = dict(dims)
+    if not dims:
+        return sizes
+
+    def size(d):
+        return d if isinstance(d, int) else sizes.get(d) if isinstance(d, str) else None
+
+    for node in graph.nodes:
+        if node.op_type not in _BROADCASTING or not node.output or node.output[0] not in specs:
+            continue
+        out = specs[node.output[0]].shape
+        ins = [specs[i].shape for i in node.input if i and i in specs and specs[i].shape is not None]
+        if out is None or not ins:
+            continue
+        skip = 2 if node.op_type == "MatMul" else 0  # MatMul's last two dims do not broadcast
+        for j in range(1, len(out) - skip + 1):
+            d = out[len(out) - skip - j]
+            if not isinstance(d, str) or d in sizes:
+                continue
+            # an input's size other than 1 there is the output's (broadcasting allows only 1 or that size)
+            known = {size(shape[len(shape) - skip - j]) for shape in ins if len(shape) - skip >= j} - {1, None}
+            if len(known) == 1:
+                sizes[d] = known.pop()
+    return sizes
+
+
 def spec_from_value_info(vi: onnx.ValueInfoProto) -> TensorSpec | None:
     kind = vi.type.WhichOneof("value")
     if kind is None:
