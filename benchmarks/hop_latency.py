@@ -1,8 +1,9 @@
 """Latency of stage-to-stage hops for a 1 MiB activation: plain Ray actor calls chained by ObjectRef (the
 pipeline's ``ray`` transport) against Ray Compiled Graphs (shared-memory channels), for Arrow batches and raw
-numpy arrays; the direct links alone (echo actors); then the pipeline itself, with each of its transports, on a
-model that does next to no compute (three Negs) cut into 1, 2 and 3 stages: what a further stage adds to the round
-trip is one more hop, with the stage worker's own work around its ORT run.
+numpy arrays; the direct links alone (echo actors) and their frames alone (two processes, no threads); then the
+pipeline itself, with each of its transports, on a model that does next to no compute (three Negs) cut into 1, 2
+and 3 stages: what a further stage adds to the round trip is one more hop, with the stage worker's own work around
+its ORT run.
 
     .venv/bin/python benchmarks/hop_latency.py [--mib 1] [--repeats 200]
 """
@@ -28,14 +29,6 @@ def main() -> None:
     from onnxshard.bench import start_local_ray
     from onnxshard.runtime import arrow
 
-    start_local_ray(4)
-
-    @ray.remote(num_cpus=1)
-    class Hop:
-        def forward(self, x):
-            return x
-
-    a, b = Hop.remote(), Hop.remote()
     x = np.random.rand(int(args.mib * 2**20 / 4)).astype(np.float32)
     payloads = {"arrow": arrow.encode({"x": x}), "numpy": x}
 
@@ -48,6 +41,16 @@ def main() -> None:
             fn()
             times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1e3
+
+    frames_alone = frame_row(payloads["arrow"], median_ms)  # forks: before Ray starts its threads
+    start_local_ray(4)
+
+    @ray.remote(num_cpus=1)
+    class Hop:
+        def forward(self, x):
+            return x
+
+    a, b = Hop.remote(), Hop.remote()
 
     print(f"driver -> actor -> actor -> driver (3 transfers), {args.mib:g} MiB, median of {args.repeats}")
     rows = []
@@ -63,10 +66,43 @@ def main() -> None:
         ray.kill(w)
     compiled.teardown()
     rows.append(("direct links, echo actors, arrow", direct_link_ms(payloads["arrow"], median_ms)))
-    rows = [(name, ms, 3) for name, ms in rows] + pipeline_rows(payloads["numpy"], median_ms)
+    rows = [(name, ms, 3) for name, ms in rows] + [frames_alone]
+    rows += pipeline_rows(payloads["numpy"], median_ms)
     for name, ms, transfers in rows:
         print(f"{name:<48} {ms:7.2f} ms   per transfer ~{ms / transfers:6.2f} ms   ({transfers} transfer(s))")
     ray.shutdown()
+
+
+def frame_row(batch, median_ms) -> tuple[str, float, int]:
+    """One frame from this process to a forked one over a socket pair (sender's buffer as the links set it),
+    acknowledged with a byte: the wire format and the kernel's copies, without threads or Ray."""
+    import os
+    import socket
+
+    from onnxshard.runtime import frames
+
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, frames.SEND_BUFFER)
+    child = os.fork()
+    if child == 0:
+        ours.close()
+        try:
+            while True:
+                frames.recv_frame(theirs)
+                theirs.sendall(b"k")
+        finally:
+            os._exit(0)
+    theirs.close()
+
+    def one():
+        frames.send_frame(ours, 0, batch, {})
+        ours.recv(1)
+
+    try:
+        return "frame to another process (socket pair)", median_ms(one), 1
+    finally:
+        ours.close()
+        os.waitpid(child, 0)
 
 
 def direct_link_ms(batch, median_ms) -> float:
