@@ -174,7 +174,7 @@ class ArrayPool:
     @property
     def free_bytes(self) -> int:
         with self._lock:
-            return sum(raw.nbytes for buffers in self._free.values() for raw in buffers)
+            return self._free_bytes()
 
     def close(self) -> None:
         """Let go of the free buffers, and of those handed back from now on."""
@@ -187,9 +187,11 @@ class ArrayPool:
             if self._closed:
                 return
             free = self._free.setdefault(raw.nbytes, [])
-            held = sum(r.nbytes for buffers in self._free.values() for r in buffers)
-            if len(free) < self.per_size and held + raw.nbytes <= self.max_free_bytes:
+            if len(free) < self.per_size and self._free_bytes() + raw.nbytes <= self.max_free_bytes:
                 free.append(raw)
+
+    def _free_bytes(self) -> int:  # with the lock held
+        return sum(raw.nbytes for buffers in self._free.values() for raw in buffers)
 
 
 class _Lease:

@@ -240,9 +240,10 @@ class _Pass:
         if is_external(t):
             if tensor_nbytes(t) > SMALL_INT_BYTES:
                 return None
-            t = copy = onnx.TensorProto()
-            copy.CopyFrom(self.g.initializers[name])
-            load_inline(copy, self.g.folder)
+            inline = onnx.TensorProto()
+            inline.CopyFrom(t)  # the graph's own stays external
+            load_inline(inline, self.g.folder)
+            t = inline
         return numpy_helper.to_array(t)
 
     def is_weight(self, name: str) -> bool:
