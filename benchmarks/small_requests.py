@@ -19,7 +19,7 @@ import ray
 
 import onnxshard
 from onnxshard import models
-from onnxshard.bench import start_local_ray, table, timed
+from onnxshard.bench import data_parallel, start_local_ray, table, timed
 from onnxshard.distributed import microbatch
 from onnxshard.runtime import RuntimeConfig, open_session
 
@@ -56,6 +56,9 @@ def main() -> None:
             s = open_session(model, RuntimeConfig(intra_op_threads=threads, provider="cpu"))
             rows.append(timed(f"ORT whole model, {threads} thread(s), one by one",
                               lambda s=s: [s.run(None, r) for r in requests], samples, args.repeats))
+        # The ceiling for any scheme of 2 single-thread workers on 2 cores: each process runs half the requests.
+        rows.append(data_parallel(model, [requests[i::args.stages] for i in range(args.stages)], samples,
+                                  args.repeats))
         stats = {}
         for transport in args.transport:
             with onnxshard.Pipeline(plan, micro_batch_size=args.batch, cpus_per_stage=1, transport=transport,
@@ -82,7 +85,7 @@ def main() -> None:
                                       samples, args.repeats))
         print(f"stacked LSTM {args.layers} x {args.hidden}, {args.requests} requests of batch {args.batch} x seq "
               f"{args.seq}; medians of {args.repeats}")
-        print(table(rows, rows[:2]))
+        print(table(rows, rows[:3]))
         for transport, run in stats.items():
             print(f"{transport}, stream:\n{run.table()}")
     ray.shutdown()

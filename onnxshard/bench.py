@@ -75,30 +75,36 @@ def proc_status_bytes(pid: int, key: str) -> int:
         return int(next(line for line in f if line.startswith(key + ":")).split()[1]) * 1024
 
 
-# Data-parallel baseline: each process holds its own session and the whole batch, and runs its slice.
+# Data-parallel baseline: each process holds its own session and runs its share of the requests one by one.
 _session = None
-_feeds = None
+_shares: list[list[dict]] = []
 
 
-def _init(model: str, feeds: dict, threads: int) -> None:
-    global _session, _feeds
+def _init(model: str, shares: list[list[dict]], threads: int) -> None:
+    global _session, _shares
     _session = open_session(model, RuntimeConfig(intra_op_threads=threads, provider="cpu"))
-    _feeds = feeds
+    _shares = shares
 
 
-def _run_slice(args) -> int:
-    start, stop = args
-    _session.run(None, {k: v[start:stop] for k, v in _feeds.items()})
-    return stop - start
+def _run_share(index: int) -> int:
+    for feeds in _shares[index]:
+        _session.run(None, feeds)
+    return index
 
 
-def data_parallel(model: str, feeds: dict, processes: int, samples: int, repeats: int) -> Timing:
-    """``processes`` ORT processes x 1 thread, each on its share of the batch (axis 0): the data-parallel ceiling."""
-    bounds = np.linspace(0, samples, processes + 1).astype(int)
-    slices = list(zip(bounds[:-1], bounds[1:]))
-    with mp.get_context("spawn").Pool(processes, initializer=_init, initargs=(model, feeds, 1)) as pool:
+def data_parallel(model: str, shares: list[list[dict]], samples: int, repeats: int) -> Timing:
+    """One ORT process x 1 thread per share, each running its share's requests one after another: the
+    data-parallel ceiling for that many single-thread workers."""
+    processes = len(shares)
+    with mp.get_context("spawn").Pool(processes, initializer=_init, initargs=(model, shares, 1)) as pool:
         return timed(f"ORT {processes} processes x 1 thread (data parallel)",
-                     lambda: pool.map(_run_slice, slices, chunksize=1), samples, repeats)
+                     lambda: pool.map(_run_share, range(processes), chunksize=1), samples, repeats)
+
+
+def batch_shares(feeds: dict, processes: int) -> list[list[dict]]:
+    """``feeds`` cut along axis 0 into one request per process."""
+    bounds = np.linspace(0, len(next(iter(feeds.values()))), processes + 1).astype(int)
+    return [[{k: v[a:b] for k, v in feeds.items()}] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarray], samples: int,
@@ -124,7 +130,7 @@ def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarra
             baselines.append(timed(f"ORT whole model, {threads} thread(s)",
                                    lambda s=session: s.run(None, feeds), samples, repeats))
         if data_parallel_axis0 and k > 1:
-            baselines.append(data_parallel(model, feeds, k, samples, repeats))
+            baselines.append(data_parallel(model, batch_shares(feeds, k), samples, repeats))
         with Pipeline(the_plan, micro_batch_size=micro_batch_size, cpus_per_stage=1, address=address,
                       batch_axes=batch_axes, transport=transport) as pipe:
             name = f"onnxshard {k} stage{'s' if k > 1 else ''} x 1 thread ({pipe.transport})"
