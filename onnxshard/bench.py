@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxshard.partitioner import input_specs
 from onnxshard.plan import Plan, is_plan_dir
 from onnxshard.runtime import RuntimeConfig, open_session
+from onnxshard.runtime.session import feed_dims
 
 
 @dataclass(frozen=True)
@@ -114,14 +116,20 @@ def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarra
     """Baselines and the pipeline on ``feeds``; returns the printed report. The pipeline runs the batch alone
     (``run``: it fills and drains around it) and as a stream of ``stream_batches`` copies (``stream``: each batch
     fills the bubble of the one before, as in batch inference; each result is dropped as it comes, as ORT's are).
-    ``profile``: when ``target`` is a model, cut it where ORT's measured per-node times on ``feeds`` balance."""
+    A model is cut for ``feeds``: their sizes of its symbolic dims size the cost estimates; ``profile``: where ORT's
+    measured per-node times on ``feeds`` balance instead."""
     from onnxshard.api import plan as make_plan
     from onnxshard.distributed import Pipeline
 
     target = Path(target)
     with tempfile.TemporaryDirectory(prefix="onnxshard-bench-") as tmp:
-        the_plan = Plan.load(target) if is_plan_dir(target) else make_plan(
-            target, Path(tmp) / "plan", stages=stages, profile=profile, profile_feeds=feeds if profile else None)
+        if is_plan_dir(target):
+            the_plan, cut_for = Plan.load(target), ""
+        else:  # cut for these inputs: their sizes of the model's symbolic dims (seq, batch) size the cost estimates
+            dims = feed_dims(feeds, input_specs(target))
+            the_plan = make_plan(target, Path(tmp) / "plan", stages=stages, dims=dims, profile=profile,
+                                 profile_feeds=feeds if profile else None)
+            cut_for = " at " + ", ".join(f"{d}={n}" for d, n in dims.items()) if dims else ""
         k = the_plan.num_stages
         model = the_plan.model
         baselines = []
@@ -145,6 +153,6 @@ def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarra
                                   lambda: deque(pipe.stream([feeds] * stream_batches), maxlen=0),
                                   samples * stream_batches, repeats))
     report = [f"{model}: {samples} samples, medians of {repeats} runs after a warm-up; stages cut by "
-              f"{the_plan.cost_source} cost",
+              f"{the_plan.cost_source} cost{cut_for}",
               table(baselines + rows, baselines), stats.table()]
     return "\n".join(report)

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, default=2, help="stages, when TARGET is a model (default 2)")
     p.add_argument("--inputs", help=".npz file of inputs (default: random, sized by --batch and --dim)")
     p.add_argument("--batch", type=int, default=16, help="batch size of random inputs (default 16)")
-    p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE", help="size of a symbolic dim")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
+                   help="size of a symbolic dim in the random inputs (a model is cut for the inputs' sizes)")
     p.add_argument("--micro-batch-size", type=_micro_batch_size, default="auto",
                    help="samples per micro-batch, or 'auto' (default)")
     p.add_argument("--repeats", type=int, default=5)
@@ -272,11 +273,9 @@ def cmd_bench(args) -> int:
         feeds = _load_npz(args.inputs)
     else:
         if plan_inputs is None:
-            from onnxshard import partitioner
-            from onnxshard.runtime.tools import probe_types
+            from onnxshard.partitioner import input_specs
 
-            analysis = partitioner.analyse_model(target, type_oracle=probe_types)
-            plan_inputs = tuple(analysis.specs[i] for i in analysis.graph.inputs)
+            plan_inputs = input_specs(target)
         dims = _dims(args)
         batch_dim = args.batch_dim or next((d for t in plan_inputs for d in (t.shape or ())[:1] if isinstance(d, str)),
                                            None)

@@ -86,6 +86,20 @@ def test_dims_reach_layers_after_a_broadcast_that_shape_inference_leaves_anonymo
     assert onnxshard.verify(plan, dims={"seq": 8}, tolerance=1e-5).ok
 
 
+def test_input_specs_leave_out_initializers_and_feeds_size_their_dims(save_model):
+    """What ``onnxshard bench`` cuts a model for: the inputs it declares (older exporters also list every
+    initializer as an input) and the sizes the feeds give their symbolic dims."""
+    from onnxshard.partitioner import input_specs
+    from onnxshard.runtime.session import feed_dims
+
+    model = zoo.mlp(layers=2, width=8)
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    specs = input_specs(save_model(model, external=True))
+    assert [(t.name, t.dtype, t.shape) for t in specs] == [("x", "float32", ("batch", 8))]
+    assert feed_dims({"x": np.zeros((5, 8), np.float32)}, specs) == {"batch": 5}
+
+
 def test_skip_connection_is_carried_through_middle_stages(save_model, tmp_path):
     plan = onnxshard.plan(save_model(zoo.multi_io()), tmp_path / "plan", cuts=["early", "t1", "t2"])
     assert plan.num_stages == 4

@@ -45,7 +45,7 @@ from onnxshard.distributed.stats import CostMeter, RunStats, Tally
 from onnxshard.errors import InputError, OnnxShardError, PlanError, WorkerError
 from onnxshard.plan import Plan, human_bytes, is_plan_dir, spec_bytes
 from onnxshard.runtime import RuntimeConfig, arrow
-from onnxshard.runtime.session import check_feeds
+from onnxshard.runtime.session import check_feeds, feed_dims
 from onnxshard.workers import Failure, StageWorker
 
 log = logging.getLogger(__name__)
@@ -473,8 +473,7 @@ class Pipeline:
 
     def _sample_bytes(self, feeds) -> tuple[int, int]:
         """Bytes one sample of ``feeds`` takes at the widest stage boundary, and in the outputs."""
-        dims = {d: feeds[t.name].shape[i] for t in self.plan.inputs for i, d in enumerate(t.shape or ())
-                if isinstance(d, str)}
+        dims = feed_dims(feeds, self.plan.inputs)
         if self.axes is not None:  # per sample: the batch dim counts once
             for t in self.plan.inputs:
                 axis = self.axes.inputs.get(t.name)

@@ -27,7 +27,7 @@ from onnxshard.partitioner.model import is_external, iter_tensors, load_lazy, no
 from onnxshard.partitioner.shards import StageGraph, WeightWriter, build_model, links_possible
 from onnxshard.plan import Plan, Stage, Step, TensorSpec, Weights, human_bytes, is_plan_dir
 
-__all__ = ["Analysis", "analyse_model", "partition"]
+__all__ = ["Analysis", "analyse_model", "input_specs", "partition"]
 
 TypeOracle = Callable[[onnx.ModelProto, Path, list[str]], dict[str, TensorSpec]]
 
@@ -58,6 +58,14 @@ def analyse_model(path: str | os.PathLike, *, dims: dict[str, int] | None = None
     if untyped and type_oracle is not None:
         specs = costmod.infer_specs(graph, known=type_oracle(graph.model, graph.folder, untyped))
     return Analysis(path, graph, specs, costmod.infer_dim_sizes(graph, specs, dict(dims or {})))
+
+
+def input_specs(path: str | os.PathLike) -> tuple[TensorSpec, ...]:
+    """The model's inputs as it declares them (initializers left out), read without weights or shape inference."""
+    g = load_lazy(Path(path)).graph
+    weights = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
+    inputs = [v for v in g.input if v.name not in weights]
+    return tuple(costmod.spec_from_value_info(v) or TensorSpec(v.name, "non-tensor", None) for v in inputs)
 
 
 def partition(

@@ -137,6 +137,12 @@ def check_feeds(feeds: dict[str, np.ndarray], specs: tuple[TensorSpec, ...], *, 
     check_symbolic_dims(feeds, specs, where=where)
 
 
+def feed_dims(feeds: dict[str, np.ndarray], specs: tuple[TensorSpec, ...]) -> dict[str, int]:
+    """The size each symbolic dim of ``specs`` has in ``feeds`` (``{"batch": 16, "seq": 128}``)."""
+    return {dim: feeds[spec.name].shape[axis] for spec in specs if spec.name in feeds
+            for axis, dim in enumerate(spec.shape or ()) if isinstance(dim, str)}
+
+
 def check_symbolic_dims(feeds: dict[str, np.ndarray], specs: tuple[TensorSpec, ...], *, where: str) -> None:
     """Inputs that share a symbolic dim (``batch``, ``seq``) must agree on its size."""
     seen: dict[str, tuple[str, int]] = {}
