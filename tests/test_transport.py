@@ -6,6 +6,7 @@ import signal
 import socket
 import struct
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -48,6 +49,34 @@ def test_frames_round_trip_tensors_failures_and_calls():
         a.close()
         with pytest.raises(frames.LinkClosed):
             frames.recv_frame(b)
+
+
+@pytest.mark.skipif(frames._SIOCOUTQ is None, reason="the free send buffer is read with Linux's SIOCOUTQ")
+def test_frame_sender_writes_what_fits_at_once_queues_the_rest_in_order_and_never_blocks():
+    server = frames.listen("onnxshard-test-")
+    a = frames.connect(server.getsockname())
+    b, _ = server.accept()
+    errors = []
+    sender = frames.FrameSender(a, errors.append)
+    room = a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2
+    small = arrow.encode({"x": np.arange(1000, dtype=np.float32)})
+    big = arrow.encode({"x": np.ones(room // 2 + 1024, np.float32)})  # more than the socket holds unread
+    with a, b, server:
+        sender.send(1, small, {})  # fits: written by this thread, straight into the kernel
+        assert frames._outq(a) > 0 and sender._unsent == 0
+        for mb in (2, 3):  # nobody reads yet: the big frame waits for the sender thread, and the small one behind it
+            sender.send(mb, big if mb == 2 else small, {})
+        assert sender._unsent == 2
+        got = [frames.recv_frame(b) for _ in range(3)]
+        assert [mb for mb, _, _ in got] == [1, 2, 3]
+        assert np.array_equal(arrow.decode(got[1][1])["x"], arrow.decode(big)["x"])
+        sender.send(4, big, {})
+        b.close()  # the reader goes away with a frame still queued: the sender's thread reports it
+        for _ in range(200):
+            if errors:
+                break
+            time.sleep(0.01)
+        assert errors and isinstance(errors[0], OSError)
 
 
 @pytest.fixture(scope="module")

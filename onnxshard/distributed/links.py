@@ -1,6 +1,7 @@
 """The coordinator's ends of the direct transport: one chain of Unix sockets per replica.
 
-Per replica the coordinator writes each micro-batch into stage 0's socket and a reader thread takes finished
+Per replica the coordinator writes each micro-batch into stage 0's socket (a frame too large for the socket's
+free buffer through a sender thread, so the coordinator never waits on stage 0) and a reader thread takes finished
 micro-batches off the last stage's socket; Ray only starts, links and watches the workers. A hop costs an Arrow
 IPC write and a socket copy instead of an actor call (benchmarks/RESULTS.md). A large result of the last stage
 (``HOLD_OVER`` bytes or more, such as full-vocabulary logits) stays in that worker and the coordinator fetches it
@@ -21,11 +22,10 @@ from onnxshard.runtime import frames
 from onnxshard.workers.stage_worker import packet_from_frame, packet_to_frame
 
 HOLD_OVER = 4 << 20  # results this large cost less through Ray's object store than through a socket (RESULTS.md)
-SEND_TIMEOUT_S = 30.0  # a stage-0 reader drains its socket at once, so a send this slow means a stopped worker
 
 
 class LinkBroken(ConnectionError):
-    """A replica's chain of links broke: a worker died, hung in a send, or closed its link."""
+    """A replica's chain of links broke: a worker died or closed its link."""
 
 
 class _Chain:
@@ -39,13 +39,17 @@ class _Chain:
         self.path = self.server.getsockname()
         self.to_first: socket.socket | None = None
         self.back: socket.socket | None = None
-        self.lock = threading.Lock()  # one sender at a time
+        self.sender: frames.FrameSender | None = None
         self._on_frame, self._on_break = on_frame, on_break
 
     def connect(self) -> None:
-        self.to_first = frames.connect(self.paths[0], SEND_TIMEOUT_S)
+        # Stage 0 reads its next frame once it is done with the one before, so a large frame may wait for it: the
+        # sender's thread waits then, never the coordinator (which watches the workers for hangs meanwhile).
+        self.to_first = frames.connect(self.paths[0])
         self.back, _ = self.server.accept()
         self.back.settimeout(None)
+        self.sender = frames.FrameSender(self.to_first, lambda e: self._on_break(self, _describe(e)),
+                                         name=f"onnxshard-chain-{self.replica}-sender")
         threading.Thread(target=self._read, name=f"onnxshard-chain-{self.replica}", daemon=True).start()
 
     def _read(self) -> None:
@@ -53,11 +57,17 @@ class _Chain:
             while True:
                 self._on_frame(self, *frames.recv_frame(self.back))
         except Exception as e:  # noqa: BLE001 - any end of the stream breaks the chain
-            self._on_break(self, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            self._on_break(self, _describe(e))
 
     def close(self) -> None:
         # A live worker removes its own link folder when it relinks; a killed one cannot: they are on this node.
         frames.close([self.to_first, self.back, self.server], [self.path, *self.paths])
+        if self.sender is not None:
+            self.sender.close()
+
+
+def _describe(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 class DirectLinks:
@@ -116,8 +126,7 @@ class DirectLinks:
         if chain is None or broken:
             raise LinkBroken(broken or f"replica {replica} is not linked")
         try:
-            with chain.lock:
-                frames.send_frame(chain.to_first, micro_batch, *packet_to_frame(packet))
+            chain.sender.send(micro_batch, *packet_to_frame(packet))
         except OSError as e:
             self._break(chain, f"sending micro-batch {micro_batch}: {type(e).__name__}: {e}")
             raise LinkBroken(self._broken.get(replica, str(e))) from None

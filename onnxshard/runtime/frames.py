@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import socket
 import struct
+import sys
 import tempfile
+import threading
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +29,13 @@ MAGIC = b"OSF1"
 # caps it at net.core.wmem_max (often 208 KiB; raise it for full effect).
 SEND_BUFFER = 4 << 20
 _HEADER = struct.Struct("<4sqq")
+if sys.platform == "linux":  # SIOCOUTQ: the bytes a socket holds that its reader has yet to take
+    import fcntl
+    import termios
+
+    _SIOCOUTQ = termios.TIOCOUTQ
+else:
+    _SIOCOUTQ = None
 _EMPTY = pa.RecordBatch.from_arrays([], schema=pa.schema([]))
 
 
@@ -69,16 +80,73 @@ def close(sockets, paths=()) -> None:
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
-def send_frame(sock: socket.socket, micro_batch: int, batch: pa.RecordBatch | None, meta: dict) -> int:
-    """Write one frame; ``batch=None`` sends no tensors (a failure). Returns the payload bytes."""
+def send_frame(sock: socket.socket, micro_batch: int, batch: pa.RecordBatch | None, meta: dict, *,
+               if_room: bool = False) -> int | None:
+    """Write one frame; ``batch=None`` sends no tensors (a failure). Returns the payload bytes. ``if_room``: only
+    if the whole frame fits in the socket's send buffer now, beside what the reader has yet to take (so writing
+    it does not wait for the reader); else send nothing and return ``None``."""
     batch = (_EMPTY if batch is None else batch).replace_schema_metadata(
         {k: json.dumps(v) for k, v in meta.items()})
     size = _write_ipc(pa.MockOutputStream(), batch).size()
+    if if_room and not _has_room(sock, _HEADER.size + size):
+        return None
     out = _SocketWriter(sock)
     out.write(_HEADER.pack(MAGIC, micro_batch, size))
     _write_ipc(pa.PythonFile(out, mode="w"), batch)
     out.flush()
     return size
+
+
+class FrameSender:
+    """Writes frames to ``sock`` in order, never making its caller wait on the reader: a frame that fits the
+    socket's free send buffer while nothing is queued is written at once by the caller's thread (the kernel holds
+    it for the reader; no other thread is woken); any other waits in a queue for a sender thread of its own.
+    ``on_error(exc)`` is called from that thread if a queued write fails; a failed write in the caller's thread
+    raises there."""
+
+    def __init__(self, sock: socket.socket, on_error: Callable[[Exception], None], name: str = "onnxshard-sender"):
+        self._sock, self._on_error = sock, on_error
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._unsent = 0  # frames queued or being written by the thread
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def send(self, micro_batch: int, batch: pa.RecordBatch | None, meta: dict) -> None:
+        with self._lock:
+            if self._unsent == 0 and send_frame(self._sock, micro_batch, batch, meta, if_room=True) is not None:
+                return
+            self._unsent += 1
+        self._queue.put((micro_batch, batch, meta))
+
+    def close(self) -> None:
+        """Stop once the frames queued so far are written (closing the socket stops it at once)."""
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        try:
+            while (item := self._queue.get()) is not None:
+                send_frame(self._sock, *item)
+                with self._lock:
+                    self._unsent -= 1
+        except Exception as e:  # noqa: BLE001 - the reader went away, or the socket was closed under us
+            self._on_error(e)
+
+
+def _has_room(sock: socket.socket, nbytes: int) -> bool:
+    """Whether ``nbytes`` fit in the free half of ``sock``'s send buffer (the kernel counts its own overhead
+    against the buffer too). Linux tells how much is queued (SIOCOUTQ); elsewhere this says no."""
+    if _SIOCOUTQ is None:
+        return False
+    try:
+        limit = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)  # as the kernel set it (Linux: doubled)
+        return _outq(sock) + nbytes <= limit // 2
+    except OSError:
+        return False
+
+
+def _outq(sock: socket.socket) -> int:
+    """Bytes written to ``sock`` that its reader has yet to take (with the kernel's overhead; Linux)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0" * 4))[0]
 
 
 def _write_ipc(sink, batch: pa.RecordBatch):
