@@ -7,7 +7,7 @@ writes the result downstream itself when it fits the socket's free send buffer a
 one thread from frame in to frame out, with no hand-off to wake another (each costs ~0.1-0.2 ms on a busy
 machine). A result too large for that goes to a sender thread, so the next micro-batch computes while it is still
 going out. The stage before never waits for this one either: a frame that fits waits in the kernel's buffer, and
-a larger one is written by that stage's (or the coordinator's) sender while its worker goes on. When either
+a larger one is written by the sender thread of that stage (or of the coordinator) while it goes on. When either
 socket breaks, the link closes both, so the break travels along the chain to the coordinator, which then finds
 the dead worker and relinks.
 """
