@@ -21,6 +21,7 @@ import ray
 
 from onnxshard import models
 from onnxshard.bench import run_bench, start_local_ray
+from onnxshard.cli import micro_batch_size_arg
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--stages", type=int, default=2)
-    p.add_argument("--micro-batch-size", type=lambda v: v if v == "auto" else int(v), default=2,
+    p.add_argument("--micro-batch-size", type=micro_batch_size_arg, default=2,
                    help="samples per micro-batch, or auto")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--transport", choices=["auto", "direct", "ray"], default="auto")

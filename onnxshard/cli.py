@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=16, help="batch size of random inputs (default 16)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
                    help="size of a symbolic dim in the random inputs (a model is cut for the inputs' sizes)")
-    p.add_argument("--micro-batch-size", type=_micro_batch_size, default="auto",
+    p.add_argument("--micro-batch-size", type=micro_batch_size_arg, default="auto",
                    help="samples per micro-batch, or 'auto' (default)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-dim", help="the symbolic dim name of the batch")
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _pipeline_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--micro-batch-size", type=_micro_batch_size, default="auto",
+    p.add_argument("--micro-batch-size", type=micro_batch_size_arg, default="auto",
                    help="samples per micro-batch, or 'auto' (default: sized from measured stage costs; the first "
                    "batch is split into ~4 x stages x replicas micro-batches)")
     p.add_argument("--replicas", type=int, default=1, help="data-parallel copies of the pipeline")
@@ -128,7 +128,8 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
                    help="accept ops of this custom domain (your ORT has a custom-op library for it)")
 
 
-def _micro_batch_size(text: str) -> int | str:
+def micro_batch_size_arg(text: str) -> int | str:
+    """An argparse type: a positive number of samples, or ``auto``."""
     if text == "auto":
         return text
     if not text.isdigit() or int(text) < 1:

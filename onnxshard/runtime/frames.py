@@ -80,43 +80,52 @@ def close(sockets, paths=()) -> None:
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
-def send_frame(sock: socket.socket, micro_batch: int, batch: pa.RecordBatch | None, meta: dict, *,
-               if_room: bool = False) -> int | None:
-    """Write one frame; ``batch=None`` sends no tensors (a failure). Returns the payload bytes. ``if_room``: only
-    if the whole frame fits in the socket's send buffer now, beside what the reader has yet to take (so writing
-    it does not wait for the reader); else send nothing and return ``None``."""
+def send_frame(sock: socket.socket, micro_batch: int, batch: pa.RecordBatch | None, meta: dict) -> int:
+    """Write one frame; ``batch=None`` sends no tensors (a failure). Returns the payload bytes."""
+    batch, size = _framed(batch, meta)
+    _write_frame(sock, micro_batch, batch, size)
+    return size
+
+
+def _framed(batch: pa.RecordBatch | None, meta: dict) -> tuple[pa.RecordBatch, int]:
+    """The batch a frame carries (``meta`` in its schema metadata) and its IPC stream's size (no bytes written)."""
     batch = (_EMPTY if batch is None else batch).replace_schema_metadata(
         {k: json.dumps(v) for k, v in meta.items()})
-    size = _write_ipc(pa.MockOutputStream(), batch).size()
-    if if_room and not _has_room(sock, _HEADER.size + size):
-        return None
+    return batch, _write_ipc(pa.MockOutputStream(), batch).size()
+
+
+def _write_frame(sock: socket.socket, micro_batch: int, batch: pa.RecordBatch, size: int) -> None:
     out = _SocketWriter(sock)
     out.write(_HEADER.pack(MAGIC, micro_batch, size))
     _write_ipc(pa.PythonFile(out, mode="w"), batch)
     out.flush()
-    return size
 
 
 class FrameSender:
-    """Writes frames to ``sock`` in order, never making its caller wait on the reader: a frame that fits the
-    socket's free send buffer while nothing is queued is written at once by the caller's thread (the kernel holds
-    it for the reader; no other thread is woken); any other waits in a queue for a sender thread of its own.
+    """Writes frames to ``sock`` in order, never making its caller wait on the reader: a frame that fits the free
+    half of the socket's send buffer while nothing is queued is written at once by the caller's thread (the kernel
+    holds it for the reader; no other thread is woken); any other waits in a queue for a sender thread of its own.
+    Only Linux tells how much a socket holds unread (SIOCOUTQ); elsewhere every frame goes through the thread.
     ``on_error(exc)`` is called from that thread if a queued write fails; a failed write in the caller's thread
     raises there."""
 
     def __init__(self, sock: socket.socket, on_error: Callable[[Exception], None], name: str = "onnxshard-sender"):
         self._sock, self._on_error = sock, on_error
+        # half the buffer as the kernel set it (Linux doubles what was asked, and counts its overhead against it)
+        self._room = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2 if _SIOCOUTQ is not None else 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._unsent = 0  # frames queued or being written by the thread
         self._lock = threading.Lock()
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
     def send(self, micro_batch: int, batch: pa.RecordBatch | None, meta: dict) -> None:
+        batch, size = _framed(batch, meta)
         with self._lock:
-            if self._unsent == 0 and send_frame(self._sock, micro_batch, batch, meta, if_room=True) is not None:
+            if self._unsent == 0 and _HEADER.size + size <= self._room - _outq(self._sock):
+                _write_frame(self._sock, micro_batch, batch, size)
                 return
             self._unsent += 1
-        self._queue.put((micro_batch, batch, meta))
+        self._queue.put((micro_batch, batch, size))
 
     def close(self) -> None:
         """Stop once the frames queued so far are written (closing the socket stops it at once)."""
@@ -125,27 +134,17 @@ class FrameSender:
     def _run(self) -> None:
         try:
             while (item := self._queue.get()) is not None:
-                send_frame(self._sock, *item)
+                _write_frame(self._sock, *item)
                 with self._lock:
                     self._unsent -= 1
         except Exception as e:  # noqa: BLE001 - the reader went away, or the socket was closed under us
             self._on_error(e)
 
 
-def _has_room(sock: socket.socket, nbytes: int) -> bool:
-    """Whether ``nbytes`` fit in the free half of ``sock``'s send buffer (the kernel counts its own overhead
-    against the buffer too). Linux tells how much is queued (SIOCOUTQ); elsewhere this says no."""
-    if _SIOCOUTQ is None:
-        return False
-    try:
-        limit = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)  # as the kernel set it (Linux: doubled)
-        return _outq(sock) + nbytes <= limit // 2
-    except OSError:
-        return False
-
-
 def _outq(sock: socket.socket) -> int:
-    """Bytes written to ``sock`` that its reader has yet to take (with the kernel's overhead; Linux)."""
+    """Bytes written to ``sock`` that its reader has yet to take, with the kernel's overhead (Linux; else 0)."""
+    if _SIOCOUTQ is None:
+        return 0
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0" * 4))[0]
 
 
