@@ -21,7 +21,7 @@ import onnxshard
 from onnxshard import models
 from onnxshard.bench import proc_status_bytes, start_local_ray, table, timed
 from onnxshard.distributed import Pipeline
-from onnxshard.plan import human_bytes
+from onnxshard.plans import human_bytes
 from onnxshard.runtime import RuntimeConfig, open_session
 
 

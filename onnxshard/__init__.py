@@ -1,13 +1,23 @@
 """onnxshard: run ONNX models too big or too slow for one worker as pipelined, sharded stages on Ray."""
 
 from onnxshard.api import Verification, load_plan, plan, verify
-from onnxshard.errors import InputError, ModelError, OnnxShardError, PlanError, WorkerError
-from onnxshard.plan import Plan, Stage, TensorSpec
+from onnxshard.errors import (
+    ClusterError,
+    InputError,
+    ModelError,
+    OnnxShardError,
+    OverloadedError,
+    PlanError,
+    ResourceError,
+    WorkerError,
+)
+from onnxshard.plans import Plan, Stage, TensorSpec
 from onnxshard.runtime import RuntimeConfig
 
 __all__ = [
-    "InputError", "ModelError", "OnnxShardError", "Pipeline", "PipelineConfig", "Plan", "PlanError", "RunStats",
-    "RuntimeConfig", "Stage", "TensorSpec", "Verification", "WorkerError", "load_plan", "plan", "verify",
+    "ClusterError", "InputError", "ModelError", "OnnxShardError", "OverloadedError", "Pipeline", "PipelineConfig",
+    "Plan", "PlanError", "ResourceError", "RunStats", "RuntimeConfig", "Stage", "TensorSpec", "Verification",
+    "WorkerError", "load_plan", "plan", "verify",
 ]
 
 _DISTRIBUTED = {"Pipeline", "PipelineConfig", "RunStats"}

@@ -13,7 +13,7 @@ import numpy as np
 
 from onnxshard import partitioner
 from onnxshard.errors import PlanError
-from onnxshard.plan import Plan, is_plan_dir, parse_bytes
+from onnxshard.plans import Plan, is_plan_dir, parse_bytes
 from onnxshard.runtime import tools
 
 DEFAULT_TOLERANCE = 1e-5
@@ -33,6 +33,7 @@ def plan(
     dims: dict[str, int] | None = None,
     allow_domains: Iterable[str] = (),
     tensor_parallel: int | None = None,
+    hash_weights: bool = False,
 ) -> Plan:
     """Split ``model`` into pipeline stages and save the plan to ``out`` (a new temporary folder if omitted).
 
@@ -47,16 +48,22 @@ def plan(
     dims: sizes for symbolic dims in cost estimates (others count 1), e.g. ``{"seq": 128}``.
     tensor_parallel: split each stage's layers over this many rank workers (Megatron-style column/row splits);
         with ``max_stage_memory`` and no degree, the degree that fits in the fewest workers is chosen.
+    hash_weights: record a sha256 of every weight byte (seconds per GB), for ``onnxshard verify --weights``;
+        without it, weight files over 64 MiB get a sampled digest only (checked at every load).
     """
+    model = source = _model_path(model)
     if isinstance(max_stage_memory, str):
         try:
             max_stage_memory = parse_bytes(max_stage_memory)
         except ValueError as e:
             raise PlanError(str(e)) from None
-    if stages is not None and stages < 1:
-        raise PlanError(f"--stages must be at least 1 (got {stages})")
+    stages = _count(stages, "stages")
+    tensor_parallel = _count(tensor_parallel, "tensor_parallel")
+    cuts = [cuts] if isinstance(cuts, str) else list(cuts)  # one name, not its characters
+    dims = check_dims(dims)
+    if out is not None:
+        partitioner.check_out(out, [model])  # before any work: never a user's folder, never after minutes
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="onnxshard-plan-")) / "plan"
-    model = source = Path(model)
     # The optimised copy (with its weights) lives beside the plan until the plan has copied what it needs.
     scratch = tempfile.TemporaryDirectory(prefix="onnxshard-opt-", dir=_scratch_dir(out)) if optimize else nullcontext()
     with scratch as folder:
@@ -71,8 +78,38 @@ def plan(
             node_times = tools.profile_node_times(analysis.graph.model, analysis.graph.folder, feeds)
         result = partitioner.partition(analysis, out, stages=stages, cuts=cuts, max_stage_memory=max_stage_memory,
                                        node_times=node_times, copy_weights=copy_weights or optimize,
-                                       source=source, tensor_parallel=tensor_parallel)
+                                       source=source, tensor_parallel=tensor_parallel, hash_weights=hash_weights)
     return result
+
+
+def _model_path(model) -> Path:
+    if not isinstance(model, (str, os.PathLike)):
+        raise PlanError(f"model must be the path of an .onnx file, got {type(model).__name__}")
+    path = Path(model)
+    if path.is_dir():
+        raise PlanError(f"model {path} is a folder; give the .onnx file inside it (a plan folder is run, not planned)")
+    return path
+
+
+def _count(value, name: str) -> int | None:
+    """``value`` if it is a whole number of at least 1 (or None), else a PlanError naming ``name``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise PlanError(f"{name} must be a whole number of at least 1 (got {value!r})")
+    return int(value)
+
+
+def check_dims(dims) -> dict[str, int]:
+    """Symbolic dim sizes as given by the user: names to whole numbers of at least 1."""
+    if dims is None:
+        return {}
+    if not isinstance(dims, dict):
+        raise PlanError(f"dims must map dim names to sizes, e.g. {{'seq': 128}} (got {type(dims).__name__})")
+    for name, size in dims.items():
+        if not isinstance(name, str) or isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise PlanError(f"dims[{name!r}] = {size!r}: a dim size must be a whole number of at least 1")
+    return {name: int(size) for name, size in dims.items()}
 
 
 def _scratch_dir(out: Path) -> Path:
@@ -111,6 +148,9 @@ def verify(model_or_plan: str | os.PathLike | Plan, *, stages: int | None = None
            tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, **plan_options) -> Verification:
     """Run the stages one after another in this process and compare each output with plain ONNX Runtime on the
     whole model. A model path is planned first (into a temporary folder) with ``stages`` and ``plan_options``."""
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < float("inf"):
+        raise PlanError(f"tolerance must be a finite number of at least 0 (got {tolerance!r})")
+    dims = check_dims(dims)
     if isinstance(model_or_plan, Plan):
         the_plan = model_or_plan
     elif is_plan_dir(model_or_plan):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxshard.partitioner import input_specs
-from onnxshard.plan import Plan, is_plan_dir
+from onnxshard.plans import Plan, is_plan_dir
 from onnxshard.runtime import RuntimeConfig, open_session
 from onnxshard.runtime.session import feed_dims
 
@@ -64,7 +64,7 @@ def start_local_ray(num_cpus: int, system_config: dict | None = None) -> None:
     Ray itself (pass ``{}`` for Ray's own defaults)."""
     import ray
 
-    from onnxshard.distributed.pipeline import LOCAL_RAY_SYSTEM_CONFIG
+    from onnxshard.distributed.cluster import LOCAL_RAY_SYSTEM_CONFIG
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR",

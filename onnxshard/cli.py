@@ -3,36 +3,71 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
-import numpy as np
-
 from onnxshard.errors import InputError, OnnxShardError
-from onnxshard.plan import Plan, human_bytes, is_plan_dir
+from onnxshard.files import check_writable, load_npz, save_npz
+from onnxshard.plans import Plan, human_bytes, is_plan_dir
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI. Every error is one line on stderr (the rest of a long message, or the traceback of an
+    unexpected error, with ``--verbose``) and exit code 2; a verification mismatch is exit code 1."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"onnxshard: error: {e}", file=sys.stderr)
+        return 2
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    verbose = getattr(args, "verbose", False)
     try:
         return args.handler(args) or 0
     except OnnxShardError as e:
-        print(f"onnxshard: error: {e}", file=sys.stderr)
+        _error(str(e), verbose)
         return 2
     except KeyboardInterrupt:
         print("onnxshard: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: still one line, the traceback behind --verbose
+        _error(f"internal error, please report it: {type(e).__name__}: {e}", verbose,
+               traceback.format_exc() if verbose else None)
+        return 2
+
+
+def _error(message: str, verbose: bool, details: str | None = None) -> None:
+    first, _, rest = message.strip().partition("\n")
+    if verbose:
+        print(f"onnxshard: error: {message.strip()}", file=sys.stderr)
+        if details:
+            print(details, file=sys.stderr)
+        return
+    more = " (--verbose for details)" if rest.strip() else ""
+    print(f"onnxshard: error: {first}{more}", file=sys.stderr)
+
+
+class UsageError(Exception):
+    """A command line argparse refuses."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing its usage and exiting, so every error is one line."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnxshard", description=__doc__.strip() + " Split ONNX models into "
-                                     "pipeline stages and run them on Ray.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="onnxshard", description=__doc__.strip() + " Split ONNX models into "
+                     "pipeline stages and run them on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print whole error messages and tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("plan", help="split a model into pipeline stages and write a plan folder")
     p.add_argument("model", help="the .onnx file (its external weights stay where they are)")
@@ -49,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="run the stages one after another in ORT and compare with the whole model")
     p.add_argument("target", help="a plan folder or an .onnx file (planned on the fly)")
     p.add_argument("--inputs", help=".npz file of inputs (default: random inputs that fit the model)")
-    p.add_argument("--tolerance", type=float, default=1e-5, help="max absolute difference allowed (default 1e-5)")
+    p.add_argument("--tolerance", type=_tolerance, default=1e-5,
+                   help="max absolute difference allowed (default 1e-5)")
+    p.add_argument("--weights", action="store_true", help="also hash every byte of the plan's weight files against "
+                   "the digests recorded at plan time (loading checks sizes and a sample)")
     _plan_options(p)
     p.set_defaults(handler=cmd_verify)
 
@@ -57,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="a plan folder or an .onnx file")
     p.add_argument("--inputs", required=True, help=".npz file of model inputs")
     p.add_argument("--outputs", required=True, help=".npz file to write the model outputs to")
-    p.add_argument("--stages", type=int, help="stages, when TARGET is a model (default 2)")
+    p.add_argument("--stages", type=_positive_int, help="stages, when TARGET is a model (default 2)")
     p.add_argument("--timeline", metavar="FILE", help="draw the run as a Gantt chart (.html or .png) and write a "
                    "Chrome/Perfetto trace beside it (.trace.json)")
     _pipeline_options(p)
@@ -65,14 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time the pipeline against plain ONNX Runtime on the same model and inputs")
     p.add_argument("target", help="a plan folder or an .onnx file")
-    p.add_argument("--stages", type=int, default=2, help="stages, when TARGET is a model (default 2)")
+    p.add_argument("--stages", type=_positive_int, default=2, help="stages, when TARGET is a model (default 2)")
     p.add_argument("--inputs", help=".npz file of inputs (default: random, sized by --batch and --dim)")
-    p.add_argument("--batch", type=int, default=16, help="batch size of random inputs (default 16)")
+    p.add_argument("--batch", type=_positive_int, default=16, help="batch size of random inputs (default 16)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
                    help="size of a symbolic dim in the random inputs (a model is cut for the inputs' sizes)")
     p.add_argument("--micro-batch-size", type=micro_batch_size_arg, default="auto",
                    help="samples per micro-batch, or 'auto' (default)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=_positive_int, default=5)
     p.add_argument("--batch-dim", help="the symbolic dim name of the batch")
     p.add_argument("--address", help="Ray address (default: a local embedded Ray)")
     p.add_argument("--profile", action="store_true", help="when TARGET is a model, cut it where ORT's measured "
@@ -81,13 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_bench)
 
     p = sub.add_parser("demo", help="plan a small transformer, run it as a pipeline on local Ray, check it")
-    p.add_argument("--stages", type=int, default=2)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--stages", type=_positive_int, default=2)
+    p.add_argument("--batch", type=_positive_int, default=32)
+    p.add_argument("--seq", type=_positive_int, default=64)
+    p.add_argument("--layers", type=_positive_int, default=6)
+    p.add_argument("--micro-batch-size", type=_positive_int, default=4)
     p.add_argument("--address", help="Ray address (default: a local embedded Ray)")
     p.set_defaults(handler=cmd_demo)
+    for command in sub.choices.values():  # --verbose after the command too
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="print whole error messages and tracebacks")
     return parser
 
 
@@ -95,13 +136,18 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch-size", type=micro_batch_size_arg, default="auto",
                    help="samples per micro-batch, or 'auto' (default: sized from measured stage costs; the first "
                    "batch is split into ~4 x stages x replicas micro-batches)")
-    p.add_argument("--replicas", type=int, default=1, help="data-parallel copies of the pipeline")
-    p.add_argument("--cpus-per-stage", type=float, default=1.0, help="CPUs per stage worker (= ORT threads)")
-    p.add_argument("--gpus-per-stage", type=float, default=0.0, help="GPUs per stage worker (fractions share one)")
+    p.add_argument("--replicas", type=_positive_int, default=1, help="data-parallel copies of the pipeline")
+    p.add_argument("--cpus-per-stage", type=_positive_float, default=1.0, help="CPUs per stage worker (= ORT threads)")
+    p.add_argument("--gpus-per-stage", type=_non_negative_float, default=0.0,
+                   help="GPUs per stage worker (fractions share one)")
     p.add_argument("--batch-axis", action="append", default=[], metavar="TENSOR=AXIS",
                    help="batch axis of an input or output (repeatable; AXIS 'none' for no batch axis)")
     p.add_argument("--batch-dim", help="the symbolic dim name of the batch, e.g. batch_size")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local embedded Ray)")
+    p.add_argument("--call-timeout", type=_positive_float, metavar="S", help="a stage call running longer counts "
+                   "as a hung worker, replaced (default: 20 x the slowest call measured, at least 30 s)")
+    p.add_argument("--run-timeout", type=_positive_float, metavar="S",
+                   help="fail the run if it is not done after S seconds (default: no limit beyond the call deadline)")
     _transport_option(p)
 
 
@@ -112,16 +158,18 @@ def _transport_option(p: argparse.ArgumentParser) -> None:
 
 
 def _plan_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stages", type=int, help="number of pipeline stages")
+    p.add_argument("--stages", type=_positive_int, help="number of pipeline stages")
     p.add_argument("--cut", action="append", default=[], metavar="TENSOR",
                    help="start a new stage after the node making TENSOR (repeatable)")
     p.add_argument("--max-stage-memory", metavar="SIZE", help="weight bytes per worker, e.g. 2GB; "
                    "without --stages, the fewest stages that fit; without --tensor-parallel, the degree too")
-    p.add_argument("--tensor-parallel", type=int, metavar="T",
+    p.add_argument("--tensor-parallel", type=_positive_int, metavar="T",
                    help="split each stage's layers over T rank workers (Megatron-style column/row splits)")
     p.add_argument("--profile", action="store_true", help="balance measured ORT per-node times, not FLOPs")
     p.add_argument("--optimize", action="store_true", help="apply ORT's extended fusions before cutting")
     p.add_argument("--copy-weights", action="store_true", help="write a self-contained copy of each stage's weights")
+    p.add_argument("--hash-weights", action="store_true", help="record a sha256 of every weight byte (seconds per GB) "
+                   "for `verify --weights`; files over 64 MiB otherwise get a sampled digest")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
                    help="size of a symbolic dim, for costs and random inputs (repeatable)")
     p.add_argument("--allow-domain", action="append", default=[], metavar="DOMAIN",
@@ -137,12 +185,45 @@ def micro_batch_size_arg(text: str) -> int | str:
     return int(text)
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+_tolerance = _non_negative_float
+
+
 def _dims(args) -> dict[str, int]:
     dims = {}
     for item in args.dim:
         name, _, size = item.partition("=")
-        if not name or not size.isdigit():
-            raise InputError(f"--dim {item!r} must look like NAME=SIZE, e.g. --dim seq=128")
+        if not name or not size.isdigit() or int(size) < 1:
+            raise InputError(f"--dim {item!r} must look like NAME=SIZE with SIZE at least 1, e.g. --dim seq=128")
         dims[name] = int(size)
     return dims
 
@@ -150,7 +231,7 @@ def _dims(args) -> dict[str, int]:
 def _plan_kwargs(args) -> dict:
     return dict(stages=args.stages, cuts=args.cut, max_stage_memory=args.max_stage_memory, profile=args.profile,
                 optimize=args.optimize, copy_weights=args.copy_weights, dims=_dims(args),
-                allow_domains=args.allow_domain, tensor_parallel=args.tensor_parallel)
+                allow_domains=args.allow_domain, tensor_parallel=args.tensor_parallel, hash_weights=args.hash_weights)
 
 
 def cmd_plan(args) -> int:
@@ -205,9 +286,14 @@ def cmd_inspect(args) -> int:
 def cmd_verify(args) -> int:
     from onnxshard.api import verify
 
-    feeds = _load_npz(args.inputs) if args.inputs else None
+    feeds = load_npz(args.inputs) if args.inputs else None
     target = args.target if is_plan_dir(args.target) else Path(args.target)
     options = {} if is_plan_dir(args.target) else {k: v for k, v in _plan_kwargs(args).items() if k not in ("dims",)}
+    if args.weights:
+        if not is_plan_dir(args.target):
+            raise InputError("--weights checks a plan folder's weight files; give a plan folder")
+        target = Plan.load(args.target, full_check=True)
+        print(f"weights: every byte of {len(target.weights.files)} file(s) matches the digests recorded at plan time")
     result = verify(target, feeds=feeds, dims=_dims(args), tolerance=args.tolerance, **options)
     print(result.plan.table())
     print(result.report())
@@ -229,22 +315,40 @@ def _batch_axes(args):
 
 
 def cmd_run(args) -> int:
-    from onnxshard.distributed import Pipeline
+    # Everything that can be checked is checked before Ray starts (seconds) and the batch runs (minutes): the
+    # output paths, the inputs file, and the inputs against what the plan declares.
+    out = check_writable(args.outputs, "--outputs")
+    if args.timeline:
+        from onnxshard.distributed.timeline import check_timeline_path
 
-    feeds = _load_npz(args.inputs)
-    target = args.target if is_plan_dir(args.target) else Path(args.target)
-    options = dict(micro_batch_size=args.micro_batch_size, replicas=args.replicas, cpus_per_stage=args.cpus_per_stage,
-                   gpus_per_stage=args.gpus_per_stage, batch_axes=_batch_axes(args), transport=args.transport)
-    with Pipeline(target, stages=args.stages, address=args.address, **options) as pipe:
-        print(pipe.plan.table())
-        outputs = pipe.run(feeds, progress=_progress_bar())
-        print(pipe.stats.table())
+        check_timeline_path(args.timeline)
+    feeds = load_npz(args.inputs)
+    batch_axes = _batch_axes(args)
+    with tempfile.TemporaryDirectory(prefix="onnxshard-run-") as tmp:
+        if is_plan_dir(args.target):
+            plan = Plan.load(args.target)
+        else:
+            from onnxshard.api import plan as make_plan
+
+            plan = make_plan(args.target, Path(tmp) / "plan", stages=args.stages or 2)
+        from onnxshard.runtime.session import check_feeds
+
+        check_feeds(feeds, plan.inputs, where="model")
+        from onnxshard.distributed import Pipeline
+
+        options = dict(micro_batch_size=args.micro_batch_size, replicas=args.replicas,
+                       cpus_per_stage=args.cpus_per_stage, gpus_per_stage=args.gpus_per_stage, batch_axes=batch_axes,
+                       transport=args.transport, call_timeout_s=args.call_timeout, run_timeout_s=args.run_timeout)
+        with Pipeline(plan, address=args.address, **options) as pipe:
+            print(pipe.plan.table())
+            outputs = pipe.run(feeds, progress=_progress_bar())
+            print(pipe.stats.table())
+    save_npz(out, outputs)  # the results first: a picture that fails must not lose them
+    print(f"wrote {', '.join(f'{k} {list(v.shape)}' for k, v in outputs.items())} to {out}")
     if args.timeline:
         from onnxshard.distributed.timeline import write_timeline
 
         print("timeline:", ", ".join(str(p) for p in write_timeline(pipe.stats, args.timeline)))
-    np.savez(args.outputs, **outputs)
-    print(f"wrote {', '.join(f'{k} {list(v.shape)}' for k, v in outputs.items())} to {args.outputs}")
     return 0
 
 
@@ -271,7 +375,7 @@ def cmd_bench(args) -> int:
     target = Path(args.target)
     plan_inputs = Plan.load(target).inputs if is_plan_dir(args.target) else None
     if args.inputs:
-        feeds = _load_npz(args.inputs)
+        feeds = load_npz(args.inputs)
     else:
         if plan_inputs is None:
             from onnxshard.partitioner import input_specs
@@ -296,13 +400,6 @@ def cmd_demo(args) -> int:
     return run_demo(stages=args.stages, batch=args.batch, seq=args.seq, layers=args.layers,
                     micro_batch_size=args.micro_batch_size, address=args.address)
 
-
-def _load_npz(path: str) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read inputs from {path}: {e}; write them with numpy.savez") from e
 
 
 if __name__ == "__main__":

@@ -13,8 +13,17 @@ class PlanError(OnnxShardError):
     """No valid plan can be made, or a saved plan is missing, altered or unsafe."""
 
 
+class ClusterError(PlanError):
+    """The Ray cluster cannot be reached, or cannot hold the workers the plan needs (a PlanError: change the
+    address, the resources asked for or the plan's shape)."""
+
+
 class InputError(OnnxShardError):
     """Feeds do not match what the model or stage declares."""
+
+
+class OverloadedError(OnnxShardError):
+    """The pipeline's request queue is full (or the pipeline is closed): retry later; nothing was run."""
 
 
 class WorkerError(OnnxShardError):
@@ -31,3 +40,11 @@ class WorkerError(OnnxShardError):
 
 def _rebuild_worker_error(message, stage, micro_batch):
     return WorkerError(message, stage=stage, micro_batch=micro_batch)
+
+
+class ResourceError(WorkerError):
+    """A worker ran out of memory or its device failed: not the data's fault. The coordinator replaces the worker
+    and replays the micro-batch (within max_retries), never skips it as bad data."""
+
+    def __reduce__(self):
+        return (ResourceError, (str(self),), {"stage": self.stage, "micro_batch": self.micro_batch})

@@ -13,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 import onnxshard
 from onnxshard import InputError, ModelError, OnnxShardError, PlanError
+from onnxshard import plans as plan_format
 from onnxshard.distributed import Pipeline
 from onnxshard.runtime import tools
 
@@ -94,7 +95,7 @@ def test_garbage_plan_json(mlp, tmp_path):
     (tmp_path / "p" / "plan.json").write_text("{not json")
     with pytest.raises(PlanError, match="not valid JSON"):
         Pipeline(tmp_path / "p")
-    (tmp_path / "p" / "plan.json").write_text(json.dumps({"format": "onnxshard.plan", "version": 1}))
+    (tmp_path / "p" / "plan.json").write_text(json.dumps({"format": "onnxshard.plan", "version": plan_format.VERSION}))
     with pytest.raises(PlanError, match="malformed"):
         Pipeline(tmp_path / "p")
 

@@ -85,7 +85,7 @@ def test_row_splits_reference_the_weight_file_and_column_splits_are_copied(save_
     assert refs[(0, "l0.q@tp1")][0] == "weights/stage0.rank0.bin"
     assert refs[(1, "l0.q@tp1")][0] == "weights/stage0.rank1.bin"
     saved = json.loads((plan.root / "plan.json").read_text())
-    assert saved["version"] == 2
+    assert saved["version"] == 3  # steps came in 2, weight digests in 3
     layout = saved["stages"][0]
     assert layout["tensor_parallel"] == 2 and {r["op"] for s in layout["steps"] for r in s["reduces"]} == {"sum"}
     annotated = [n for n in model.graph.node for c in n.device_configurations if c.configuration_id == "onnxshard.tp"]

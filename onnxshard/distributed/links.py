@@ -12,7 +12,9 @@ replica and resends what it had not got back.
 
 from __future__ import annotations
 
+import shutil
 import socket
+import tempfile
 import threading
 import time
 
@@ -31,11 +33,12 @@ class LinkBroken(ConnectionError):
 class _Chain:
     """One replica's coordinator-side sockets and reader thread."""
 
-    def __init__(self, replica: int, last, paths: list[str], on_frame, on_break, accept_timeout_s: float):
+    def __init__(self, replica: int, last, paths: list[str], on_frame, on_break, accept_timeout_s: float,
+                 folder: str | None = None):
         self.replica = replica
         self.last = last  # the last stage's worker, which holds large results
         self.paths = paths  # the workers' sockets, in stage order
-        self.server = frames.listen("onnxshard-coord-", accept_timeout_s)
+        self.server = frames.listen("onnxshard-coord-", accept_timeout_s, folder)
         self.path = self.server.getsockname()
         self.to_first: socket.socket | None = None
         self.back: socket.socket | None = None
@@ -75,14 +78,22 @@ class DirectLinks:
 
     def __init__(self, rows: list[list[list]], timeout_s: float, keep: int):
         self.timeout_s = timeout_s
+        # every socket of these chains lives in one private folder: close() removes it, whatever became of the
+        # workers (a killed one cannot remove its own)
+        self.folder = tempfile.mkdtemp(prefix="onnxshard-links-")
         self.keep = keep  # results a last stage may hold at once: the coordinator's in-flight window
         self._chains: dict[int, _Chain] = {}
         self._broken: dict[int, str] = {}
         self._results: dict[int, tuple] = {}
         self._wanted: set[int] = set()
         self._cond = threading.Condition()
-        for replica, row in enumerate(rows):
-            self.connect(replica, row)
+        self._closed = False
+        try:
+            for replica, row in enumerate(rows):
+                self.connect(replica, row)
+        except BaseException:
+            self.close()
+            raise
 
     def connect(self, replica: int, row: list[list]) -> list:
         """(Re)link ``replica``'s stage workers ``row`` (one worker per stage) into a chain. Results held by a last
@@ -94,8 +105,8 @@ class DirectLinks:
             lost = [mb for mb, (batch, _, chain) in self._results.items() if chain.replica == replica
                     and isinstance(batch, ray.ObjectRef) and chain.last is not workers[-1]]
             fetches = [self._results.pop(mb)[0] for mb in lost]
-        paths = ray.get([w.open_link.remote() for w in workers], timeout=self.timeout_s)
-        chain = _Chain(replica, workers[-1], paths, self._arrived, self._break, self.timeout_s)
+        paths = ray.get([w.open_link.remote(self.folder) for w in workers], timeout=self.timeout_s)
+        chain = _Chain(replica, workers[-1], paths, self._arrived, self._break, self.timeout_s, self.folder)
         try:
             ray.get([w.start_link.remote(paths[i + 1]) for i, w in enumerate(workers[:-1])] +
                     [workers[-1].start_link.remote(chain.path, HOLD_OVER, self.keep)], timeout=self.timeout_s)
@@ -114,8 +125,13 @@ class DirectLinks:
             chain.close()
 
     def close(self) -> None:
+        """Close every chain and wake whoever waits in :meth:`take` (it raises :class:`LinkBroken`)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
         for replica in list(self._chains):
             self.drop(replica)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def send(self, replica: int, micro_batch: int, packet: tuple) -> None:
         """Write a micro-batch into the replica's chain; raises :class:`LinkBroken` if the chain is down."""
@@ -141,6 +157,8 @@ class DirectLinks:
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while micro_batch not in self._results:
+                if self._closed:
+                    raise LinkBroken("the links were closed")
                 if replica in self._broken:
                     raise LinkBroken(self._broken[replica])
                 left = None if end is None else end - time.monotonic()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxshard.errors import InputError
-from onnxshard.plan import Plan, TensorSpec
+from onnxshard.plans import Plan, TensorSpec
 
 # Symbolic dim names that exporters use for the batch (torch: batch_size, N; TF: unk__, Keras: None -> "N").
 _BATCH_NAMES = re.compile(r"^(batch|batch_size|batchsize|bs|n|b|num_batches|batch_dim)$", re.IGNORECASE)
@@ -257,10 +257,7 @@ def coalesce(batches: Iterable[dict[str, np.ndarray]], axes: BatchAxes, max_samp
     sizes: list[int] = []
 
     def joined():
-        if len(group) == 1:
-            return group[0]
-        return {name: value if axes.inputs.get(name) is None else
-                np.concatenate([g[name] for g in group], axis=axes.inputs[name]) for name, value in group[0].items()}
+        return group[0] if len(group) == 1 else join(group, axes)
 
     for feeds in batches:
         check(feeds)
@@ -275,6 +272,13 @@ def coalesce(batches: Iterable[dict[str, np.ndarray]], axes: BatchAxes, max_samp
         sizes.append(n)
     if group:
         yield joined(), sizes
+
+
+def join(requests: list[dict[str, np.ndarray]], axes: BatchAxes) -> dict[str, np.ndarray]:
+    """Requests' feeds joined along their batch axes (inputs without one are taken from the first: callers join
+    only requests whose such inputs are equal); the inverse of :func:`unmerge`."""
+    return {name: value if axes.inputs.get(name) is None else
+            np.concatenate([r[name] for r in requests], axis=axes.inputs[name]) for name, value in requests[0].items()}
 
 
 def unmerge(outputs: dict[str, np.ndarray], axes: BatchAxes, sizes: list[int]) -> list[dict[str, np.ndarray]]:

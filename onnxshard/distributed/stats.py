@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -89,6 +90,29 @@ class Tally:
                        self.ranks[k], self.reduce[k])
             for k in range(len(self.count)))
         return RunStats(samples, micro_batches, wall_s, stages, replicas, tuple(self.calls), delivered, replayed)
+
+
+class Meter:
+    """What one caller's ``run`` or ``stream`` costs, counted by the coordinator's thread as its micro-batches
+    finish (several callers' requests may share a micro-batch: each caller counts it). ``progress(done,
+    submitted)`` is called after each micro-batch."""
+
+    def __init__(self, ranks: list[int], progress=None):
+        self.tally = Tally(ranks)
+        self.progress = progress
+        self.samples = self.micro_batches = self.done = self.delivered = self.replayed = 0
+        self.started = time.perf_counter()
+
+    def add(self, calls) -> None:
+        self.tally.add(calls)
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.micro_batches)
+
+    def summary(self, replicas: int) -> RunStats:
+        return self.tally.summary(replicas=replicas, samples=self.samples, micro_batches=self.micro_batches,
+                                  wall_s=time.perf_counter() - self.started, delivered=self.delivered,
+                                  replayed=self.replayed)
 
 
 class CostMeter:

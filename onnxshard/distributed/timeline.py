@@ -4,11 +4,14 @@ Chrome/Perfetto trace. The slowest stage is the row with the least white space."
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
 import os
 from pathlib import Path
 
 from onnxshard.distributed.stats import RunStats
+from onnxshard.errors import InputError
+from onnxshard.files import atomic_writer, check_writable
 
 
 def _rows(stats: RunStats):
@@ -77,26 +80,37 @@ def _mean_idle(stats: RunStats) -> float:
     return sum(s.idle_fraction for s in stats.stages) / max(1, len(stats.stages))
 
 
+def check_timeline_path(path: str | os.PathLike) -> Path:
+    """``path`` if a timeline (and its trace beside it) can be written there, else :class:`InputError`; call it
+    before the run, so a bad path never costs the run's results."""
+    path = check_writable(path, "--timeline", (".html", ".png"))
+    if path.suffix.lower() == ".png" and importlib.util.find_spec("matplotlib") is None:
+        raise InputError(f"--timeline {path}: a .png timeline needs matplotlib (pip install matplotlib); "
+                         ".html needs nothing")
+    return path
+
+
 def write_timeline(stats: RunStats, path: str | os.PathLike) -> list[Path]:
-    """Write ``path`` (.html or .png) and a Chrome trace beside it (``.trace.json``); return the files written."""
-    path = Path(path)
+    """Write ``path`` (.html or .png) and a Chrome trace beside it (``.trace.json``), each atomically; return the
+    files written."""
+    path = check_timeline_path(path)
     trace = path.with_suffix(".trace.json")
-    trace.write_text(json.dumps(chrome_trace(stats)))
-    if path.suffix == ".png":
-        _png(stats, path)
-    else:
-        path.write_text(html_timeline(stats))
+    with atomic_writer(trace, "w") as f:
+        f.write(json.dumps(chrome_trace(stats)))
+    with atomic_writer(path, "wb" if path.suffix.lower() == ".png" else "w") as f:
+        if path.suffix.lower() == ".png":
+            _png(stats, f)
+        else:
+            f.write(html_timeline(stats))
     return [path, trace]
 
 
-def _png(stats: RunStats, path: Path) -> None:
-    try:
-        import matplotlib
+def _png(stats: RunStats, path) -> None:
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise RuntimeError("a .png timeline needs matplotlib (pip install matplotlib); .html needs nothing") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     calls, t0, span = _rows(stats)
     workers = sorted({_worker(c) for c in calls})
     fig, ax = plt.subplots(figsize=(12, 1 + 0.5 * len(workers)))
@@ -108,5 +122,5 @@ def _png(stats: RunStats, path: Path) -> None:
     ax.set_xlabel("ms")
     ax.set_title(f"efficiency {1 - _mean_idle(stats):.1%}, GPipe bound {stats.gpipe_bound:.1%}")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)

@@ -1,6 +1,6 @@
 """Split an ONNX model into pipeline stages. Knows nothing of Ray or ONNX Runtime.
 
-``partition`` is pure planning plus file writing: model metadata in, a saved :class:`~onnxshard.plan.Plan` out.
+``partition`` is pure planning plus file writing: model metadata in, a saved :class:`~onnxshard.plans.Plan` out.
 Whatever needs ONNX Runtime (measured costs, typing tensors shape inference cannot) comes in as plain data or a
 callback from :mod:`onnxshard.api`.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +25,9 @@ from onnxshard.partitioner.cuts import choose_bounds, cut_bytes_per_position, fe
 from onnxshard.partitioner.graph import Graph, analyse
 from onnxshard.partitioner.model import is_external, iter_tensors, load_lazy, node_tensors, tensor_nbytes
 from onnxshard.partitioner.shards import StageGraph, WeightWriter, build_model, links_possible
-from onnxshard.plan import Plan, Stage, Step, TensorSpec, Weights, human_bytes, is_plan_dir
+from onnxshard.plans import Plan, Stage, Step, TensorSpec, Weights, foreign_files, human_bytes
 
-__all__ = ["Analysis", "analyse_model", "input_specs", "partition"]
+__all__ = ["Analysis", "analyse_model", "check_out", "input_specs", "partition"]
 
 TypeOracle = Callable[[onnx.ModelProto, Path, list[str]], dict[str, TensorSpec]]
 
@@ -79,16 +79,18 @@ def partition(
     copy_weights: bool = False,
     source: str | os.PathLike | None = None,
     tensor_parallel: int | None = None,
+    hash_weights: bool = False,
 ) -> Plan:
     """Choose stage bounds and write the plan folder ``out`` (atomically: nothing half-written on error).
 
     ``node_times`` (node name -> measured seconds) replaces the analytic FLOP estimate as the balance cost.
     ``source`` is the model the plan reproduces, when ``analysis`` is of a rewritten copy of it.
     ``tensor_parallel`` splits every stage's layers over that many ranks; ``None`` with ``max_stage_memory``
-    picks the degree (1, 2, 4 or 8) that fits in the fewest workers.
+    picks the degree (1, 2, 4 or 8) that fits in the fewest workers. ``hash_weights``: record a digest of every
+    weight byte (see :meth:`Plan.save`).
     """
-    out = Path(out)
-    _check_out(out)
+    out = Path(os.path.abspath(out))
+    check_out(out, [analysis.path, Path(source or analysis.path)])
     graph = analysis.graph
     pins = graph.pinned_stages()
     if pins and all(p is not None for p in pins):
@@ -143,7 +145,7 @@ def partition(
     pieces = _stage_graphs(graph, analysis.specs, bounds)
     flops = [c.flops for c in costs]
     return _write(analysis, pieces, bounds, flops, out, copy_weights, "profile" if node_times else "analytic", cap,
-                  Path(source or analysis.path), layout)
+                  Path(source or analysis.path), layout, hash_weights)
 
 
 def _choose_degree(analysis, balance, params, cut_bytes, cap, pins, stages) -> int:
@@ -199,9 +201,31 @@ def _fewest(graph, balance, params, cut_bytes, cap, pins) -> int:
     return stages
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_plan_dir(out))):
-        raise PlanError(f"--out {out} exists and is not a plan folder; choose an empty or new folder")
+def check_out(out: str | os.PathLike, keep: Sequence[str | os.PathLike] = ()) -> None:
+    """Refuse a plan folder ``out`` whose replacement could remove anything onnxshard did not write: a file, a
+    folder holding (or being) the working folder or one of the ``keep`` paths (the model), a folder that is not
+    an onnxshard plan, or a plan folder holding anything its own ``plan.json`` does not list."""
+    out = Path(os.path.abspath(out))
+    if out.exists() and not out.is_dir():
+        raise PlanError(f"--out {out} is a file; give a new folder (or an old plan folder) for the plan")
+    for path in [Path.cwd(), *map(Path, keep)]:
+        real = Path(os.path.realpath(path))
+        if real == Path(os.path.realpath(out)) or Path(os.path.realpath(out)) in real.parents:
+            what = "the current folder" if path == Path.cwd() else str(path)
+            raise PlanError(f"--out {out} holds {what}; write the plan to a new folder elsewhere")
+    if not out.is_dir():
+        _check_can_create(out)
+        return
+    if not any(out.iterdir()):
+        return
+    extra = foreign_files(out)
+    if extra is None:
+        raise PlanError(f"--out {out} exists, is not empty and is not a plan folder of onnxshard; choose a new or "
+                        "empty folder")
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise PlanError(f"--out {out} is a plan folder that also holds files onnxshard did not write ({shown}); "
+                        "move them or choose another folder")
 
 
 def _reorder_for_pins(graph: Graph, pins: list[int]) -> None:
@@ -306,10 +330,15 @@ def _spec(specs, name) -> TensorSpec:
     return spec
 
 
-def _write(analysis, pieces, bounds, flops, out, copy_weights, cost_source, cap, model_path, layout=None) -> Plan:
+def _write(analysis, pieces, bounds, flops, out, copy_weights, cost_source, cap, model_path, layout=None,
+           hash_weights=False) -> Plan:
     graph, specs, dims = analysis.graph, analysis.specs, analysis.dims
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # the usual permissions (umask), not mkdtemp's 0700
+    except OSError as e:
+        raise PlanError(f"--out {out}: cannot create a folder in {out.parent} ({e.strerror or e})") from None
     try:
         models = [build_model(graph.model, piece, len(pieces)) for piece in pieces]
         mode = "none"
@@ -345,14 +374,43 @@ def _write(analysis, pieces, bounds, flops, out, copy_weights, cost_source, cap,
         plan = Plan(model=str(model_path.resolve()), inputs=tuple(_spec(specs, x) for x in graph.inputs),
                     outputs=tuple(_spec(specs, x) for x in graph.outputs), stages=tuple(stages), weights=weights,
                     cost_source=cost_source)
-        plan.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        plan.save(tmp, hash_weights=hash_weights)
+        _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Plan.load(out)
+
+
+def _check_can_create(out: Path) -> None:
+    """Refuse at once (before any planning) a folder that cannot be made: its first existing parent must take a
+    new folder (the only reliable test, with permissions, read-only mounts and /proc)."""
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        probe = parent / f".onnxshard-probe-{secrets.token_hex(4)}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise PlanError(f"--out {out}: cannot create a folder in {parent} ({e.strerror or e})") from None
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Put the finished plan folder ``new`` at ``out``; an old plan there (checked again: nothing else may have
+    appeared in it meanwhile) is moved aside first and removed only once the new one is in place."""
+    if not out.exists():
+        new.rename(out)
+        return
+    check_out(out)
+    old = out.parent / f".{out.name}.{secrets.token_hex(4)}.old"
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_ranks(graph: Graph, specs, layout: tp.Layout, piece: StageGraph, lo: int, hi: int, writer: WeightWriter,

@@ -14,7 +14,7 @@ from onnx import TensorProto
 from onnxshard import dtypes
 from onnxshard.partitioner.graph import Graph
 from onnxshard.partitioner.model import is_external, load_inline, tensor_nbytes
-from onnxshard.plan import TensorSpec, spec_bytes
+from onnxshard.plans import TensorSpec, spec_bytes
 
 SMALL_INT_BYTES = 1 << 16  # external int64 initializers up to this size are read to help shape inference
 

@@ -16,7 +16,7 @@ from onnx import TensorProto, numpy_helper
 from onnxshard import dtypes
 from onnxshard.partitioner.graph import STAGE_CONFIG
 from onnxshard.partitioner.model import external_ref, is_external, iter_nodes, iter_tensors
-from onnxshard.plan import TensorSpec
+from onnxshard.plans import TensorSpec
 
 WEIGHTS_DIR = "weights"
 ALIGN = 4096  # ONNX Runtime memory-maps external data only at page-aligned offsets

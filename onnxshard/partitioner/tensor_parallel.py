@@ -34,7 +34,7 @@ from onnx import helper, numpy_helper
 from onnxshard.partitioner.cost import SMALL_INT_BYTES
 from onnxshard.partitioner.graph import Graph, node_reads
 from onnxshard.partitioner.model import is_external, load_inline, node_tensors, tensor_nbytes
-from onnxshard.plan import Reduce, TensorSpec
+from onnxshard.plans import Reduce, TensorSpec
 
 TP_CONFIG = "onnxshard.tp"  # configuration_id of the sharding_spec annotations onnxshard writes
 VOCAB_MIN_BYTES = 1 << 20  # embeddings at least this big are split by vocabulary rows

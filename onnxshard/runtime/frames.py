@@ -43,11 +43,11 @@ class LinkClosed(ConnectionError):
     """The other end of a link closed it (cleanly, or by dying)."""
 
 
-def listen(prefix: str, timeout: float | None = None) -> socket.socket:
-    """A Unix socket listening in a new private folder (mode 0700: only this user's processes can connect); its
-    path is ``sock.getsockname()``. ``timeout`` bounds ``accept``."""
+def listen(prefix: str, timeout: float | None = None, folder: str | None = None) -> socket.socket:
+    """A Unix socket listening in a new private folder (mode 0700: only this user's processes can connect) inside
+    ``folder`` (default: the temp folder); its path is ``sock.getsockname()``. ``timeout`` bounds ``accept``."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(os.path.join(tempfile.mkdtemp(prefix=prefix), "socket"))
+    server.bind(os.path.join(tempfile.mkdtemp(prefix=prefix, dir=folder), "socket"))
     server.listen(1)
     server.settimeout(timeout)
     return server

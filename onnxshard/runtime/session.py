@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,10 +12,14 @@ import numpy as np
 import onnxruntime as ort
 
 from onnxshard import dtypes
-from onnxshard.errors import InputError, ModelError, WorkerError
-from onnxshard.plan import TensorSpec
+from onnxshard.errors import InputError, ModelError, ResourceError, WorkerError
+from onnxshard.plans import TensorSpec
 
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+# What ONNX Runtime says when memory or a device gives out (the CPU arena, std::bad_alloc, CUDA/cuBLAS/cuDNN
+# allocation and device errors): a resource failure, not a fault in the data.
+RESOURCE_FAILURE = re.compile(r"bad_alloc|failed to allocate|out of memory|alloc_failed|CUDA failure|CUDA error|"
+                              r"cudaError|CUBLAS_STATUS|CUDNN_STATUS|device lost|MemoryError", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,9 @@ class ShardSession:
             values = self.session.run(self.output_names, args)
         except Exception as e:
             mb = f", micro-batch {micro_batch}" if micro_batch is not None else ""
+            if RESOURCE_FAILURE.search(str(e)):
+                raise ResourceError(f"{self.label}{mb}: out of memory or device failure in ONNX Runtime: "
+                                    f"{_first_line(e)}", stage=stage, micro_batch=micro_batch) from None
             raise WorkerError(f"{self.label}{mb}: ONNX Runtime failed: {e}", stage=stage,
                               micro_batch=micro_batch) from None
         return dict(zip(self.output_names, values))
@@ -185,3 +193,8 @@ def check_array(value, spec: TensorSpec, *, where: str) -> None:
 
 def _shape_text(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from onnxshard.plan import Plan, Reduce, Stage
+from onnxshard.plans import Plan, Reduce, Stage
 from onnxshard.runtime.session import RuntimeConfig, ShardSession
 
 

@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from onnxshard import dtypes
 from onnxshard.errors import InputError, ModelError
-from onnxshard.plan import Plan, TensorSpec
+from onnxshard.plans import Plan, TensorSpec
 from onnxshard.runtime.session import RuntimeConfig, ShardSession, check_feeds, open_session
 from onnxshard.runtime.tensor_parallel import TensorParallelStage
 

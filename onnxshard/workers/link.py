@@ -32,9 +32,9 @@ ACCEPT_TIMEOUT_S = 60.0
 class Link:
     """Listens on creation; :meth:`start` connects downstream, accepts upstream and serves in the background."""
 
-    def __init__(self, handle: Handler):
+    def __init__(self, handle: Handler, folder: str | None = None):
         self._handle = handle
-        self._server = frames.listen("onnxshard-link-", ACCEPT_TIMEOUT_S)
+        self._server = frames.listen("onnxshard-link-", ACCEPT_TIMEOUT_S, folder)
         self.path = self._server.getsockname()
         self._sockets = [self._server]
         self._closed = threading.Event()

@@ -13,10 +13,12 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 
+from onnxshard import dtypes
 from onnxshard.errors import OnnxShardError, WorkerError
-from onnxshard.plan import Plan
+from onnxshard.plans import Plan
 from onnxshard.runtime import RuntimeConfig, ShardSession, arrow
 from onnxshard.runtime.tensor_parallel import RankShard
 from onnxshard.workers.link import Link
@@ -81,11 +83,29 @@ class StageWorker:
         self._held: collections.OrderedDict = collections.OrderedDict()
         self._held_lock = threading.Lock()
         self._keep = 0
+        self.warm_s = self._warm() if not self.stage.steps else None
+
+    def _warm(self) -> float | None:
+        """Run the shard once on a one-sample input of zeros (symbolic dims as 1), so ONNX Runtime's slow first
+        run (allocations, kernel choice) is paid at start-up and not by the first request; its time seeds the
+        coordinator's call deadline. A model that refuses such an input just starts cold (``None``)."""
+        feeds = {}
+        for t in self.stage.inputs:
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in (t.shape or ())]
+            feeds[t.name] = np.zeros(shape, dtype=object if t.dtype == "string" else dtypes.numpy_dtype(t.dtype))
+            if t.dtype == "string":
+                feeds[t.name][...] = ""
+        t0 = time.perf_counter()
+        try:
+            self.session.run(feeds)
+        except Exception:  # noqa: BLE001 - zeros are not valid for every model (ids, shapes): start cold
+            return None
+        return time.perf_counter() - t0
 
     def ready(self) -> dict:
         """Where and how this worker runs (the coordinator waits on it after starting the actor)."""
         return {"stage": self.index, "rank": self.rank, "pid": os.getpid(), "providers": self.providers,
-                "threads": self.config.intra_op_threads, "node": _node_id()}
+                "threads": self.config.intra_op_threads, "node": _node_id(), "warm_s": self.warm_s}
 
     def run(self, packet: Packet, micro_batch: int) -> Packet:
         """Run one micro-batch. A packet is ``(batch or Failure, stats of the calls so far)``: one object per hop,
@@ -135,11 +155,12 @@ class StageWorker:
         return result, calls
 
     # -- direct transport (see workers/link.py) --------------------------------------------------------------
-    def open_link(self) -> str:
-        """Close any link this worker serves and listen for a new one; returns the socket path to send to."""
+    def open_link(self, folder: str | None = None) -> str:
+        """Close any link this worker serves and listen for a new one, its socket inside ``folder`` (the
+        coordinator's, which it removes at close even if this worker was killed); returns the path to send to."""
         if self._link is not None:
             self._link.close()
-        self._link = Link(self._serve_frame)
+        self._link = Link(self._serve_frame, folder)
         return self._link.path
 
     def start_link(self, downstream: str, hold_over: int | None = None, keep: int = 0) -> None:
@@ -189,6 +210,8 @@ class StageWorker:
             result, reduce_s = work()
         except OnnxShardError as e:
             result = Failure(self.index, micro_batch, str(e), type(e).__name__)
+        except MemoryError as e:  # numpy or Arrow could not allocate: the worker's memory, not the data
+            result = Failure(self.index, micro_batch, f"stage {self.index}: out of memory ({e})", "ResourceError")
         except Exception as e:  # an unexpected bug still reaches the caller as a value, with its type
             where = f"stage {self.index}" + (f" rank {self.rank} step {step}" if self.stage.steps else "")
             result = Failure(self.index, micro_batch, f"{where}: {type(e).__name__}: {e}")

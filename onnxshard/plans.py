@@ -18,9 +18,16 @@ from onnxshard import dtypes
 from onnxshard.errors import PlanError
 
 FORMAT = "onnxshard.plan"
-VERSION = 2  # 2 added tensor-parallel stages (``steps``); a plan without them is still written as version 1
-READS = (1, 2)
+# 2 added tensor-parallel stages (``steps``); 3 added weight digests, which every plan must now carry
+VERSION = 3
+READS = (3,)
 PLAN_FILE = "plan.json"
+# Weight files up to this size are hashed whole when a plan is saved and whenever it is loaded; larger ones by a
+# sample of SAMPLE_BLOCKS blocks of SAMPLE_BLOCK bytes spread over the file (plus the size), so planning stays lazy
+# (1 MiB read per large file). `check_files(full=True)` (`onnxshard verify --weights`) hashes every byte against
+# the full digests (recorded for large files by `plan --hash-weights`).
+FULL_CHECK_BYTES = 64 << 20
+SAMPLE_BLOCKS, SAMPLE_BLOCK = 256, 4096
 
 Dim = int | str | None
 
@@ -167,12 +174,29 @@ class Weights:
     ``mode`` is ``link`` (hard links to the model's weight files in ``weights/``: no bytes copied), ``copy``
     (a self-contained per-stage copy in ``weights/``), ``external`` (the model's own folder, ``dir`` absolute;
     used when hard links are impossible) or ``none`` (all weights inline in the stage files).
-    ``files`` maps each weight file, relative to ``dir``, to its size in bytes.
+    ``files`` maps each weight file, relative to ``dir``, to its size in bytes; ``sample`` to its
+    :func:`sample_digest` (checked at every load) and ``sha256`` to the digest of all its bytes (files up to
+    ``FULL_CHECK_BYTES``, and every file of a plan made with ``hash_weights``), recorded when the plan is saved.
     """
 
     mode: str = "none"
     dir: str = "weights"
     files: dict[str, int] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)
+    sample: dict[str, str] = field(default_factory=dict)
+
+    def folder(self, root: Path | None) -> Path | None:
+        """The folder ``files`` are relative to (``None`` without weight files)."""
+        if self.mode == "none":
+            return None
+        if self.mode == "external":
+            wdir = Path(self.dir)
+            if not wdir.is_absolute():
+                raise PlanError(f"external weights folder {wdir} must be absolute in plan.json")
+            return wdir
+        if self.mode in ("link", "copy"):
+            return root
+        raise PlanError(f"plan in {root} has unknown weights mode {self.mode!r}")
 
 
 @dataclass(frozen=True)
@@ -212,55 +236,71 @@ class Plan:
 
     def to_json(self) -> dict:
         return {
-            "format": FORMAT, "version": VERSION if any(s.steps for s in self.stages) else 1, "model": self.model,
+            "format": FORMAT, "version": VERSION, "model": self.model,
             "cost_source": self.cost_source,
             "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
             "weights": asdict(self.weights), "stages": [s.to_json() for s in self.stages],
         }
 
-    def save(self, directory: str | os.PathLike) -> Plan:
-        """Write ``plan.json`` into ``directory`` (where the stage files already are) and return the bound plan."""
+    def save(self, directory: str | os.PathLike, *, hash_weights: bool = False) -> Plan:
+        """Write ``plan.json`` into ``directory`` (where the stage files already are) and return the bound plan.
+        Records each stage file's sha256 and each weight file's :func:`sample_digest`; the sha256 of every byte
+        for weight files up to ``FULL_CHECK_BYTES`` (the same work) and, with ``hash_weights``, for all of them
+        (reads every weight byte once: seconds per GB)."""
         root = Path(directory)
         stages = tuple(
             replace(s, steps=tuple(replace(st, sha256=tuple(_sha256(root / f) for f in st.files)) for st in s.steps))
             if s.steps else replace(s, sha256=_sha256(root / s.file)) for s in self.stages)
-        bound = replace(self, stages=stages, root=root)
+        wdir = self.weights.folder(root)
+        paths = {name: contained(wdir, name, what="weight file") for name in self.weights.files}
+        sample = {n: sample_digest(p) for n, p in paths.items()}
+        sha256 = {n: sample[n] if p.stat().st_size <= FULL_CHECK_BYTES else _sha256(p) for n, p in paths.items()
+                  if hash_weights or p.stat().st_size <= FULL_CHECK_BYTES}
+        bound = replace(self, stages=stages, weights=replace(self.weights, sha256=sha256, sample=sample), root=root)
         tmp = root / (PLAN_FILE + ".tmp")
         tmp.write_text(json.dumps(bound.to_json(), indent=1))
         tmp.replace(root / PLAN_FILE)
         return bound
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> Plan:
-        """Read and check a plan folder: format, paths, stage file hashes and weight file sizes."""
+    def load(cls, directory: str | os.PathLike, *, full_check: bool = False) -> Plan:
+        """Read and check a plan folder: format, paths, wiring, stage file hashes, and weight files (size and
+        sampled digest; every byte with ``full_check``)."""
         root = Path(directory)
-        path = root / PLAN_FILE
-        if not path.is_file():
-            raise PlanError(f"{root} is not a plan folder: {PLAN_FILE} is missing; make one with `onnxshard plan`")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PlanError(f"{path} is not valid JSON ({e}); re-run `onnxshard plan`") from e
+        plan = cls.from_json(_read_plan_json(root), root)
+        plan.check_files(full=full_check)
+        return plan
+
+    @classmethod
+    def from_json(cls, d: dict, root: Path | None = None) -> Plan:
+        """A plan from parsed ``plan.json`` (format and version checked; files are not looked at)."""
+        path = (root or Path(".")) / PLAN_FILE
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise PlanError(f"{path} is not an onnxshard plan (format {d.get('format') if isinstance(d, dict) else d!r})")
         if d.get("version") not in READS:
-            raise PlanError(f"{path} has plan version {d.get('version')}, this onnxshard reads versions "
-                            f"{', '.join(map(str, READS))}; re-plan")
+            raise PlanError(f"{path} has plan version {d.get('version')}, this onnxshard reads version(s) "
+                            f"{', '.join(map(str, READS))}; re-run `onnxshard plan`")
         try:
-            plan = cls(
+            if not all(isinstance(d.get(k), list) for k in ("inputs", "outputs", "stages")):
+                raise TypeError("'inputs', 'outputs' and 'stages' must be lists")
+            weights = d.get("weights", {})
+            if not isinstance(weights, dict) or not all(isinstance(weights.get(k, {}), dict)
+                                                        for k in ("files", "sha256", "sample")):
+                raise TypeError("'weights' must be an object whose files, sha256 and sample are objects")
+            return cls(
                 model=str(d["model"]), cost_source=str(d.get("cost_source", "analytic")),
                 inputs=_specs_from_json(d["inputs"]),
                 outputs=_specs_from_json(d["outputs"]),
                 stages=tuple(Stage.from_json(s) for s in d["stages"]),
-                weights=Weights(**d.get("weights", {})), root=root,
+                weights=Weights(**weights), root=root,
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"{path} is malformed ({type(e).__name__}: {e}); re-run `onnxshard plan`") from e
-        plan.check_files()
-        return plan
 
-    def check_files(self) -> None:
-        """Raise :class:`PlanError` unless every stage and weight file is present, inside its folder and unaltered."""
+    def check_files(self, *, full: bool = False) -> None:
+        """Raise :class:`PlanError` unless the stages connect and every stage and weight file is present, inside
+        its folder and unaltered. Weight files are checked by size and :func:`sample_digest` (whole files up to
+        ``FULL_CHECK_BYTES``); ``full`` hashes every byte."""
         if not self.stages:
             raise PlanError(f"plan in {self.root} has no stages")
         for i, stage in enumerate(self.stages):
@@ -272,19 +312,14 @@ class Plan:
                 file = contained(self.root, name, what=f"stage {i} file")
                 if not file.is_file():
                     raise PlanError(f"stage {i} file {file} is missing; re-run `onnxshard plan`")
-                if digest and _sha256(file) != digest:
+                if not isinstance(digest, str) or len(digest) != 64:
+                    raise PlanError(f"stage {i} file {name!r} has no sha256 in plan.json ({digest!r}); it cannot be "
+                                    "checked: re-run `onnxshard plan`")
+                if _sha256(file) != digest:
                     raise PlanError(f"stage {i} file {file} was altered after planning (sha256 differs); "
                                     "re-run `onnxshard plan`")
-        if self.weights.mode == "none":
-            return
-        if self.weights.mode == "external":
-            wdir = Path(self.weights.dir)
-            if not wdir.is_absolute():
-                raise PlanError(f"external weights folder {wdir} must be absolute in plan.json")
-        elif self.weights.mode in ("link", "copy"):
-            wdir = self.root
-        else:
-            raise PlanError(f"plan in {self.root} has unknown weights mode {self.weights.mode!r}")
+        self._check_wiring()
+        wdir = self.weights.folder(self.root)
         for name, size in self.weights.files.items():
             file = contained(wdir, name, what="weight file")
             if not file.is_file():
@@ -292,6 +327,38 @@ class Plan:
             if file.stat().st_size != size:
                 raise PlanError(f"weight file {file} is {file.stat().st_size} bytes, the plan expects {size}; "
                                 "it changed after planning: re-run `onnxshard plan`")
+            want = (self.weights.sha256 if full else self.weights.sample).get(name)
+            if full and name not in self.weights.sha256:
+                raise PlanError(f"weight file {name!r} is over {human_bytes(FULL_CHECK_BYTES)} and the plan holds only "
+                                "its sampled digest; re-plan with --hash-weights to record a digest of every byte")
+            if not isinstance(want, str) or len(want) != 64:
+                raise PlanError(f"weight file {name!r} has no digest in plan.json; it cannot be checked: re-run "
+                                "`onnxshard plan`")
+            if (_sha256(file) if full else sample_digest(file)) != want:
+                raise PlanError(f"weight file {file} changed after planning (same size, different bytes); restore "
+                                "it or re-run `onnxshard plan`")
+
+    def _check_wiring(self) -> None:
+        """Every stage reads only what reaches it (graph inputs, or what the stage before sends on), and the last
+        stage sends every graph output: a duplicated, dropped or reordered stage entry is refused here."""
+        arriving = {t.name for t in self.inputs}
+        for stage in self.stages:
+            missing = [n for n in stage.input_names + list(stage.carry) if n not in arriving]
+            if missing:
+                raise PlanError(f"plan in {self.root}: stage {stage.index} reads {missing}, which no earlier stage "
+                                "sends; plan.json was edited or damaged: re-run `onnxshard plan`")
+            arriving = set(stage.output_names) | set(stage.carry)
+        missing = [n for n in self.output_names if n not in arriving]
+        if missing:
+            raise PlanError(f"plan in {self.root}: no stage sends the model outputs {missing}; plan.json was edited "
+                            "or damaged: re-run `onnxshard plan`")
+
+    def listing(self) -> set[str]:
+        """Every file this plan wrote into its folder (relative POSIX paths), ``plan.json`` included."""
+        names = {PLAN_FILE} | {f for s in self.stages for f, _ in s.files()}
+        if self.weights.mode in ("link", "copy"):
+            names |= set(self.weights.files)
+        return {Path(n).as_posix() for n in names}
 
     def spec(self, name: str) -> TensorSpec:
         """The spec of any tensor the plan names (graph inputs and outputs, stage and step boundaries)."""
@@ -348,6 +415,51 @@ def is_plan_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / PLAN_FILE).is_file()
 
 
+def _read_plan_json(root: Path) -> dict:
+    path = root / PLAN_FILE
+    if not path.is_file():
+        raise PlanError(f"{root} is not a plan folder: {PLAN_FILE} is missing; make one with `onnxshard plan`")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PlanError(f"{path} is not valid JSON ({e}); re-run `onnxshard plan`") from e
+
+
+def foreign_files(root: str | os.PathLike) -> list[str] | None:
+    """What in folder ``root`` onnxshard did not write: ``None`` if it is not an onnxshard plan folder at all,
+    else the entries (relative paths) that its own ``plan.json`` does not list (empty: only plan files)."""
+    root = Path(root)
+    try:
+        listed = Plan.from_json(_read_plan_json(root), root).listing()
+    except PlanError:
+        return None
+    folders = {p.as_posix() for name in listed for p in Path(name).parents if p != Path(".")}
+    extra = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath).relative_to(root)
+        for d in list(dirnames):
+            rel = (here / d).as_posix()
+            if rel not in folders or os.path.islink(os.path.join(dirpath, d)):
+                extra.append(rel + "/")
+                dirnames.remove(d)
+        extra += [(here / f).as_posix() for f in filenames if (here / f).as_posix() not in listed]
+    return sorted(extra)
+
+
+def sample_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's size and of ``SAMPLE_BLOCKS`` blocks spread evenly over it (of every byte, for a file up
+    to ``FULL_CHECK_BYTES``): cheap to check at every load, whatever the weights weigh."""
+    size = os.path.getsize(path)
+    if size <= FULL_CHECK_BYTES:
+        return _sha256(Path(path))
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for i in range(SAMPLE_BLOCKS):
+            f.seek(i * (size - SAMPLE_BLOCK) // (SAMPLE_BLOCKS - 1))
+            h.update(f.read(SAMPLE_BLOCK))
+    return h.hexdigest()
+
+
 def contained(root: Path, relative: str, *, what: str) -> Path:
     """``root / relative``, refusing absolute paths and any path (symlinks included) that resolves outside ``root``."""
     if os.path.isabs(relative) or not relative:
@@ -391,6 +503,8 @@ def spec_bytes(spec: TensorSpec, dims: dict[str, int] | None = None) -> int:
 
 
 def _specs_from_json(items) -> tuple[TensorSpec, ...]:
+    if not isinstance(items, list) or not all(isinstance(t, dict) for t in items):
+        raise TypeError(f"a tensor list must be a list of objects, got {items!r:.60}")
     return tuple(TensorSpec.from_json(t) for t in items)
 
 
