@@ -116,10 +116,10 @@ def direct_link_ms(batch, median_ms) -> float:
 
     @ray.remote(num_cpus=1)
     class EchoLink:
-        def open_link(self):
+        def open_link(self, folder=None):
             from onnxshard.workers.link import Link
 
-            self.link = Link(lambda micro_batch, b, meta: (b, meta))
+            self.link = Link(lambda micro_batch, b, meta: (b, meta), folder)
             return self.link.path
 
         def start_link(self, downstream, hold_over=None, keep=0):  # the echo holds nothing back

@@ -145,9 +145,13 @@ class Verification:
 
 def verify(model_or_plan: str | os.PathLike | Plan, *, stages: int | None = None,
            feeds: dict[str, np.ndarray] | None = None, dims: dict[str, int] | None = None,
-           tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, **plan_options) -> Verification:
+           tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, micro_batch_size: int | None = None,
+           **plan_options) -> Verification:
     """Run the stages one after another in this process and compare each output with plain ONNX Runtime on the
-    whole model. A model path is planned first (into a temporary folder) with ``stages`` and ``plan_options``."""
+    whole model. A model path is planned first (into a temporary folder) with ``stages`` and ``plan_options``.
+    ``micro_batch_size``: cut the batch into micro-batches of this size along its batch axis and run both the
+    stages and ORT per micro-batch, as a pipeline does (for a model whose samples depend on each other, the
+    whole-batch result differs, and this is the check that holds)."""
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < float("inf"):
         raise PlanError(f"tolerance must be a finite number of at least 0 (got {tolerance!r})")
     dims = check_dims(dims)
@@ -158,10 +162,32 @@ def verify(model_or_plan: str | os.PathLike | Plan, *, stages: int | None = None
     else:
         with tempfile.TemporaryDirectory(prefix="onnxshard-verify-") as tmp:
             the_plan = plan(model_or_plan, Path(tmp) / "plan", stages=stages, dims=dims, **plan_options)
-            return verify(the_plan, feeds=feeds, dims=dims, tolerance=tolerance, seed=seed)
+            return verify(the_plan, feeds=feeds, dims=dims, tolerance=tolerance, seed=seed,
+                          micro_batch_size=micro_batch_size)
     if not Path(the_plan.model).is_file():
         raise PlanError(f"the plan's source model {the_plan.model} is gone; verify needs it as the reference")
     feeds = feeds if feeds is not None else tools.random_feeds(the_plan.inputs, dims=dims, seed=seed)
-    reference = tools.run_model(the_plan.model, feeds)
-    got = tools.run_stages(the_plan, feeds)
+    if micro_batch_size is not None:
+        reference, got = _per_micro_batch(the_plan, feeds, _count(micro_batch_size, "micro_batch_size"))
+    else:
+        reference = tools.run_model(the_plan.model, feeds)
+        got = tools.run_stages(the_plan, feeds)
     return Verification(the_plan, tools.max_differences(reference, got), tolerance)
+
+
+def _per_micro_batch(the_plan: Plan, feeds: dict[str, np.ndarray], size: int):
+    """ORT on the whole model and the stages in sequence, each run per micro-batch of ``size`` and put back
+    together along the batch axes."""
+    from onnxshard.distributed import microbatch
+
+    axes = microbatch.infer_batch_axes(the_plan)
+    if axes is None:
+        raise PlanError("the batch axis of this model cannot be told, so it cannot be cut into micro-batches")
+    chunks = microbatch.split(feeds, axes, size)
+    sizes = [microbatch.batch_size(c, axes) for c in chunks]
+    sessions = tools.stage_sessions(the_plan)
+    reference, got = microbatch.Assembly(sizes, axes), microbatch.Assembly(sizes, axes)
+    for i, chunk in enumerate(chunks):
+        reference.add(i, tools.run_model(the_plan.model, chunk))
+        got.add(i, tools.run_stages(the_plan, chunk, sessions))
+    return reference.outputs, got.outputs

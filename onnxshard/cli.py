@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", help=".npz file of inputs (default: random inputs that fit the model)")
     p.add_argument("--tolerance", type=_tolerance, default=1e-5,
                    help="max absolute difference allowed (default 1e-5)")
+    p.add_argument("--micro-batch-size", type=_positive_int, metavar="M", help="run the stages and ORT per "
+                   "micro-batch of M samples, as the pipeline does (for models whose samples depend on each other)")
     p.add_argument("--weights", action="store_true", help="also hash every byte of the plan's weight files against "
                    "the digests recorded at plan time (loading checks sizes and a sample)")
     _plan_options(p)
@@ -294,7 +296,8 @@ def cmd_verify(args) -> int:
             raise InputError("--weights checks a plan folder's weight files; give a plan folder")
         target = Plan.load(args.target, full_check=True)
         print(f"weights: every byte of {len(target.weights.files)} file(s) matches the digests recorded at plan time")
-    result = verify(target, feeds=feeds, dims=_dims(args), tolerance=args.tolerance, **options)
+    result = verify(target, feeds=feeds, dims=_dims(args), tolerance=args.tolerance,
+                    micro_batch_size=args.micro_batch_size, **options)
     print(result.plan.table())
     print(result.report())
     return 0 if result.ok else 1

@@ -210,6 +210,9 @@ class Plan:
     weights: Weights = Weights()
     cost_source: str = "analytic"
     root: Path | None = field(default=None, compare=False)
+    # per symbolic input dim, the nodes whose result for one sample depends on the others along it (see
+    # partitioner.coupling): cutting or joining batches along that dim changes their results
+    batch_coupled: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def output_names(self) -> list[str]:
@@ -240,6 +243,7 @@ class Plan:
             "cost_source": self.cost_source,
             "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
             "weights": asdict(self.weights), "stages": [s.to_json() for s in self.stages],
+            "batch_coupled": {dim: list(notes) for dim, notes in self.batch_coupled.items()},
         }
 
     def save(self, directory: str | os.PathLike, *, hash_weights: bool = False) -> Plan:
@@ -293,6 +297,7 @@ class Plan:
                 outputs=_specs_from_json(d["outputs"]),
                 stages=tuple(Stage.from_json(s) for s in d["stages"]),
                 weights=Weights(**weights), root=root,
+                batch_coupled={str(dim): tuple(map(str, notes)) for dim, notes in d.get("batch_coupled", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"{path} is malformed ({type(e).__name__}: {e}); re-run `onnxshard plan`") from e
@@ -407,6 +412,8 @@ class Plan:
                 lines.append(f"stage {s.index}: tensor parallel x{s.tensor_parallel}, {len(s.steps)} steps, "
                              f"{reduces} reduces between ranks; weights per rank: {per_rank}")
             lines += [f"stage {s.index}: {note}" for note in s.notes]
+        for dim, notes in self.batch_coupled.items():
+            lines += [f"samples depend on each other along {dim!r}: {note}" for note in notes]
         return "\n".join(lines)
 
 

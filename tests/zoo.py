@@ -167,6 +167,16 @@ def failing_gather():
                   [h.make_tensor_value_info("y", T.FLOAT, ["batch", 4])], [table])
 
 
+def batch_coupled(axis=0, width=8, seed=0):
+    """Centres each column over ``axis`` (``axis=0``: over the batch, so a sample's result depends on the others in
+    its batch), then a linear layer."""
+    rng = np.random.default_rng(seed)
+    nodes = [h.make_node("ReduceMean", ["x"], ["mean"], axes=[axis], keepdims=1, name="batch_mean"),
+             h.make_node("Sub", ["x", "mean"], ["c"]), h.make_node("MatMul", ["c", "W"], ["y"])]
+    return _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["batch", width])],
+                  [h.make_tensor_value_info("y", T.FLOAT, ["batch", width])], [_w(rng, "W", width, width)])
+
+
 ZOO = {
     "mlp": mlp,
     "transformer": transformer,

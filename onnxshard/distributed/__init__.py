@@ -1,6 +1,16 @@
-"""The coordinator: placement, micro-batch scheduling, replicas."""
-
-from onnxshard.distributed.pipeline import Pipeline, PipelineConfig
-from onnxshard.distributed.stats import RunStats, StageStats
+"""The coordinator: placement, micro-batch scheduling, replicas. Ray is imported only when the pipeline is used,
+so the pure modules here (``microbatch``, ``sizing``, ``requests``, ``limits``) stay light."""
 
 __all__ = ["Pipeline", "PipelineConfig", "RunStats", "StageStats"]
+
+
+def __getattr__(name: str):
+    if name in ("Pipeline", "PipelineConfig"):
+        from onnxshard.distributed import pipeline
+
+        return getattr(pipeline, name)
+    if name in ("RunStats", "StageStats"):
+        from onnxshard.distributed import stats
+
+        return getattr(stats, name)
+    raise AttributeError(f"module 'onnxshard.distributed' has no attribute {name!r}")

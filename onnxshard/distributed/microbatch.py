@@ -62,6 +62,17 @@ def infer_batch_axes(plan: Plan, given: dict[str, int | None] | str | None = Non
     return axes
 
 
+def batch_dim(plan: Plan, axes: BatchAxes | None) -> str | None:
+    """The symbolic dim name the batch axes point at (``None``: no batch axis, or a fixed size)."""
+    if axes is None:
+        return None
+    for t in plan.inputs:
+        axis = axes.inputs.get(t.name)
+        if axis is not None and t.shape and isinstance(t.shape[axis], str):
+            return t.shape[axis]
+    return None
+
+
 def _axes_from_map(plan: Plan, given: dict[str, int | None]) -> BatchAxes:
     """Axes the user named, and for the other tensors the axis of the dim those axes point at."""
     tensors = {t.name: t for t in plan.inputs + plan.outputs}

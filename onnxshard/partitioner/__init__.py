@@ -21,6 +21,7 @@ import onnx
 from onnxshard.errors import PlanError
 from onnxshard.partitioner import cost as costmod
 from onnxshard.partitioner import tensor_parallel as tp
+from onnxshard.partitioner.coupling import batch_coupled
 from onnxshard.partitioner.cuts import choose_bounds, cut_bytes_per_position, fewest_stages
 from onnxshard.partitioner.graph import Graph, analyse
 from onnxshard.partitioner.model import is_external, iter_tensors, load_lazy, node_tensors, tensor_nbytes
@@ -373,7 +374,7 @@ def _write(analysis, pieces, bounds, flops, out, copy_weights, cost_source, cap,
                           files=writer.files)
         plan = Plan(model=str(model_path.resolve()), inputs=tuple(_spec(specs, x) for x in graph.inputs),
                     outputs=tuple(_spec(specs, x) for x in graph.outputs), stages=tuple(stages), weights=weights,
-                    cost_source=cost_source)
+                    cost_source=cost_source, batch_coupled=batch_coupled(graph, specs))
         plan.save(tmp, hash_weights=hash_weights)
         _replace(tmp, out)
     except BaseException:

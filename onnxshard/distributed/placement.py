@@ -1,0 +1,142 @@
+"""Where the stage workers run: one placement group for the whole pipeline (a bundle per worker), the workers
+started in their bundles, waited for, replaced in the same bundle when lost, and freed. Ray's placement groups
+never fail on their own (they wait), so a request the cluster can never grant is refused at once and a slow grant
+is bounded by ``placement_timeout_s``."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections import deque
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from onnxshard.distributed import cluster
+from onnxshard.distributed.config import PipelineConfig
+from onnxshard.errors import ClusterError, PlanError, WorkerError
+from onnxshard.plans import Plan
+from onnxshard.workers import StageWorker
+
+log = logging.getLogger(__name__)
+RETIRED = 100  # replaced workers remembered (killed again at close)
+
+
+class Placement:
+    """The workers of every replica: ``workers[replica][stage][rank]`` (actor handles) and ``info`` (what each
+    said when ready: node, pid, threads, warm-up seconds)."""
+
+    def __init__(self, plan: Plan, config: PipelineConfig, *, owns_ray: bool):
+        self.plan, self.config = plan, config
+        count = plan.num_workers * config.replicas
+        bundle = {"CPU": config.cpus_per_stage, **({"GPU": config.gpus_per_stage} if config.gpus_per_stage else {}),
+                  **config.resources}
+        self.bundle = {key: v for key, v in bundle.items() if v}
+        self.retired: deque = deque(maxlen=RETIRED)
+        self.workers: list[list[list]] = []
+        self.info: list[list[list[dict]]] = []
+        never = cluster.infeasible([self.bundle] * count, cluster.node_totals(), config.placement_strategy)
+        if never and (owns_ray or not cluster.autoscales()):  # waiting cannot help: say so now
+            raise ClusterError(f"the cluster can never place {count} stage workers of {self.bundle} ({never}); add "
+                               "nodes, lower cpus_per_stage/gpus_per_stage/replicas, or use fewer stages")
+        self.group = placement_group([dict(self.bundle) for _ in range(count)], strategy=config.placement_strategy)
+        try:
+            ray.get(self.group.ready(), timeout=config.placement_timeout_s)
+        except GetTimeoutError:
+            raise ClusterError(self._unsatisfiable(count)) from None
+        self.workers = [[self.spawn(r, s) for s in range(plan.num_stages)] for r in range(config.replicas)]
+        self.info = [[self.await_ready(ranks) for ranks in row] for row in self.workers]
+
+    def spawn(self, replica: int, stage: int) -> list:
+        """Start a stage's workers (one per tensor-parallel rank), each in its own placement-group bundle."""
+        cfg = self.config
+        first = replica * self.plan.num_workers + sum(s.tensor_parallel for s in self.plan.stages[:stage])
+        return [ray.remote(StageWorker).options(
+            num_cpus=cfg.cpus_per_stage, num_gpus=cfg.gpus_per_stage, resources=cfg.resources or None,
+            max_restarts=0, max_task_retries=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=first + rank),
+        ).remote(str(self.plan.root), stage, cfg.runtime, rank) for rank in range(self.plan.stages[stage].tensor_parallel)]
+
+    def await_ready(self, workers: list) -> list[dict]:
+        timeout = self.config.worker_start_timeout_s
+        try:
+            return ray.get([w.ready.remote() for w in workers], timeout=timeout)
+        except RayActorError as e:
+            raise WorkerError(f"a stage worker failed to start: {cause_of(e)}") from None
+        except GetTimeoutError:
+            raise WorkerError(f"stage workers did not load their shards within {timeout:g} s; raise "
+                              "worker_start_timeout_s for large shards") from None
+
+    def replace(self, replica: int, stage: int) -> list[dict]:
+        """Kill a stage's workers (all its ranks: they run each micro-batch together) and start new ones in their
+        bundles; returns what the new ones said when ready."""
+        old = self.workers[replica][stage]
+        self.retired.extend(old)
+        kill(old)
+        new = self.spawn(replica, stage)
+        self.workers[replica][stage] = new
+        self.info[replica][stage] = self.await_ready(new)
+        return self.info[replica][stage]
+
+    def warm_seconds(self) -> list[float]:
+        """Each worker's warm-up run (one sample), where it ran."""
+        return [w["warm_s"] for row in self.info for ranks in row for w in ranks if w.get("warm_s") is not None]
+
+    def transport(self, wanted: str) -> str:
+        """``direct`` where it applies (see PipelineConfig.transport), else ``ray``."""
+        if wanted == "ray":
+            return "ray"
+        here = ray.get_runtime_context().get_node_id()
+        why = None
+        if any(s.steps for s in self.plan.stages):
+            why = "a tensor-parallel stage exchanges values between its ranks through Ray"
+        elif any(w["node"] != here for row in self.info for ranks in row for w in ranks):
+            why = "some workers run on other nodes than the coordinator (direct links are Unix sockets)"
+        elif not hasattr(socket, "AF_UNIX"):
+            why = "this platform has no Unix sockets"
+        if why is None:
+            return "direct"
+        if wanted == "direct":
+            raise PlanError(f"transport 'direct' cannot be used here: {why}; use transport='ray' or 'auto'")
+        return "ray"
+
+    def close(self) -> None:
+        """Kill every worker, replaced ones included, and free the placement group."""
+        kill([w for row in self.workers for ranks in row for w in ranks] + list(self.retired))
+        self.workers = []
+        self.retired.clear()
+        try:
+            remove_placement_group(self.group)
+        except Exception:  # noqa: BLE001 - already gone with the cluster
+            pass
+
+    def _unsatisfiable(self, count: int) -> str:
+        total = ray.cluster_resources()
+        free = ray.available_resources()
+        need = {key: v * count for key, v in self.bundle.items()}
+        short = "; ".join(f"{key}: need {v:g}, cluster has {total.get(key, 0):g} ({free.get(key, 0):g} free)"
+                          for key, v in need.items() if total.get(key, 0) < v or free.get(key, 0) < v)
+        return (f"the cluster cannot place {count} stage workers of {self.bundle} within "
+                f"{self.config.placement_timeout_s:g} s ({short or 'resources are busy'}); add nodes, lower "
+                "cpus_per_stage/gpus_per_stage/replicas, or use fewer stages")
+
+
+def kill(workers) -> None:
+    for worker in workers:
+        try:
+            ray.kill(worker, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+
+
+def cause_of(e: Exception) -> str:
+    """The line of a Ray error that says what went wrong."""
+    from onnxshard.errors import OnnxShardError
+
+    cause = getattr(e, "cause", None) or getattr(e, "error_msg", None) or e
+    if isinstance(cause, OnnxShardError):
+        return str(cause)
+    text = str(cause).strip().splitlines()
+    return text[-1] if text else type(e).__name__
