@@ -1,0 +1,56 @@
+"""Micro-batch sizing as pure functions: the chosen size moves with the measured costs, without Ray."""
+
+import numpy as np
+import pytest
+import zoo
+
+import onnxshard
+from onnxshard.distributed import microbatch
+from onnxshard.distributed.sizing import best_size, check_fits, sample_bytes, stream_cap
+from onnxshard.errors import InputError
+
+
+def line(a, b):
+    """A stage that costs a + b x samples per micro-batch."""
+    return lambda s: a + b * s
+
+
+def test_a_batch_alone_is_split_more_as_the_pipeline_deepens():
+    slot = line(0.0, 1e-3)  # compute proportional to samples, no fixed cost
+    sizes = [best_size(64, stages=k, slot=slot, overhead_s=1e-4) for k in (1, 2, 4, 8)]
+    assert sizes[0] == 64  # one stage: nothing to overlap, one call is cheapest
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[1]  # more stages, smaller micro-batches
+
+
+def test_per_call_costs_push_towards_fewer_larger_micro_batches():
+    cheap = best_size(64, stages=4, slot=line(0.0, 1e-3), overhead_s=1e-5)
+    dear = best_size(64, stages=4, slot=line(0.0, 1e-3), overhead_s=5e-2)
+    fixed = best_size(64, stages=4, slot=line(5e-2, 1e-3), overhead_s=1e-5)  # an LSTM's sequential steps
+    assert cheap < dear and cheap < fixed
+
+
+def test_a_long_stream_tends_to_one_micro_batch_per_request():
+    slot = line(2e-3, 1e-3)  # each call costs something whatever its size
+    first = best_size(16, stages=4, slot=slot, overhead_s=1e-3, requests=1)
+    later = best_size(16, stages=4, slot=slot, overhead_s=1e-3, requests=100)
+    assert first < later == 16  # the fill and drain are shared with the batches before
+    sizes = [best_size(16, stages=4, slot=line(0.0, 1e-3), overhead_s=1e-4, requests=n) for n in (1, 10, 100)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]  # the same trend when calls cost only their samples
+
+
+def test_a_stream_cap_bounds_the_size_by_memory():
+    cap = stream_cap(1 << 20, stages=2, window=4, byte_limit=48 << 20)  # 1 MiB a sample: 48 MiB / 4 / (3 x 4)
+    assert cap == 1
+    assert stream_cap(1 << 10, stages=2, window=4, byte_limit=48 << 20) == 1024
+    assert best_size(64, stages=2, slot=line(1.0, 0.0), overhead_s=0.0, largest=cap) == 1  # capped
+
+
+def test_the_memory_check_names_what_it_needs(tmp_path):
+    path = zoo.save(zoo.mlp(layers=2, width=16), tmp_path / "m")
+    plan = onnxshard.plan(path, tmp_path / "p", stages=2)
+    axes = microbatch.infer_batch_axes(plan)
+    per_sample = sample_bytes(plan, axes, {"x": np.zeros((5, 16), np.float32)})
+    assert per_sample == (16 * 4, 16 * 4)
+    check_fits(per_sample, 100, 10, stages=2, window=4, limit=10**6)
+    with pytest.raises(InputError, match=r"would need about 19\.2 KB \(19\.2 KB of activations in flight, 6\.4 KB of outputs\), over the 1\.0 KB"):
+        check_fits(per_sample, 100, 1, stages=2, window=4, limit=1000)
