@@ -453,3 +453,29 @@ def test_no_out_choice_removes_a_file_onnxshard_did_not_write(tmp_path):
     outcomes: set[str] = set()
     _out_choices(model=model, root=tmp_path / "tree", outcomes=outcomes)
     assert outcomes == {"planned", "refused"}  # both branches ran
+
+
+def test_long_messages_are_one_line_and_verbose_shows_the_rest(monkeypatch, capsys):
+    from onnxshard import ModelError, cli
+
+    def fails(args):
+        raise ModelError("ONNX Runtime cannot load x.onnx: [ONNXRuntimeError] : 1 : FAIL\nStatus Message: detail\n"
+                         "more detail")
+
+    monkeypatch.setattr(cli, "cmd_verify", fails)
+    assert cli.main(["verify", "x.onnx"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["onnxshard: error: ONNX Runtime cannot load x.onnx: [ONNXRuntimeError] : 1 : FAIL (--verbose for "
+                   "details)"]
+    assert cli.main(["verify", "x.onnx", "--verbose"]) == 2
+    assert "more detail" in capsys.readouterr().err
+
+    def bug(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_verify", bug)
+    assert cli.main(["verify", "x.onnx"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "internal error" in err[0] and "KeyError" in err[0]
+    assert cli.main(["--verbose", "verify", "x.onnx"]) == 2
+    assert "Traceback" in capsys.readouterr().err

@@ -52,5 +52,6 @@ def test_the_memory_check_names_what_it_needs(tmp_path):
     per_sample = sample_bytes(plan, axes, {"x": np.zeros((5, 16), np.float32)})
     assert per_sample == (16 * 4, 16 * 4)
     check_fits(per_sample, 100, 10, stages=2, window=4, limit=10**6)
-    with pytest.raises(InputError, match=r"would need about 19\.2 KB \(19\.2 KB of activations in flight, 6\.4 KB of outputs\), over the 1\.0 KB"):
+    need = r"would need about 19\.2 KB \(19\.2 KB of activations in flight, 6\.4 KB of outputs\), over the 1\.0 KB"
+    with pytest.raises(InputError, match=need):
         check_fits(per_sample, 100, 1, stages=2, window=4, limit=1000)
