@@ -23,8 +23,8 @@ import onnxshard
 from onnxshard import models
 from onnxshard.bench import proc_status_bytes, start_local_ray
 from onnxshard.distributed import Pipeline
-from onnxshard.plans import human_bytes
 from onnxshard.runtime import RuntimeConfig
+from onnxshard.units import human_bytes
 
 
 def main() -> None:

@@ -13,8 +13,9 @@ import numpy as np
 
 from onnxshard import partitioner
 from onnxshard.errors import PlanError
-from onnxshard.plans import Plan, is_plan_dir, parse_bytes
+from onnxshard.plans import Plan, is_plan_dir
 from onnxshard.runtime import tools
+from onnxshard.units import parse_bytes
 
 DEFAULT_TOLERANCE = 1e-5
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from onnxshard.errors import InputError, OnnxShardError
 from onnxshard.files import check_writable, load_npz, save_npz
-from onnxshard.plans import Plan, human_bytes, is_plan_dir
+from onnxshard.plans import Plan, is_plan_dir
+from onnxshard.units import human_bytes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,6 @@ the plan folder or the model folder it names.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -15,19 +14,15 @@ from functools import cached_property
 from pathlib import Path
 
 from onnxshard import dtypes
+from onnxshard.digests import FULL_CHECK_BYTES, sample_digest, sha256_file
 from onnxshard.errors import PlanError
+from onnxshard.units import human_bytes
 
 FORMAT = "onnxshard.plan"
 # 2 added tensor-parallel stages (``steps``); 3 added weight digests, which every plan must now carry
 VERSION = 3
 READS = (3,)
 PLAN_FILE = "plan.json"
-# Weight files up to this size are hashed whole when a plan is saved and whenever it is loaded; larger ones by a
-# sample of SAMPLE_BLOCKS blocks of SAMPLE_BLOCK bytes spread over the file (plus the size), so planning stays lazy
-# (1 MiB read per large file). `check_files(full=True)` (`onnxshard verify --weights`) hashes every byte against
-# the full digests (recorded for large files by `plan --hash-weights`).
-FULL_CHECK_BYTES = 64 << 20
-SAMPLE_BLOCKS, SAMPLE_BLOCK = 256, 4096
 
 Dim = int | str | None
 
@@ -253,12 +248,12 @@ class Plan:
         (reads every weight byte once: seconds per GB)."""
         root = Path(directory)
         stages = tuple(
-            replace(s, steps=tuple(replace(st, sha256=tuple(_sha256(root / f) for f in st.files)) for st in s.steps))
-            if s.steps else replace(s, sha256=_sha256(root / s.file)) for s in self.stages)
+            replace(s, steps=tuple(replace(st, sha256=tuple(sha256_file(root / f) for f in st.files)) for st in s.steps))
+            if s.steps else replace(s, sha256=sha256_file(root / s.file)) for s in self.stages)
         wdir = self.weights.folder(root)
         paths = {name: contained(wdir, name, what="weight file") for name in self.weights.files}
         sample = {n: sample_digest(p) for n, p in paths.items()}
-        sha256 = {n: sample[n] if p.stat().st_size <= FULL_CHECK_BYTES else _sha256(p) for n, p in paths.items()
+        sha256 = {n: sample[n] if p.stat().st_size <= FULL_CHECK_BYTES else sha256_file(p) for n, p in paths.items()
                   if hash_weights or p.stat().st_size <= FULL_CHECK_BYTES}
         bound = replace(self, stages=stages, weights=replace(self.weights, sha256=sha256, sample=sample), root=root)
         tmp = root / (PLAN_FILE + ".tmp")
@@ -271,7 +266,7 @@ class Plan:
         """Read and check a plan folder: format, paths, wiring, stage file hashes, and weight files (size and
         sampled digest; every byte with ``full_check``)."""
         root = Path(directory)
-        plan = cls.from_json(_read_plan_json(root), root)
+        plan = cls.from_json(read_plan_json(root), root)
         plan.check_files(full=full_check)
         return plan
 
@@ -320,7 +315,7 @@ class Plan:
                 if not isinstance(digest, str) or len(digest) != 64:
                     raise PlanError(f"stage {i} file {name!r} has no sha256 in plan.json ({digest!r}); it cannot be "
                                     "checked: re-run `onnxshard plan`")
-                if _sha256(file) != digest:
+                if sha256_file(file) != digest:
                     raise PlanError(f"stage {i} file {file} was altered after planning (sha256 differs); "
                                     "re-run `onnxshard plan`")
         self._check_wiring()
@@ -339,7 +334,7 @@ class Plan:
             if not isinstance(want, str) or len(want) != 64:
                 raise PlanError(f"weight file {name!r} has no digest in plan.json; it cannot be checked: re-run "
                                 "`onnxshard plan`")
-            if (_sha256(file) if full else sample_digest(file)) != want:
+            if (sha256_file(file) if full else sample_digest(file)) != want:
                 raise PlanError(f"weight file {file} changed after planning (same size, different bytes); restore "
                                 "it or re-run `onnxshard plan`")
 
@@ -422,7 +417,7 @@ def is_plan_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / PLAN_FILE).is_file()
 
 
-def _read_plan_json(root: Path) -> dict:
+def read_plan_json(root: Path) -> dict:
     path = root / PLAN_FILE
     if not path.is_file():
         raise PlanError(f"{root} is not a plan folder: {PLAN_FILE} is missing; make one with `onnxshard plan`")
@@ -430,41 +425,6 @@ def _read_plan_json(root: Path) -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PlanError(f"{path} is not valid JSON ({e}); re-run `onnxshard plan`") from e
-
-
-def foreign_files(root: str | os.PathLike) -> list[str] | None:
-    """What in folder ``root`` onnxshard did not write: ``None`` if it is not an onnxshard plan folder at all,
-    else the entries (relative paths) that its own ``plan.json`` does not list (empty: only plan files)."""
-    root = Path(root)
-    try:
-        listed = Plan.from_json(_read_plan_json(root), root).listing()
-    except PlanError:
-        return None
-    folders = {p.as_posix() for name in listed for p in Path(name).parents if p != Path(".")}
-    extra = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath).relative_to(root)
-        for d in list(dirnames):
-            rel = (here / d).as_posix()
-            if rel not in folders or os.path.islink(os.path.join(dirpath, d)):
-                extra.append(rel + "/")
-                dirnames.remove(d)
-        extra += [(here / f).as_posix() for f in filenames if (here / f).as_posix() not in listed]
-    return sorted(extra)
-
-
-def sample_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's size and of ``SAMPLE_BLOCKS`` blocks spread evenly over it (of every byte, for a file up
-    to ``FULL_CHECK_BYTES``): cheap to check at every load, whatever the weights weigh."""
-    size = os.path.getsize(path)
-    if size <= FULL_CHECK_BYTES:
-        return _sha256(Path(path))
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        for i in range(SAMPLE_BLOCKS):
-            f.seek(i * (size - SAMPLE_BLOCK) // (SAMPLE_BLOCKS - 1))
-            h.update(f.read(SAMPLE_BLOCK))
-    return h.hexdigest()
 
 
 def contained(root: Path, relative: str, *, what: str) -> Path:
@@ -476,29 +436,6 @@ def contained(root: Path, relative: str, *, what: str) -> Path:
     if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
         raise PlanError(f"{what} path {relative!r} leaves its folder {root}; refusing to read it")
     return path
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
-
-
-def parse_bytes(text: str) -> int:
-    """``"2GB"`` -> 2_000_000_000; ``"512MiB"``, ``"1.5G"`` and plain integers work too."""
-    units = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-             "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    s = text.strip().lower().replace(" ", "")
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num):]
-    try:
-        if unit not in units:
-            raise ValueError
-        return int(float(num) * units[unit])
-    except ValueError:
-        raise ValueError(f"cannot read {text!r} as a size; write e.g. 2GB, 512MiB or 1000000") from None
 
 
 def spec_bytes(spec: TensorSpec, dims: dict[str, int] | None = None) -> int:
@@ -521,11 +458,3 @@ def _shape(shape) -> str:
 
 def _clip(text: str, width: int = 48) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import onnxshard
 from onnxshard import PlanError
 from onnxshard.files import atomic_writer, load_npz, save_npz
+from onnxshard.partitioner.out import foreign_files
 
 CLI = [sys.executable, "-m", "onnxshard.cli"]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
@@ -433,7 +434,7 @@ def _out_choices(data, model, root, outcomes):
             elif kind == "foreign plan.json":
                 (folder / "plan.json").write_text('{"name": "app"}')
     user = snapshot(root)
-    plans_before = {p.parent for p in root.rglob("plan.json") if onnxshard.plans.foreign_files(p.parent) == []}
+    plans_before = {p.parent for p in root.rglob("plan.json") if foreign_files(p.parent) == []}
     out = root / data.draw(st.sampled_from([*names, "new", "a/deeper", "proj/sub"]))
     try:
         onnxshard.plan(model, out, stages=2)

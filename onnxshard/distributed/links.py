@@ -78,9 +78,7 @@ class DirectLinks:
 
     def __init__(self, rows: list[list[list]], timeout_s: float, keep: int):
         self.timeout_s = timeout_s
-        # every socket of these chains lives in one private folder: close() removes it, whatever became of the
-        # workers (a killed one cannot remove its own)
-        self.folder = tempfile.mkdtemp(prefix="onnxshard-links-")
+        self.folder: str | None = None
         self.keep = keep  # results a last stage may hold at once: the coordinator's in-flight window
         self._chains: dict[int, _Chain] = {}
         self._broken: dict[int, str] = {}
@@ -89,6 +87,9 @@ class DirectLinks:
         self._cond = threading.Condition()
         self._closed = False
         try:
+            # every socket of these chains lives in one private folder: close() removes it, whatever became of
+            # the workers (a killed one cannot remove its own)
+            self.folder = tempfile.mkdtemp(prefix="onnxshard-links-")
             for replica, row in enumerate(rows):
                 self.connect(replica, row)
         except BaseException:
@@ -131,7 +132,8 @@ class DirectLinks:
             self._cond.notify_all()
         for replica in list(self._chains):
             self.drop(replica)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def send(self, replica: int, micro_batch: int, packet: tuple) -> None:
         """Write a micro-batch into the replica's chain; raises :class:`LinkBroken` if the chain is down."""

@@ -39,7 +39,7 @@ from onnxshard.distributed.flights import Recovery, Skipped
 from onnxshard.distributed.placement import Placement, kill
 from onnxshard.distributed.requests import Request, join_key
 from onnxshard.distributed.stats import CostMeter, Meter, RunStats
-from onnxshard.distributed.transports import Links, RayCalls
+from onnxshard.distributed.transports import Links, RayCalls, Transport
 from onnxshard.errors import InputError, OnnxShardError, PlanError, WorkerError
 from onnxshard.plans import Plan, is_plan_dir
 from onnxshard.runtime.session import check_feeds
@@ -70,6 +70,7 @@ class Pipeline:
         self._owns_ray = False
         self.placement: Placement | None = None
         self._coordinator: Coordinator | None = None
+        self._transport: Transport | None = None
         self.skipped: deque[Skipped] = deque(maxlen=HISTORY)  # a pipeline may serve for weeks: the last ones
         self.stats: RunStats | None = None
         self.transport = "ray"
@@ -100,16 +101,17 @@ class Pipeline:
         self._owns_ray = cluster.connect(address, self.config.connect_timeout_s)
         cfg = self.config
         self.placement = Placement(self.plan, cfg, owns_ray=self._owns_ray)
-        transport = Links(self.placement, cfg.worker_start_timeout_s, self._window()) \
+        # held here until the coordinator owns it, so an interrupt in between still closes it (its sockets)
+        self._transport = Links(self.placement, cfg.worker_start_timeout_s, self._window()) \
             if self.placement.transport(cfg.transport) == "direct" else RayCalls(self.plan, self.placement)
-        self.transport = transport.name
+        self.transport = self._transport.name
         byte_limit = cfg.max_batch_bytes or int(0.8 * ray.available_resources().get("object_store_memory", 2**62))
         from ray.util.metrics import Gauge
 
         gauge = Gauge("onnxshard_pipeline_in_flight", "micro-batches in the pipeline (queue depth)")
         # One thread owns the schedule: every caller's request goes through its queue.
-        self._coordinator = Coordinator(self.plan, cfg, self.axes, self.coupled, self.placement, transport, self.cost,
-                                        self._window(), byte_limit, gauge)
+        self._coordinator = Coordinator(self.plan, cfg, self.axes, self.coupled, self.placement, self._transport,
+                                        self.cost, self._window(), byte_limit, gauge)
 
     @property
     def workers(self) -> list[list[list]]:
@@ -128,9 +130,12 @@ class Pipeline:
     def close(self) -> None:
         """Fail what is still queued or in flight, stop the workers, free their placement group, and shut Ray
         down if this pipeline started it."""
-        if self._coordinator is not None:
+        if self._coordinator is not None:  # closes the transport too
             self._coordinator.close(lambda: kill([w for row in self.workers for ranks in row for w in ranks]))
             self._coordinator = None
+        elif self._transport is not None:
+            self._transport.close()
+        self._transport = None
         if self.placement is not None:
             self.placement.close()
             self.placement = None

@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from onnxshard.errors import InputError
-from onnxshard.plans import Plan, human_bytes, spec_bytes
+from onnxshard.plans import Plan, spec_bytes
 from onnxshard.runtime.session import feed_dims
+from onnxshard.units import human_bytes
 
 MAX_CANDIDATES = 512  # micro-batch counts tried per batch
 

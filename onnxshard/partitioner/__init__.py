@@ -25,8 +25,10 @@ from onnxshard.partitioner.coupling import batch_coupled
 from onnxshard.partitioner.cuts import choose_bounds, cut_bytes_per_position, fewest_stages
 from onnxshard.partitioner.graph import Graph, analyse
 from onnxshard.partitioner.model import is_external, iter_tensors, load_lazy, node_tensors, tensor_nbytes
+from onnxshard.partitioner.out import check_out, replace_with
 from onnxshard.partitioner.shards import StageGraph, WeightWriter, build_model, links_possible
-from onnxshard.plans import Plan, Stage, Step, TensorSpec, Weights, foreign_files, human_bytes
+from onnxshard.plans import Plan, Stage, Step, TensorSpec, Weights
+from onnxshard.units import human_bytes
 
 __all__ = ["Analysis", "analyse_model", "check_out", "input_specs", "partition"]
 
@@ -202,33 +204,6 @@ def _fewest(graph, balance, params, cut_bytes, cap, pins) -> int:
     return stages
 
 
-def check_out(out: str | os.PathLike, keep: Sequence[str | os.PathLike] = ()) -> None:
-    """Refuse a plan folder ``out`` whose replacement could remove anything onnxshard did not write: a file, a
-    folder holding (or being) the working folder or one of the ``keep`` paths (the model), a folder that is not
-    an onnxshard plan, or a plan folder holding anything its own ``plan.json`` does not list."""
-    out = Path(os.path.abspath(out))
-    if out.exists() and not out.is_dir():
-        raise PlanError(f"--out {out} is a file; give a new folder (or an old plan folder) for the plan")
-    for path in [Path.cwd(), *map(Path, keep)]:
-        real = Path(os.path.realpath(path))
-        if real == Path(os.path.realpath(out)) or Path(os.path.realpath(out)) in real.parents:
-            what = "the current folder" if path == Path.cwd() else str(path)
-            raise PlanError(f"--out {out} holds {what}; write the plan to a new folder elsewhere")
-    if not out.is_dir():
-        _check_can_create(out)
-        return
-    if not any(out.iterdir()):
-        return
-    extra = foreign_files(out)
-    if extra is None:
-        raise PlanError(f"--out {out} exists, is not empty and is not a plan folder of onnxshard; choose a new or "
-                        "empty folder")
-    if extra:
-        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-        raise PlanError(f"--out {out} is a plan folder that also holds files onnxshard did not write ({shown}); "
-                        "move them or choose another folder")
-
-
 def _reorder_for_pins(graph: Graph, pins: list[int]) -> None:
     """With every node pinned, order nodes by stage (stable), refusing a pin that reads from a later stage."""
     stage_of = {o: p for node, p in zip(graph.nodes, pins) for o in node.output}
@@ -376,42 +351,11 @@ def _write(analysis, pieces, bounds, flops, out, copy_weights, cost_source, cap,
                     outputs=tuple(_spec(specs, x) for x in graph.outputs), stages=tuple(stages), weights=weights,
                     cost_source=cost_source, batch_coupled=batch_coupled(graph, specs))
         plan.save(tmp, hash_weights=hash_weights)
-        _replace(tmp, out)
+        replace_with(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Plan.load(out)
-
-
-def _check_can_create(out: Path) -> None:
-    """Refuse at once (before any planning) a folder that cannot be made: its first existing parent must take a
-    new folder (the only reliable test, with permissions, read-only mounts and /proc)."""
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    try:
-        probe = parent / f".onnxshard-probe-{secrets.token_hex(4)}"
-        probe.mkdir()
-        probe.rmdir()
-    except OSError as e:
-        raise PlanError(f"--out {out}: cannot create a folder in {parent} ({e.strerror or e})") from None
-
-
-def _replace(new: Path, out: Path) -> None:
-    """Put the finished plan folder ``new`` at ``out``; an old plan there (checked again: nothing else may have
-    appeared in it meanwhile) is moved aside first and removed only once the new one is in place."""
-    if not out.exists():
-        new.rename(out)
-        return
-    check_out(out)
-    old = out.parent / f".{out.name}.{secrets.token_hex(4)}.old"
-    out.rename(old)
-    try:
-        new.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_ranks(graph: Graph, specs, layout: tp.Layout, piece: StageGraph, lo: int, hi: int, writer: WeightWriter,
