@@ -55,3 +55,16 @@ def test_the_memory_check_names_what_it_needs(tmp_path):
     need = r"would need about 19\.2 KB \(19\.2 KB of activations in flight, 6\.4 KB of outputs\), over the 1\.0 KB"
     with pytest.raises(InputError, match=need):
         check_fits(per_sample, 100, 1, stages=2, window=4, limit=1000)
+
+
+def test_the_cost_meter_keeps_a_bounded_table_of_sizes():
+    from onnxshard.distributed.stats import CostMeter
+    from onnxshard.workers import CallStats
+
+    meter = CostMeter([1, 1])
+    for samples in range(1, 500):  # a long-lived pipeline sees many request sizes
+        meter.add([CallStats(k, 0, 0.0, 1e-3 * samples, 0) for k in (0, 1)], samples)
+    assert all(len(sizes) == CostMeter.SIZES for sizes in meter.by_size)
+    assert max(meter.by_size[0]) == 499  # the recent ones are kept
+    a, b = meter.fit(0)
+    assert b == pytest.approx(1e-3, rel=1e-6) and a == pytest.approx(0.0, abs=1e-9)  # the fit still holds

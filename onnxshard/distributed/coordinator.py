@@ -135,7 +135,7 @@ class Coordinator:
         try:
             feeds = live[0].feeds if len(live) == 1 else microbatch.join([r.feeds for r in live], self.axes)
             slot = self.cost.slot_model() if size == "auto" and self.cost.measured else None
-            chunks, _ = self._prepare(feeds, size, first.single and len(live) == 1, first.index, slot)
+            chunks = self._prepare(feeds, size, first.single and len(live) == 1, first.index, slot)
         except OnnxShardError as e:
             self._fail_requests(live, e)
             return
@@ -195,9 +195,10 @@ class Coordinator:
                 request.future.set_result(part)
 
     def _prepare(self, feeds, size: int | str | None, single: bool = False, requests: int = 1,
-                 slot=None) -> tuple[list[dict[str, np.ndarray]], int]:
-        """Check a batch against the model's inputs and split it, before anything is scheduled; also return its
-        batch size. ``requests``/``slot``: see ``auto_micro_batch_size``."""
+                 slot=None) -> list[dict[str, np.ndarray]]:
+        """Cut a batch (its feeds checked by the caller) into micro-batches of ``size`` (``"auto"``: see
+        ``auto_micro_batch_size``, with ``requests`` and ``slot``), refusing it first if it would not fit in
+        memory."""
         total = microbatch.batch_size(feeds, self.axes)
         per_sample = sizing.sample_bytes(self.plan, self.axes, feeds)
         if size == "auto":
@@ -208,7 +209,7 @@ class Coordinator:
         count = 1 if self.axes is None or not size else -(-total // size)
         sizing.check_fits(per_sample, total if self.axes is not None else 1, count, stages=self.plan.num_stages,
                           window=self.window, limit=self._byte_limit)
-        return microbatch.split(feeds, self.axes, size), total
+        return microbatch.split(feeds, self.axes, size)
 
     def auto_micro_batch_size(self, total: int, *, stream_sample_bytes: int | None = None, requests: int = 1,
                               slot=None) -> int | None:

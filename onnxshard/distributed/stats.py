@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,10 +121,11 @@ class CostMeter:
     tensor-parallel stage's time is its ranks' mean). Also the per-call overhead beyond the compute."""
 
     SMOOTHING = 0.3  # weight of the newest micro-batch in a size's average
+    SIZES = 64  # sizes remembered per stage (the most recently seen): a pipeline serving for weeks stays small
 
     def __init__(self, ranks: list[int]):
         self.ranks = ranks
-        self.by_size: list[dict[int, float]] = [{} for _ in ranks]
+        self.by_size: list[OrderedDict[int, float]] = [OrderedDict() for _ in ranks]
         self.overhead_s: float | None = None  # what a pipeline slot costs beyond its compute, smoothed
 
     def add(self, calls, samples: int) -> None:
@@ -134,8 +135,12 @@ class CostMeter:
             per_stage[c.stage] += c.compute_s
         for k, t in enumerate(per_stage):
             t /= self.ranks[k]
-            old = self.by_size[k].get(samples)
-            self.by_size[k][samples] = t if old is None else (1 - self.SMOOTHING) * old + self.SMOOTHING * t
+            sizes = self.by_size[k]
+            old = sizes.get(samples)
+            sizes[samples] = t if old is None else (1 - self.SMOOTHING) * old + self.SMOOTHING * t
+            sizes.move_to_end(samples)
+            while len(sizes) > self.SIZES:
+                sizes.popitem(last=False)
 
     @property
     def measured(self) -> bool:
