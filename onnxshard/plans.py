@@ -407,8 +407,9 @@ class Plan:
                 lines.append(f"stage {s.index}: tensor parallel x{s.tensor_parallel}, {len(s.steps)} steps, "
                              f"{reduces} reduces between ranks; weights per rank: {per_rank}")
             lines += [f"stage {s.index}: {note}" for note in s.notes]
-        for dim, notes in self.batch_coupled.items():
-            lines += [f"samples depend on each other along {dim!r}: {note}" for note in notes]
+        for dim, notes in self.batch_coupled.items():  # one line a dim: it matters only if the batch runs along it
+            more = f" and {len(notes) - 1} more" if len(notes) > 1 else ""
+            lines.append(f"samples depend on each other along {dim!r} (if it is the batch): {notes[0]}{more}")
         return "\n".join(lines)
 
 
