@@ -144,6 +144,27 @@ def test_pipeline_stage_annotations_in_the_model_are_honoured(save_model, tmp_pa
     assert onnxshard.verify(plan, tolerance=0).ok
 
 
+def test_pins_out_of_order_are_reordered_without_changing_the_callers_analysis(save_model, tmp_path):
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from onnxshard.partitioner import analyse_model, partition
+
+    # listed: Relu (stage 1), Neg (stage 0), Add (stage 1): the partitioner must put Neg first
+    nodes = [h.make_node("Relu", ["x"], ["a"], name="relu"), h.make_node("Neg", ["x"], ["b"], name="neg"),
+             h.make_node("Add", ["a", "b"], ["y"], name="add")]
+    for node, stage in zip(nodes, (1, 0, 1)):
+        node.device_configurations.add(pipeline_stage=stage)
+    model = h.make_model(h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["batch", 4])],
+                                      [h.make_tensor_value_info("y", T.FLOAT, ["batch", 4])]),
+                         opset_imports=[h.make_opsetid("", 17)])
+    analysis = analyse_model(save_model(model))
+    plan = partition(analysis, tmp_path / "plan")
+    assert [s.nodes for s in plan.stages] == [1, 2] and plan.stages[0].output_names == ["b"]
+    assert [n.name for n in analysis.graph.nodes] == ["relu", "neg", "add"]  # the caller's analysis is untouched
+    assert onnxshard.verify(plan, tolerance=0).ok
+
+
 def test_partial_annotations_constrain_the_automatic_split(save_model, tmp_path):
     model = zoo.mlp(layers=6)
     model.graph.node[0].device_configurations.add(pipeline_stage=0)

@@ -7,6 +7,7 @@ callback from :mod:`onnxshard.api`.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import secrets
@@ -94,11 +95,11 @@ def partition(
     """
     out = Path(os.path.abspath(out))
     check_out(out, [analysis.path, Path(source or analysis.path)])
+    pins = analysis.graph.pinned_stages()
+    if pins and all(p is not None for p in pins):  # the caller's analysis stays as it was
+        analysis = dataclasses.replace(analysis, graph=_ordered_by_pins(analysis.graph, pins))
+        pins = analysis.graph.pinned_stages()
     graph = analysis.graph
-    pins = graph.pinned_stages()
-    if pins and all(p is not None for p in pins):
-        _reorder_for_pins(graph, pins)
-        pins = graph.pinned_stages()
     costs = analysis.costs
     n = len(graph.nodes)
     balance = [c.flops for c in costs]
@@ -204,8 +205,9 @@ def _fewest(graph, balance, params, cut_bytes, cap, pins) -> int:
     return stages
 
 
-def _reorder_for_pins(graph: Graph, pins: list[int]) -> None:
-    """With every node pinned, order nodes by stage (stable), refusing a pin that reads from a later stage."""
+def _ordered_by_pins(graph: Graph, pins: list[int]) -> Graph:
+    """With every node pinned, a copy of ``graph`` with its nodes ordered by stage (stable), refusing a pin that
+    reads from a later stage."""
     stage_of = {o: p for node, p in zip(graph.nodes, pins) for o in node.output}
     for node, reads, p in zip(graph.nodes, graph.reads, pins):
         late = [r for r in reads if stage_of.get(r, -1) > p]
@@ -213,9 +215,9 @@ def _reorder_for_pins(graph: Graph, pins: list[int]) -> None:
             raise PlanError(f"node {node.name!r} is pinned to pipeline_stage {p} but reads {late[0]!r} from stage "
                             f"{stage_of[late[0]]}; fix the annotations")
     order = sorted(range(len(graph.nodes)), key=lambda i: (pins[i], i))
-    graph.nodes = [graph.nodes[i] for i in order]
-    graph.reads = [graph.reads[i] for i in order]
-    graph.producer = {o: i for i, n in enumerate(graph.nodes) for o in n.output if o}
+    nodes = [graph.nodes[i] for i in order]
+    return dataclasses.replace(graph, nodes=nodes, reads=[graph.reads[i] for i in order],
+                               producer={o: i for i, n in enumerate(nodes) for o in n.output if o})
 
 
 def _intervals(graph: Graph):

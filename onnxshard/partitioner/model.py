@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import TensorProto
+from onnx import TensorProto, external_data_helper
 
 from onnxshard.errors import ModelError
 
@@ -103,11 +103,15 @@ def is_external(tensor: TensorProto) -> bool:
 
 
 def external_ref(tensor: TensorProto) -> ExternalRef:
-    info = {e.key: e.value for e in tensor.external_data}
-    if "location" not in info:
+    """Where ``tensor``'s bytes live, as ONNX's own ``ExternalDataInfo`` reads its ``external_data`` entries."""
+    info = external_data_helper.ExternalDataInfo(tensor)
+    if not info.location:
         raise ModelError(f"initializer {tensor.name!r} is marked external but names no location")
-    length = int(info["length"]) if "length" in info else tensor_nbytes(tensor)
-    return ExternalRef(info["location"], int(info.get("offset", 0)), length)
+    try:
+        length = int(info.length) if info.length is not None else tensor_nbytes(tensor)
+        return ExternalRef(info.location, int(info.offset or 0), length)
+    except ValueError:
+        raise ModelError(f"initializer {tensor.name!r} has a malformed external-data offset or length") from None
 
 
 def tensor_nbytes(tensor: TensorProto) -> int:
@@ -144,17 +148,10 @@ def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
                              "truncated or belongs to another export")
 
 
-def read_external(tensor: TensorProto, folder: Path) -> bytes:
-    """The raw bytes of one external initializer (a single range read)."""
-    ref = external_ref(tensor)
-    with open(folder / ref.location, "rb") as f:
-        f.seek(ref.offset)
-        return f.read(ref.length)
-
-
 def load_inline(tensor: TensorProto, folder: Path) -> None:
-    """Read an external tensor's bytes into it, in place (for small tensors only: shapes, axes, split sizes)."""
-    raw = read_external(tensor, folder)
-    del tensor.external_data[:]
-    tensor.data_location = TensorProto.DEFAULT
-    tensor.raw_data = raw
+    """Read an external tensor's bytes into it, in place, with ONNX's own reader (one range read; for small
+    tensors only: shapes, axes, split sizes)."""
+    try:
+        external_data_helper.load_external_data_for_tensor(tensor, str(folder))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the external data of initializer {tensor.name!r}: {e}") from None

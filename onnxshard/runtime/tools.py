@@ -15,8 +15,8 @@ import onnxruntime as ort
 from onnxshard import dtypes
 from onnxshard.errors import InputError, ModelError
 from onnxshard.plans import Plan, TensorSpec
+from onnxshard.runtime.rank_shard import TensorParallelStage
 from onnxshard.runtime.session import RuntimeConfig, ShardSession, check_feeds, open_session
-from onnxshard.runtime.tensor_parallel import TensorParallelStage
 
 
 def stage_sessions(plan: Plan, config: RuntimeConfig = RuntimeConfig()) -> list[ShardSession | TensorParallelStage]:

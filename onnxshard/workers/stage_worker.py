@@ -20,7 +20,7 @@ from onnxshard import dtypes
 from onnxshard.errors import OnnxShardError, WorkerError
 from onnxshard.plans import Plan
 from onnxshard.runtime import RuntimeConfig, ShardSession, arrow
-from onnxshard.runtime.tensor_parallel import RankShard
+from onnxshard.runtime.rank_shard import RankShard
 from onnxshard.workers.link import Link
 
 
