@@ -372,46 +372,15 @@ class Plan:
 
     def boundaries(self) -> str:
         """What crosses each cut, a line per tensor with its bytes per sample (symbolic dims counted as 1)."""
-        lines = []
-        for s in self.stages[:-1]:
-            lines.append(f"stage {s.index} -> {s.index + 1}:")
-            for name in s.output_names + list(s.carry):
-                t = self.spec(name)
-                how = "carried" if name in s.carry else "made"
-                lines.append(f"  {name:<30} {t.dtype:<8} {_shape(t.shape):<20} {spec_bytes(t):>10} B/sample ({how})")
-        return "\n".join(lines)
+        from onnxshard import plan_text
+
+        return plan_text.boundaries(self)
 
     def table(self) -> str:
         """The stage table `onnxshard inspect` prints."""
-        rows = [("stage", "nodes", "params", "GFLOP/sample", "inputs", "sends (bytes/sample)")]
-        for s in self.stages:
-            ins = ", ".join(s.input_names) or "-"
-            sends = ", ".join(s.output_names + list(s.carry)) or "-"
-            params = human_bytes(s.param_bytes)
-            if s.tensor_parallel > 1:
-                params = f"{human_bytes(max(s.rank_param_bytes))}/rank x{s.tensor_parallel}"
-            rows.append((str(s.index), str(s.nodes), params, f"{s.flops / 1e9:.4f}",
-                         _clip(ins), f"{_clip(sends)} ({s.sends_bytes})"))
-        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        total = sum(s.flops for s in self.stages)
-        if total and self.num_stages > 1:
-            slowest = max(s.flops for s in self.stages)
-            lines.append(f"slowest stage {slowest / (total / self.num_stages):.3f}x the mean; "
-                         f"weights: {self.weights.mode}; cost: {self.cost_source}")
-        for s in self.stages:
-            if s.tensor_parallel > 1:
-                reduces = sum(len(step.reduces) for step in s.steps)
-                per_rank = ", ".join(human_bytes(b) for b in s.rank_param_bytes)
-                lines.append(f"stage {s.index}: tensor parallel x{s.tensor_parallel}, {len(s.steps)} steps, "
-                             f"{reduces} reduces between ranks; weights per rank: {per_rank}")
-            lines += [f"stage {s.index}: {note}" for note in s.notes]
-        for dim, notes in self.batch_coupled.items():  # one line a dim: it matters only if the batch runs along it
-            more = f" and {len(notes) - 1} more" if len(notes) > 1 else ""
-            lines.append(f"samples depend on each other along {dim!r} (if it is the batch): {notes[0]}{more}")
-        return "\n".join(lines)
+        from onnxshard import plan_text
 
+        return plan_text.table(self)
 
 def is_plan_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a plan folder (holds ``plan.json``)."""
@@ -451,11 +420,3 @@ def _specs_from_json(items) -> tuple[TensorSpec, ...]:
     if not isinstance(items, list) or not all(isinstance(t, dict) for t in items):
         raise TypeError(f"a tensor list must be a list of objects, got {items!r:.60}")
     return tuple(TensorSpec.from_json(t) for t in items)
-
-
-def _shape(shape) -> str:
-    return "?" if shape is None else "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-
-
-def _clip(text: str, width: int = 48) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
