@@ -64,9 +64,15 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process's umask, read without changing it where Linux says it (setting it to read it would, for an
+    instant, give files other threads create no protection)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:

@@ -98,8 +98,7 @@ class Coordinator:
                 if self._window_flights:
                     self._finish_oldest()
                 elif not self._backlog:
-                    self._admit(self._queue.take(self.config.max_batch_size, self.config.max_queue_delay_ms / 1e3,
-                                                 idle=True, timeout=0.5))
+                    self._admit(self._take(idle=True, timeout=0.5))
             except BaseException as e:  # noqa: BLE001 - a lost replica, a bug: the callers hear of it
                 if self._closing:
                     break
@@ -118,11 +117,15 @@ class Coordinator:
                 self._window_flights.append(self._submit(*self._backlog.popleft()))
                 self._in_flight_gauge.set(len(self._window_flights))
                 continue
-            requests = self._queue.take(self.config.max_batch_size, self.config.max_queue_delay_ms / 1e3,
-                                        idle=not self._window_flights, timeout=0)
+            requests = self._take(idle=not self._window_flights, timeout=0)
             if not requests:
                 return
             self._admit(requests)
+
+    def _take(self, *, idle: bool, timeout: float) -> list[Request]:
+        """The next batch of requests per the dynamic-batching rule (see requests.RequestQueue.take)."""
+        return self._queue.take(self.config.max_batch_size, self.config.max_queue_delay_ms / 1e3, idle=idle,
+                                timeout=timeout)
 
     def _admit(self, requests: list[Request]) -> None:
         """Join ``requests`` into one batch and cut it into micro-batches (queued in the backlog)."""

@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from onnxshard.distributed import cluster
 from onnxshard.distributed.config import PipelineConfig
-from onnxshard.errors import ClusterError, PlanError, WorkerError
+from onnxshard.errors import ClusterError, OnnxShardError, PlanError, WorkerError
 from onnxshard.plans import Plan
 from onnxshard.workers import StageWorker
 
@@ -133,8 +133,6 @@ def kill(workers) -> None:
 
 def cause_of(e: Exception) -> str:
     """The line of a Ray error that says what went wrong."""
-    from onnxshard.errors import OnnxShardError
-
     cause = getattr(e, "cause", None) or getattr(e, "error_msg", None) or e
     if isinstance(cause, OnnxShardError):
         return str(cause)
