@@ -41,3 +41,25 @@ def test_ray_job_submit_runs_the_pipeline_on_a_local_cluster(tmp_path):
 
     with np.load(tmp_path / "out.npz") as out:
         np.testing.assert_array_equal(out["y"], tools.run_model(path, feeds)["y"])
+
+
+def test_the_serve_config_and_rayservice_manifest_build_the_app(tmp_path, monkeypatch):
+    """cluster/serve_config.yaml and kuberay/rayservice.yaml name the builder and gRPC servicer that exist, with
+    arguments ServeArgs takes (the repository pointed at a real one here)."""
+    import importlib
+
+    from onnxshard.serve import ServeArgs, build_app
+
+    config = yaml.safe_load((CLUSTER / "serve_config.yaml").read_text())
+    service = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
+    assert service["kind"] == "RayService"
+    for serve_config in (config, yaml.safe_load(service["spec"]["serveConfigV2"])):
+        module, _, name = serve_config["grpc_options"]["grpc_servicer_functions"][0].rpartition(".")
+        assert callable(getattr(importlib.import_module(module), name))
+        (app,) = serve_config["applications"]
+        module, _, name = app["import_path"].partition(":")
+        assert getattr(importlib.import_module(module), name) is build_app
+        zoo.save(zoo.mlp(), tmp_path / "repo" / "mlp")
+        monkeypatch.setenv(app["args"]["api_key_env"], "a-key-for-the-test")
+        args = ServeArgs.model_validate({**app["args"], "repository": str(tmp_path / "repo")})
+        assert build_app(args) is not None

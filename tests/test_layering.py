@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parent.parent / "onnxshard"
+TOP = {"onnxshard.serve", "onnxshard.data", "onnxshard.cli"}  # the users of the engine: nothing below imports them
 BANNED = {
-    "partitioner": {"ray", "onnxruntime", "onnxshard.runtime", "onnxshard.workers", "onnxshard.distributed"},
-    "runtime": {"ray", "onnxshard.workers", "onnxshard.distributed"},
-    "workers": {"onnxshard.distributed"},
+    "partitioner": {"ray", "onnxruntime", "onnxshard.runtime", "onnxshard.workers", "onnxshard.distributed"} | TOP,
+    "runtime": {"ray", "onnxshard.workers", "onnxshard.distributed"} | TOP,
+    "workers": {"onnxshard.distributed"} | TOP,
+    "distributed": TOP,
 }
 # imported by every layer: must stay free of both
 SHARED = ["plans.py", "plan_text.py", "errors.py", "dtypes.py", "models.py", "files.py", "digests.py", "units.py"]
@@ -38,3 +40,8 @@ def test_layer_does_not_import_upward(layer):
 
 def test_shared_modules_import_neither_ray_nor_onnxruntime():
     assert _offending([PACKAGE / f for f in SHARED], {"ray", "onnxruntime"}) == []
+
+
+def test_the_protocol_layer_of_serving_needs_neither_ray_nor_a_web_framework():
+    files = [PACKAGE / "serve" / f for f in ("kserve.py", "tensors.py", "repository.py")]
+    assert _offending(files, {"ray", "fastapi", "starlette", "onnxruntime"}) == []

@@ -190,3 +190,25 @@ ZOO = {
 }
 
 __all__ = ["ZOO", "save"]
+
+
+def typed_io(width=16, seed=0):
+    """Inputs and outputs of several element types (the serving protocol's datatypes): FP32 through an MLP with
+    a BOOL mask, INT64 ids, and STRING labels passed through to the last stage."""
+    rng = np.random.default_rng(seed)
+    inits = [_w(rng, f"W{i}", width, width) for i in range(4)] + [nh.from_array(np.array(1, np.int64), "one")]
+    nodes = [h.make_node("Cast", ["mask"], ["maskf"], to=T.FLOAT), h.make_node("Mul", ["x", "maskf"], ["xm"])]
+    a = "xm"
+    for i in range(4):
+        nodes += [h.make_node("MatMul", [a, f"W{i}"], [f"m{i}"]), h.make_node("Tanh", [f"m{i}"], [f"t{i}"])]
+        a = f"t{i}"
+    nodes += [h.make_node("Identity", [a], ["y"]), h.make_node("Add", ["ids", "one"], ["next_ids"]),
+              h.make_node("Not", ["mask"], ["unmasked"]), h.make_node("Identity", ["label"], ["label_out"])]
+    return _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["batch", width]),
+                          h.make_tensor_value_info("mask", T.BOOL, ["batch", width]),
+                          h.make_tensor_value_info("ids", T.INT64, ["batch", 4]),
+                          h.make_tensor_value_info("label", T.STRING, ["batch"])],
+                  [h.make_tensor_value_info("y", T.FLOAT, ["batch", width]),
+                   h.make_tensor_value_info("next_ids", T.INT64, ["batch", 4]),
+                   h.make_tensor_value_info("unmasked", T.BOOL, ["batch", width]),
+                   h.make_tensor_value_info("label_out", T.STRING, ["batch"])], inits)

@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 LOCAL_RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 4 << 20}
 
 
-def connect(address: str | None, timeout_s: float) -> bool:
-    """Connect to Ray unless connected already: ``address``, else ``$RAY_ADDRESS``, else a new local Ray.
-    Returns whether this call started (and so owns) the connection. A host:port where nothing answers within
-    ``timeout_s`` is a :class:`ClusterError` naming it."""
+def connect(address: str | None, timeout_s: float, *, num_cpus: int | None = None) -> bool:
+    """Connect to Ray unless connected already: ``address``, else ``$RAY_ADDRESS``, else a new local Ray (with
+    ``num_cpus`` logical CPUs, if given). Returns whether this call started (and so owns) the connection. A
+    host:port where nothing answers within ``timeout_s`` is a :class:`ClusterError` naming it."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -40,7 +40,8 @@ def connect(address: str | None, timeout_s: float) -> bool:
         probe(address, timeout_s)
     with _deferred_interrupt() as interrupted:
         try:
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+            ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                     logging_level=logging.WARNING, log_to_driver=True,
                      configure_logging=True, _system_config=None if address else LOCAL_RAY_SYSTEM_CONFIG)
         except ConnectionError as e:
             raise ClusterError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from None

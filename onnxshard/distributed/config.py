@@ -46,6 +46,11 @@ class PipelineConfig:
     run_timeout_s: a request (a ``run``, or each batch of a ``stream``) not back this long after it was queued
         fails (its micro-batches finish and are dropped).
     worker_start_timeout_s: how long a (re)started worker may take to load its shard.
+    placement_group: ``"own"`` (the default): the pipeline reserves a placement group of its own (a bundle per
+        worker) and frees it at close; ``"current"``: its workers go in the bundles of the placement group the
+        caller runs in, from the second bundle on (the first holds the caller): a Ray Serve replica deployed
+        with ``placement_group_bundles=[replica] + worker_bundles(plan, config)``.
+    name: labels the pipeline's metrics (``model="..."``): a served model's name.
     """
 
     micro_batch_size: int | str | None = "auto"
@@ -71,6 +76,8 @@ class PipelineConfig:
     max_queue_size: int = 1000
     worker_start_timeout_s: float = 120.0
     transport: str = "auto"
+    placement_group: str = "own"
+    name: str = "pipeline"
 
 TRANSPORTS = ("auto", "direct", "ray")
 
@@ -101,6 +108,8 @@ def check_config(cfg: PipelineConfig) -> None:
     check_size_option(cfg.micro_batch_size, PlanError)
     if cfg.transport not in TRANSPORTS:
         raise PlanError(f"transport must be one of {TRANSPORTS} (got {cfg.transport!r})")
+    if cfg.placement_group not in ("own", "current"):
+        raise PlanError(f"placement_group must be 'own' or 'current' (got {cfg.placement_group!r})")
     if cfg.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
         raise PlanError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD "
                         f"(got {cfg.placement_strategy!r})")

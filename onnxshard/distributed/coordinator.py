@@ -36,11 +36,11 @@ class Coordinator:
     """Runs ``plan`` on ``placement``'s workers through ``transport`` for the requests put in ``queue``."""
 
     def __init__(self, plan: Plan, config: PipelineConfig, axes, coupled: tuple[str, ...], placement: Placement,
-                 transport: Transport, cost: CostMeter, window: int, byte_limit: float, gauge):
+                 transport: Transport, cost: CostMeter, window: int, byte_limit: float, metrics):
         self.plan, self.config, self.axes, self.coupled = plan, config, axes, coupled
         self.placement, self._transport, self.cost = placement, transport, cost
         self.transport = transport.name
-        self.window, self._byte_limit, self._in_flight_gauge = window, byte_limit, gauge
+        self.window, self._byte_limit, self._metrics = window, byte_limit, metrics
         self._input_types = {t.name: t.dtype for t in plan.inputs}  # per micro-batch: look up once
         self._output_names = plan.output_names
         self._outputs = microbatch.ArrayPool()  # large outputs reuse the memory of those the caller dropped
@@ -115,7 +115,7 @@ class Coordinator:
         while len(self._window_flights) < window:
             if self._backlog:
                 self._window_flights.append(self._submit(*self._backlog.popleft()))
-                self._in_flight_gauge.set(len(self._window_flights))
+                self._metrics.in_flight(len(self._window_flights))
                 continue
             requests = self._take(idle=not self._window_flights, timeout=0)
             if not requests:
@@ -144,6 +144,8 @@ class Coordinator:
             return
         self._requests += len(live)
         self._batches += 1
+        now = self._queue.clock()
+        self._metrics.batch(sum(sizes), [now - r.enqueued for r in live])
         if len(chunks) > 1:
             self._warn_coupled(sum(sizes), microbatch.batch_size(chunks[0], self.axes))
         group = Group(live, microbatch.Assembly([microbatch.batch_size(c, self.axes) for c in chunks], self.axes,
@@ -261,9 +263,10 @@ class Coordinator:
             return
         calls = [replace(c, replica=flight.replica) for c in stats]
         window.popleft()
-        self._in_flight_gauge.set(len(window))
+        self._metrics.in_flight(len(window))
         group = flight.group
         self.cost.add(calls, flight.samples)
+        self._metrics.calls(calls)
         slowest = max((c.compute_s for c in calls), default=0.0)
         self._slowest_s = max(self._slowest_s or 0.0, slowest)
         for meter in group.meters:

@@ -106,12 +106,12 @@ class Pipeline:
             if self.placement.transport(cfg.transport) == "direct" else RayCalls(self.plan, self.placement)
         self.transport = self._transport.name
         byte_limit = cfg.max_batch_bytes or int(0.8 * ray.available_resources().get("object_store_memory", 2**62))
-        from ray.util.metrics import Gauge
+        from onnxshard.distributed.metrics import PipelineMetrics
 
-        gauge = Gauge("onnxshard_pipeline_in_flight", "micro-batches in the pipeline (queue depth)")
         # One thread owns the schedule: every caller's request goes through its queue.
         self._coordinator = Coordinator(self.plan, cfg, self.axes, self.coupled, self.placement, self._transport,
-                                        self.cost, self._window(), byte_limit, gauge)
+                                        self.cost, self._window(), byte_limit,
+                                        PipelineMetrics(cfg.name))
 
     @property
     def workers(self) -> list[list[list]]:

@@ -11,7 +11,7 @@ from collections import deque
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from onnxshard.distributed import cluster
@@ -31,28 +31,51 @@ class Placement:
     def __init__(self, plan: Plan, config: PipelineConfig, *, owns_ray: bool):
         self.plan, self.config = plan, config
         count = plan.num_workers * config.replicas
-        bundle = {"CPU": config.cpus_per_stage, **({"GPU": config.gpus_per_stage} if config.gpus_per_stage else {}),
-                  **config.resources}
-        self.bundle = {key: v for key, v in bundle.items() if v}
+        self.bundle = worker_bundle(config)
         self.retired: deque = deque(maxlen=RETIRED)
         self.workers: list[list[list]] = []
         self.info: list[list[list[dict]]] = []
+        self.owns_group = config.placement_group == "own"
+        self.first_bundle = 0 if self.owns_group else 1
+        if self.owns_group:
+            self.group = self._reserve(count, owns_ray)
+        else:
+            self.group = self._current(count)
+        self.workers = [[self.spawn(r, s) for s in range(plan.num_stages)] for r in range(config.replicas)]
+        self.info = [[self.await_ready(ranks) for ranks in row] for row in self.workers]
+
+    def _reserve(self, count: int, owns_ray: bool):
+        config = self.config
         never = cluster.infeasible([self.bundle] * count, cluster.node_totals(), config.placement_strategy)
         if never and (owns_ray or not cluster.autoscales()):  # waiting cannot help: say so now
             raise ClusterError(f"the cluster can never place {count} stage workers of {self.bundle} ({never}); add "
                                "nodes, lower cpus_per_stage/gpus_per_stage/replicas, or use fewer stages")
-        self.group = placement_group([dict(self.bundle) for _ in range(count)], strategy=config.placement_strategy)
+        group = placement_group([dict(self.bundle) for _ in range(count)], strategy=config.placement_strategy)
         try:
-            ray.get(self.group.ready(), timeout=config.placement_timeout_s)
+            ray.get(group.ready(), timeout=config.placement_timeout_s)
         except GetTimeoutError:
+            remove_placement_group(group)
             raise ClusterError(self._unsatisfiable(count)) from None
-        self.workers = [[self.spawn(r, s) for s in range(plan.num_stages)] for r in range(config.replicas)]
-        self.info = [[self.await_ready(ranks) for ranks in row] for row in self.workers]
+        return group
+
+    def _current(self, count: int):
+        """The caller's placement group, checked to hold a bundle like ours for each worker after its own."""
+        group = get_current_placement_group()
+        if group is None:
+            raise ClusterError("placement_group='current' needs a caller inside a placement group (a Ray Serve "
+                               "replica deployed with placement_group_bundles); use placement_group='own'")
+        bundles = group.bundle_specs[1:]
+        fits = len(bundles) >= count and all(all(b.get(k, 0) >= v for k, v in self.bundle.items())
+                                             for b in bundles[:count])
+        if not fits:
+            raise ClusterError(f"the caller's placement group has {len(bundles)} bundles after its own "
+                               f"({bundles[:3]}...); the pipeline needs {count} of {self.bundle}")
+        return group
 
     def spawn(self, replica: int, stage: int) -> list:
         """Start a stage's workers (one per tensor-parallel rank), each in its own placement-group bundle."""
         cfg = self.config
-        first = replica * self.plan.num_workers + sum(s.tensor_parallel for s in self.plan.stages[:stage])
+        first = self.first_bundle + replica * self.plan.num_workers + sum(s.tensor_parallel for s in self.plan.stages[:stage])
         return [ray.remote(StageWorker).options(
             num_cpus=cfg.cpus_per_stage, num_gpus=cfg.gpus_per_stage, resources=cfg.resources or None,
             max_restarts=0, max_task_retries=0,
@@ -107,6 +130,8 @@ class Placement:
         kill([w for row in self.workers for ranks in row for w in ranks] + list(self.retired))
         self.workers = []
         self.retired.clear()
+        if not self.owns_group:
+            return  # the caller's (a Serve replica's): Serve frees it
         try:
             remove_placement_group(self.group)
         except Exception:  # noqa: BLE001 - already gone with the cluster
@@ -121,6 +146,18 @@ class Placement:
         return (f"the cluster cannot place {count} stage workers of {self.bundle} within "
                 f"{self.config.placement_timeout_s:g} s ({short or 'resources are busy'}); add nodes, lower "
                 "cpus_per_stage/gpus_per_stage/replicas, or use fewer stages")
+
+
+def worker_bundle(config: PipelineConfig) -> dict[str, float]:
+    """What one stage worker reserves: a placement-group bundle."""
+    bundle = {"CPU": config.cpus_per_stage, **({"GPU": config.gpus_per_stage} if config.gpus_per_stage else {}),
+              **config.resources}
+    return {key: v for key, v in bundle.items() if v}
+
+
+def worker_bundles(plan: Plan, config: PipelineConfig) -> list[dict[str, float]]:
+    """The bundles of every worker of every replica, in the order the pipeline fills them."""
+    return [worker_bundle(config) for _ in range(plan.num_workers * config.replicas)]
 
 
 def kill(workers) -> None:

@@ -1,0 +1,76 @@
+"""``onnxshard serve``: start Ray Serve (HTTP and gRPC proxies on the given host and ports), deploy the
+application, and serve until interrupted."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+from onnxshard.errors import PlanError
+from onnxshard.serve.app import GRPC_SERVICER, ServeArgs, build_app, cpus_needed
+from onnxshard.serve.repository import discover
+
+APP_NAME = "onnxshard"
+
+
+def parse_args(values: dict) -> ServeArgs:
+    """``ServeArgs`` from the command line, a pydantic refusal as one line naming the option."""
+    from pydantic import ValidationError
+
+    try:
+        return ServeArgs.model_validate({k: v for k, v in values.items() if v is not None})
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "arguments"
+        raise PlanError(f"{where.replace('_', '-')}: {first['msg']}") from None
+
+
+def start(args: ServeArgs, *, host: str, port: int, grpc_port: int | None, address: str | None) -> bool:
+    """Deploy the app on Serve (starting local Ray with enough logical CPUs when no cluster is given); returns
+    whether it started Ray."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from onnxshard.distributed import cluster
+
+    sources = discover(args.source, stages=args.stages)  # every refusal before Ray starts
+    application = build_app(args)
+    owns = cluster.connect(address, 30.0, num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed(sources, args))))
+    grpc = gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]) if grpc_port else None
+    try:
+        serve.start(http_options={"host": host, "port": port}, grpc_options=grpc)
+        serve.run(application, name=APP_NAME, route_prefix="/")
+    except BaseException:
+        if owns:
+            serve.shutdown()
+            ray.shutdown()
+        raise
+    return owns
+
+
+def _stop(*_):
+    raise KeyboardInterrupt
+
+
+def serve_forever(args: ServeArgs, *, host: str, port: int, grpc_port: int | None, address: str | None) -> None:
+    import ray
+    from ray import serve
+
+    owns = start(args, host=host, port=port, grpc_port=grpc_port, address=address)
+    names = [s.name for s in discover(args.source, stages=args.stages)]
+    print(f"serving {', '.join(names)} (KServe v2) on http://{host}:{port}/v2"
+          + (f" and gRPC {host}:{grpc_port}" if grpc_port else "") + "; Ctrl-C stops", flush=True)
+    signal.signal(signal.SIGTERM, _stop)  # `kill`, `docker stop`, Kubernetes: shut down cleanly as on Ctrl-C
+    try:
+        while True:
+            time.sleep(1)
+    finally:  # a second Ctrl-C must not cut the clean-up short (it would leave the workers running)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if owns:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(APP_NAME)  # the cluster stays; this app goes, its pipelines with it
