@@ -113,6 +113,10 @@ def load(url: str, body: bytes, clients: int, seconds: float) -> dict:
             "errors": errors[0], "n": len(lat)}
 
 
+def _size(text: str):
+    return text if text == "auto" else int(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=16)
@@ -125,6 +129,7 @@ def main() -> None:
     p.add_argument("--delay-ms", type=float, default=2.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory-cap-mb", type=int, default=0)
+    p.add_argument("--micro-batch-size", default="auto", help="onnxshard's (default auto)")
     args = p.parse_args()
 
     import ray
@@ -152,7 +157,8 @@ def main() -> None:
               f"{args.batch} x {args.seq} tokens; {args.clients} clients x {args.seconds:g} s; 2 cores")
         apps = {
             "onnxshard serve, 2 stages": (build_app({"model": str(path), "stages": 2, "max_batch_size":
-                                                     args.max_batch_size, "max_queue_delay_ms": args.delay_ms}),
+                                                     args.max_batch_size, "max_queue_delay_ms": args.delay_ms,
+                                                     "micro_batch_size": _size(args.micro_batch_size)}),
                                           "/v2/models/m/infer"),
             "Ray Serve + ORT + @serve.batch": (serve.deployment(OrtBatched, max_ongoing_requests=256).options(
                 ray_actor_options={"num_cpus": 2}).bind(str(path), args.max_batch_size, args.delay_ms, 2), "/"),
@@ -162,7 +168,10 @@ def main() -> None:
             try:
                 serve.run(app, name="bench", route_prefix="/")
             except Exception as e:  # noqa: BLE001 - shown as the result (the memory cap)
+                status = serve.status().applications.get("bench")
+                why = [d.message for d in status.deployments.values() if d.message] if status else []
                 print(f"{name}: failed to start: {str(e).strip().splitlines()[-1][:200]}")
+                print("   ", (why[0] if why else "").strip().splitlines()[-1][:300] if why else "")
                 serve.delete("bench")
                 continue
             url = f"http://127.0.0.1:18765{route}"

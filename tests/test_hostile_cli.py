@@ -480,3 +480,24 @@ def test_long_messages_are_one_line_and_verbose_shows_the_rest(monkeypatch, caps
     assert len(err) == 1 and "internal error" in err[0] and "KeyError" in err[0]
     assert cli.main(["--verbose", "verify", "x.onnx"]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["no target", "bad size", "key unset", "port", "stray folder", "bad serve.json"])
+def test_serve_refuses_what_it_cannot_serve_before_ray_starts(tmp_path, case):
+    repo = tmp_path / "repo"
+    zoo.save(zoo.mlp(), repo / "mlp")
+    args, words = {
+        "no target": ([tmp_path / "nothing"], ["nothing", "neither a plan folder"]),
+        "bad size": ([repo, "--max-body-size", "12XB"], ["max-body-size", "12XB"]),
+        "key unset": ([repo, "--api-key-env", "ONNXSHARD_NO_SUCH_VAR"], ["ONNXSHARD_NO_SUCH_VAR", "unset"]),
+        "port": ([repo, "--grpc-port", "70000"], ["--grpc-port"]),
+        "stray folder": ([repo], ["stray/", "no plan.json"]),
+        "bad serve.json": ([repo], ["serve.json", "max_batch"]),
+    }[case]
+    if case == "stray folder":
+        (repo / "stray").mkdir()
+    if case == "bad serve.json":
+        (repo / "mlp" / "serve.json").write_text('{"max_batch": 4}')
+    started = time.monotonic()
+    refused(cli("serve", *args), *words)
+    assert time.monotonic() - started < 30  # refused before any Ray or Serve start

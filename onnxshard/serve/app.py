@@ -82,42 +82,63 @@ def api_key_digest(env: str | None) -> str | None:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _model_args(source: Source, args: ServeArgs) -> ServeArgs:
+    """The server's settings with the model's own (its serve.json) over them."""
+    if not source.overrides:
+        return args
+    try:
+        return ServeArgs.model_validate({**args.model_dump(), **source.overrides})
+    except ValueError as e:
+        raise PlanError(f"model {source.name!r}: its serve.json has bad settings: {e}") from None
+
+
+def _replica_options(source: Source, args: ServeArgs) -> dict:
+    """Serve options of a replica that owns one pipeline of ``source``: its own bundle, then its workers'."""
+    bundles = [{"CPU": args.replica_cpus}] + [worker_bundle(PipelineConfig(**args.pipeline_options()))] * source.workers
+    return dict(num_replicas=args.replicas, ray_actor_options={"num_cpus": args.replica_cpus},
+                placement_group_bundles=bundles, placement_group_strategy="PACK", health_check_period_s=10,
+                graceful_shutdown_timeout_s=5)
+
+
 def model_deployment(source: Source, args: ServeArgs):
-    """The bound deployment of one model: its replicas each reserve their own bundle and their workers'."""
+    """The bound deployment of one model of a repository."""
     from ray import serve
 
     from onnxshard.serve.model import ShardedModel
 
-    if source.overrides:
-        try:
-            args = ServeArgs.model_validate({**args.model_dump(), **source.overrides})
-        except ValueError as e:
-            raise PlanError(f"model {source.name!r}: its serve.json has bad settings: {e}") from None
-    options = args.pipeline_options()
-    bundles = [{"CPU": args.replica_cpus}] + [worker_bundle(PipelineConfig(**options))] * source.workers
+    args = _model_args(source, args)
     deployment = serve.deployment(ShardedModel, name=f"model-{source.name}")
-    return deployment.options(
-        num_replicas=args.replicas, ray_actor_options={"num_cpus": args.replica_cpus},
-        placement_group_bundles=bundles, placement_group_strategy="PACK",
-        max_ongoing_requests=2 * args.max_queue_size, max_queued_requests=args.max_queue_size,
-        health_check_period_s=10, graceful_shutdown_timeout_s=5,
-    ).bind(source.name, str(source.path), args.stages, options)
+    return deployment.options(**_replica_options(source, args), max_ongoing_requests=2 * args.max_queue_size,
+                              max_queued_requests=args.max_queue_size).bind(
+        source.name, str(source.path), args.stages, args.pipeline_options())
 
 
 def cpus_needed(sources: list[Source], args: ServeArgs) -> float:
     """Logical CPUs the app reserves: each model replica's own and its workers'."""
-    return sum(args.replicas * (args.replica_cpus + s.workers * args.cpus_per_stage) for s in sources)
+    return sum(a.replicas * (a.replica_cpus + s.workers * a.cpus_per_stage)
+               for s in sources for a in [_model_args(s, args)])
 
 
 def build_app(args: ServeArgs | dict):
-    """The Serve application for ``args`` (a dict from ``serve run``/a config file, or :class:`ServeArgs`)."""
+    """The Serve application for ``args`` (a dict from ``serve run``/a config file, or :class:`ServeArgs`).
+
+    One model: the ingress replicas own its pipelines (one Serve hop per request). Several: one deployment per
+    model, each scaled on its own, behind one ingress (a hop more)."""
     from ray import serve
 
     from onnxshard.serve.ingress import KServeApp
 
     if not isinstance(args, ServeArgs):
         args = ServeArgs.model_validate(args)
-    models = {s.name: model_deployment(s, args) for s in discover(args.source, stages=args.stages)}
+    sources = discover(args.source, stages=args.stages)
     ingress = serve.deployment(KServeApp, name="kserve-ingress")
+    settings = dict(api_key_sha256=api_key_digest(args.api_key_env), max_body_bytes=args.max_body_size)
+    if len(sources) == 1:
+        (source,) = sources
+        model_args = _model_args(source, args)
+        return ingress.options(**_replica_options(source, model_args),
+                               max_ongoing_requests=2 * model_args.max_queue_size).bind(
+            local=(source.name, str(source.path), args.stages, model_args.pipeline_options()), **settings)
+    models = {s.name: model_deployment(s, args) for s in sources}
     return ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4 * args.max_queue_size).bind(
-        models, api_key_digest(args.api_key_env), args.max_body_size)
+        models, **settings)

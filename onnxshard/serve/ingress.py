@@ -64,6 +64,37 @@ def status_of(error: BaseException) -> tuple[int, str]:
     return 500, f"internal error: {type(error).__name__}"
 
 
+INLINE_BYTES = 256 << 10  # tensors up to this size are parsed and encoded on the event loop (a thread hop costs more)
+
+
+async def _off_loop(size: int, fn, *args):
+    """``fn(*args)``: on the event loop when ``size`` is small, else in a thread so the loop keeps serving."""
+    return fn(*args) if size <= INLINE_BYTES else await asyncio.to_thread(fn, *args)
+
+
+def _nbytes(results: dict) -> int:
+    return sum(getattr(v, "nbytes", 0) for v in results.values())
+
+
+class RemoteModel:
+    """A model deployment seen through its Serve handle, with the interface of a local ``ShardedModel``."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def metadata(self) -> kserve.ModelSpec:
+        return await self.handle.metadata.remote()
+
+    async def ready(self) -> bool:
+        return await self.handle.ready.remote()
+
+    async def infer(self, feeds: dict) -> dict:
+        return await self.handle.infer.remote(feeds)
+
+    def check_health(self) -> None:
+        """Serve checks the model deployment's own replicas."""
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -80,14 +111,26 @@ def _first_line(error: BaseException) -> str:
 
 
 class KServeIngress:
-    """The protocol's routes for ``models`` (name -> the model deployment's handle). ``api_key_sha256``: the
-    SHA-256 of the API key every route but the server's health checks requires (``None``: no key)."""
+    """The protocol's routes for ``models``: name -> the model deployment's handle, each replica of which owns a
+    pipeline. With ``local`` (one model: ``(name, path, stages, pipeline options)``) this replica owns that
+    model's pipeline itself, a Serve hop less per request. ``api_key_sha256``: the SHA-256 of the API key every
+    route but the server's health checks requires (``None``: no key)."""
 
-    def __init__(self, models: dict, api_key_sha256: str | None = None, max_body_bytes: int = 64 << 20):
-        self.models = models
+    def __init__(self, models: dict | None = None, api_key_sha256: str | None = None, max_body_bytes: int = 64 << 20,
+                 local: tuple | None = None):
+        if local is not None:
+            from onnxshard.serve.model import ShardedModel
+
+            self.models = {local[0]: ShardedModel(*local)}
+        else:
+            self.models = {name: RemoteModel(handle) for name, handle in (models or {}).items()}
         self.key = api_key_sha256
         self.max_body_bytes = max_body_bytes
         self.specs: dict[str, kserve.ModelSpec] = {}
+
+    def check_health(self) -> None:
+        for model in self.models.values():
+            model.check_health()
 
     # -- shared by both protocols -------------------------------------------------------------------------
     def _authorize(self, header: str | None) -> None:
@@ -106,19 +149,19 @@ class KServeIngress:
 
     async def _spec(self, model: str) -> kserve.ModelSpec:
         if model not in self.specs:
-            self.specs[model] = await self._call(model, self._handle(model).metadata.remote())
+            self.specs[model] = await self._call(model, self._handle(model).metadata())
         return self.specs[model]
 
     async def _model_ready(self, model: str) -> bool:
         try:
-            return await asyncio.wait_for(self._handle(model).ready.remote(), HEALTH_TIMEOUT_S)
+            return await asyncio.wait_for(self._handle(model).ready(), HEALTH_TIMEOUT_S)
         except ProtocolError:
             raise
         except Exception:  # noqa: BLE001 - any failure to answer is "not ready"
             return False
 
     async def _infer(self, model: str, request: kserve.InferRequest) -> dict:
-        return await self._call(model, self._handle(model).infer.remote(request.feeds))
+        return await self._call(model, self._handle(model).infer(request.feeds))
 
     async def _call(self, model: str, response):
         """Await a call to the model's deployment; its errors become the protocol's (Serve's back-pressure: 503)."""
@@ -169,9 +212,9 @@ class KServeIngress:
         self._handle(model, version)
         body = await self._read_body(request)
         spec = await self._spec(model)
-        parsed = await asyncio.to_thread(kserve.parse_http, spec, body, request.headers.get(kserve.HEADER_LENGTH))
+        parsed = await _off_loop(len(body), kserve.parse_http, spec, body, request.headers.get(kserve.HEADER_LENGTH))
         results = await self._infer(model, parsed)
-        content, header_length = await asyncio.to_thread(kserve.http_response, spec, parsed, results)
+        content, header_length = await _off_loop(_nbytes(results), kserve.http_response, spec, parsed, results)
         if header_length is None:
             return Response(content, media_type="application/json")
         return Response(content, media_type="application/octet-stream",
@@ -230,10 +273,10 @@ class KServeIngress:
                 raise ProtocolError(f"the request ({request.ByteSize()} bytes) is over the limit of "
                                     f"{self.max_body_bytes} bytes", 413)
             spec = await self._spec(request.model_name)
-            parsed = await asyncio.to_thread(kserve.parse_grpc, spec, request)
+            parsed = await _off_loop(request.ByteSize(), kserve.parse_grpc, spec, request)
             results = await self._infer(request.model_name, parsed)
             response = pb.ModelInferResponse()
-            await asyncio.to_thread(kserve.grpc_response, spec, parsed, results, response)
+            await _off_loop(_nbytes(results), kserve.grpc_response, spec, parsed, results, response)
             return response
 
         return await self._grpc(grpc_context, pb.ModelInferResponse, answer)

@@ -11,7 +11,8 @@ from onnxshard.serve.kserve import ModelSpec
 
 
 class ShardedModel:
-    """The deployment class (``app.py`` wraps it with ``serve.deployment``)."""
+    """The deployment class (``app.py`` wraps it with ``serve.deployment``), or, serving a single model, held by
+    the ingress replica itself."""
 
     def __init__(self, name: str, path: str, stages: int | None, options: dict):
         from onnxshard.distributed import Pipeline
@@ -19,10 +20,10 @@ class ShardedModel:
         self.pipe = Pipeline(path, stages=stages, placement_group="current", name=name, **options)
         self.spec = ModelSpec(name, self.pipe.plan.inputs, self.pipe.plan.outputs)
 
-    def metadata(self) -> ModelSpec:
+    async def metadata(self) -> ModelSpec:
         return self.spec
 
-    def ready(self) -> bool:
+    async def ready(self) -> bool:
         return self.pipe.workers != []
 
     async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
