@@ -281,6 +281,29 @@ def test_a_killed_stage_worker_loses_no_request(server):
     assert _handle("mlp").totals.remote().result()["restarts"] > restarts
 
 
+def test_pipeline_metrics_by_model_reach_rays_prometheus_endpoint(server, ray_session):
+    """After the requests above: queue time, batch size and per-stage compute, labelled by model, next to
+    Serve's own request metrics (Ray exports every few seconds)."""
+    port = ray_session._private.worker.global_worker.node.metrics_export_port
+    wanted = ['ray_onnxshard_queue_seconds_bucket{', 'ray_onnxshard_batch_size_bucket{',
+              'ray_onnxshard_stage_compute_seconds_bucket{', 'ray_serve_num_http_requests']
+    deadline, text = time.monotonic() + 60, ""
+
+    def mlp_stage_1(text):
+        return [line for line in text.splitlines() if line.startswith("ray_onnxshard_stage_compute_seconds_count")
+                and 'model="mlp"' in line and 'stage="1"' in line]
+
+    while time.monotonic() < deadline:  # each process exports on its own clock
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in wanted) and mlp_stage_1(text):
+            break
+        time.sleep(2)
+    missing = [w for w in wanted if w not in text]
+    names = sorted({line.split("{")[0] for line in text.splitlines() if not line.startswith("#")})
+    assert not missing, (missing, len(text), [n for n in names if "onnxshard" in n or "serve" in n][:20])
+    assert mlp_stage_1(text)
+
+
 fuzz = {"ok": 0, "refused": 0}
 
 

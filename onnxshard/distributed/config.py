@@ -47,9 +47,9 @@ class PipelineConfig:
         fails (its micro-batches finish and are dropped).
     worker_start_timeout_s: how long a (re)started worker may take to load its shard.
     placement_group: ``"own"`` (the default): the pipeline reserves a placement group of its own (a bundle per
-        worker) and frees it at close; ``"current"``: its workers go in the bundles of the placement group the
-        caller runs in, from the second bundle on (the first holds the caller): a Ray Serve replica deployed
-        with ``placement_group_bundles=[replica] + worker_bundles(plan, config)``.
+        worker) and frees it at close; ``"current"``: its workers take the last bundles of the placement group the
+        caller runs in (a Ray Serve replica deployed with ``placement_group_bundles``: optionally a bundle of its
+        own, then one per worker; a replica asking for no CPU shares the first worker's bundle).
     name: labels the pipeline's metrics (``model="..."``): a served model's name.
     """
 

@@ -36,7 +36,7 @@ class Placement:
         self.workers: list[list[list]] = []
         self.info: list[list[list[dict]]] = []
         self.owns_group = config.placement_group == "own"
-        self.first_bundle = 0 if self.owns_group else 1
+        self.first_bundle = 0
         if self.owns_group:
             self.group = self._reserve(count, owns_ray)
         else:
@@ -59,17 +59,19 @@ class Placement:
         return group
 
     def _current(self, count: int):
-        """The caller's placement group, checked to hold a bundle like ours for each worker after its own."""
+        """The caller's placement group, checked to end in a bundle like ours for each worker (the workers take
+        the last ``count`` bundles; one before them may hold the caller)."""
         group = get_current_placement_group()
         if group is None:
             raise ClusterError("placement_group='current' needs a caller inside a placement group (a Ray Serve "
                                "replica deployed with placement_group_bundles); use placement_group='own'")
-        bundles = group.bundle_specs[1:]
-        fits = len(bundles) >= count and all(all(b.get(k, 0) >= v for k, v in self.bundle.items())
-                                             for b in bundles[:count])
+        specs = group.bundle_specs
+        self.first_bundle = len(specs) - count
+        fits = self.first_bundle >= 0 and all(all(b.get(k, 0) >= v for k, v in self.bundle.items())
+                                              for b in specs[self.first_bundle:])
         if not fits:
-            raise ClusterError(f"the caller's placement group has {len(bundles)} bundles after its own "
-                               f"({bundles[:3]}...); the pipeline needs {count} of {self.bundle}")
+            raise ClusterError(f"the caller's placement group has {len(specs)} bundles ({specs[:3]}...); the "
+                               f"pipeline needs its last {count} to hold {self.bundle} each")
         return group
 
     def spawn(self, replica: int, stage: int) -> list:
@@ -153,11 +155,6 @@ def worker_bundle(config: PipelineConfig) -> dict[str, float]:
     bundle = {"CPU": config.cpus_per_stage, **({"GPU": config.gpus_per_stage} if config.gpus_per_stage else {}),
               **config.resources}
     return {key: v for key, v in bundle.items() if v}
-
-
-def worker_bundles(plan: Plan, config: PipelineConfig) -> list[dict[str, float]]:
-    """The bundles of every worker of every replica, in the order the pipeline fills them."""
-    return [worker_bundle(config) for _ in range(plan.num_workers * config.replicas)]
 
 
 def kill(workers) -> None:

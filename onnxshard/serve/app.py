@@ -37,7 +37,8 @@ class ServeArgs(BaseModel):
     micro_batch_size: int | str | None = "auto"
     cpus_per_stage: float = Field(1.0, gt=0)
     gpus_per_stage: float = Field(0.0, ge=0)
-    replica_cpus: float = Field(0.1, gt=0, description="CPUs of each model replica (its coordinator thread)")
+    replica_cpus: float = Field(0.0, ge=0, description="CPUs reserved for each replica owning a pipeline (its "
+                                "coordinator thread); 0 puts it in its first stage worker's bundle")
     transport: str = "auto"
     call_timeout_s: float | None = Field(None, gt=0)
     run_timeout_s: float | None = Field(None, gt=0)
@@ -94,7 +95,8 @@ def _model_args(source: Source, args: ServeArgs) -> ServeArgs:
 
 def _replica_options(source: Source, args: ServeArgs) -> dict:
     """Serve options of a replica that owns one pipeline of ``source``: its own bundle, then its workers'."""
-    bundles = [{"CPU": args.replica_cpus}] + [worker_bundle(PipelineConfig(**args.pipeline_options()))] * source.workers
+    own = [{"CPU": args.replica_cpus}] if args.replica_cpus else []  # else it shares the first worker's bundle
+    bundles = own + [worker_bundle(PipelineConfig(**args.pipeline_options()))] * source.workers
     return dict(num_replicas=args.replicas, ray_actor_options={"num_cpus": args.replica_cpus},
                 placement_group_bundles=bundles, placement_group_strategy="PACK", health_check_period_s=10,
                 graceful_shutdown_timeout_s=5)
