@@ -248,3 +248,18 @@ def test_loaded_plan_notices_a_changed_weight_file(save_model, tmp_path):
         f.write(b"extra")
     with pytest.raises(PlanError, match="changed after planning"):
         onnxshard.load_plan(tmp_path / "plan")
+
+
+def test_the_decision_is_a_frozen_value_made_without_writing(tmp_path):
+    import dataclasses
+
+    from onnxshard.partitioner import analyse_model, decide
+
+    path = zoo.save(zoo.mlp(layers=6), tmp_path / "m")
+    analysis = analyse_model(path)
+    two, three = decide(analysis, stages=2), decide(analysis, stages=3)
+    assert len(two.bounds) == 3 and len(three.bounds) == 4 and two.layout is None
+    assert two.bounds[0] == 0 and two.bounds[-1] == len(analysis.graph.nodes)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        two.bounds = (0,)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # nothing written

@@ -229,3 +229,13 @@ def test_vocabulary_split_keeps_gather_semantics_for_negative_and_bad_ids(save_m
             tools.run_model(path, {"ids": np.array([[bad]])})
         with pytest.raises(WorkerError, match="out of"):
             tools.run_stages(plan, {"ids": np.array([[bad]])})
+
+
+def test_sharded_inputs_are_carried_by_the_op_registry():
+    from onnxshard.partitioner.tensor_parallel import RULES
+    from onnxshard.partitioner.tensor_parallel.rules import CHANNELWISE, ELEMENTWISE, REDUCE, UNARY
+
+    kept = {"MatMul", "Gemm", "Conv", "Transpose", "Reshape", "Expand", "Split", "Softmax", "LayerNormalization",
+            "BatchNormalization", "Unsqueeze", "Squeeze", "Dropout", "Slice", "Gather", "Concat"}
+    assert UNARY | ELEMENTWISE | CHANNELWISE | REDUCE | kept <= set(RULES)
+    assert "TopK" not in RULES  # an op without a rule reads a sharded input whole

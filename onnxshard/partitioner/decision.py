@@ -1,0 +1,97 @@
+"""The plan's shape decided, before anything is written: a frozen value (the analysis it was made from, the
+stage bounds, the tensor-parallel layout, the memory cap, the per-node FLOPs and where the balance costs came from).
+``decide`` is pure: model metadata and options in, a :class:`Decision` out."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxshard.errors import PlanError
+from onnxshard.partitioner import tensor_parallel as tp
+from onnxshard.partitioner.analysis import Analysis, ordered_by_pins
+from onnxshard.partitioner.boundaries import (
+    check_tp_cuts,
+    choose_degree,
+    cut_bytes_of,
+    fewest,
+    forbid_rank_local_cuts,
+    manual_bounds,
+)
+from onnxshard.partitioner.cuts import choose_bounds
+from onnxshard.units import human_bytes
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Stage ``k`` runs nodes ``bounds[k]:bounds[k + 1]`` of ``analysis.graph`` (reordered by pins if every node
+    is pinned); ``layout`` splits them over its degree's ranks (``None``: one worker per stage)."""
+
+    analysis: Analysis
+    bounds: tuple[int, ...]
+    layout: tp.Layout | None
+    cap: float  # weight bytes per worker (inf: no cap)
+    flops: tuple[float, ...]  # per node
+    cost_source: str  # "analytic" or "profile"
+
+
+def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str] = (),
+           max_stage_memory: int | None = None, node_times: dict[str, float] | None = None,
+           tensor_parallel: int | None = None) -> Decision:
+    """Choose the stage bounds (and the tensor-parallel layout): see :func:`onnxshard.partitioner.partition`."""
+    pins = analysis.graph.pinned_stages()
+    if pins and all(p is not None for p in pins):  # the caller's analysis stays as it was
+        analysis = dataclasses.replace(analysis, graph=ordered_by_pins(analysis.graph, pins))
+        pins = analysis.graph.pinned_stages()
+    graph = analysis.graph
+    costs = analysis.costs
+    n = len(graph.nodes)
+    balance = [c.flops for c in costs]
+    if node_times:
+        balance = [node_times.get(node.name, 0.0) for node in graph.nodes]
+    cut_bytes = cut_bytes_of(graph, analysis.specs, analysis.dims)
+    cap = float(max_stage_memory) if max_stage_memory else np.inf
+    pin_stages = 1 + max((p for p in pins if p is not None), default=-1)
+    if tensor_parallel is not None and tensor_parallel < 1:
+        raise PlanError(f"--tensor-parallel must be at least 1 (got {tensor_parallel})")
+    if tensor_parallel is None and np.isfinite(cap) and not cuts:
+        tensor_parallel = choose_degree(analysis, balance, [c.param_bytes for c in costs], cut_bytes, cap, pins,
+                                         stages)
+    layout = None
+    params = [c.param_bytes for c in costs]
+    if tensor_parallel and tensor_parallel > 1:
+        layout = tp.shard_graph(graph, analysis.specs, tensor_parallel)
+        if not layout.splits:
+            why = ": " + "; ".join(layout.notes) if layout.notes else \
+                " (no top-level MatMul/Gemm/Conv/Gather with a weight initializer)"
+            raise PlanError(f"--tensor-parallel {tensor_parallel} splits no layer of this model{why}; use 1 or "
+                            "another degree")
+        params = layout.node_param_bytes(graph)
+        cut_bytes = forbid_rank_local_cuts(cut_bytes, graph, layout)
+
+    if cuts:
+        bounds = manual_bounds(graph, cuts, stages)
+    else:
+        if stages is None:
+            stages = pin_stages or (fewest(graph, balance, params, cut_bytes, cap, pins) if np.isfinite(cap) else 1)
+        if pin_stages > stages:
+            raise PlanError(f"the model pins nodes to pipeline_stage {pin_stages - 1}, but only {stages} stages "
+                            f"were asked for; use --stages {pin_stages}")
+        if stages > n:
+            raise PlanError(f"the model has {n} nodes to place (Constants aside); it cannot make {stages} stages: "
+                            f"use --stages {n} or fewer")
+        bounds = choose_bounds(balance, params, cut_bytes, stages, max_memory=cap, pins=pins)
+        if bounds is None and layout is not None and not np.isfinite(cap):
+            raise PlanError(f"no {stages}-stage split keeps each tensor-parallel layer inside one stage (a cut may "
+                            f"not fall between a split layer's halves); use fewer stages or --tensor-parallel 1")
+        if bounds is None:
+            why = f"--max-stage-memory {human_bytes(cap)}" if np.isfinite(cap) else "the pipeline_stage annotations"
+            raise PlanError(f"no {stages}-stage split satisfies {why}; raise the cap, add stages, or fix the "
+                            "annotations")
+    if layout is not None:
+        check_tp_cuts(graph, layout, bounds)
+    return Decision(analysis, tuple(bounds), layout, cap, tuple(c.flops for c in costs),
+                    "profile" if node_times else "analytic")

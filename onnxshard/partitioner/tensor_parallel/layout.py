@@ -1,0 +1,172 @@
+"""The tensor-parallel layout: each tensor's state (replicated, sharded, partial), the weight slices and
+rank constants, what each node becomes on a rank, and the reduces that make values whole."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxshard.partitioner.graph import Graph
+from onnxshard.partitioner.model import node_tensors, tensor_nbytes
+from onnxshard.plans import Reduce, TensorSpec
+
+TP_CONFIG = "onnxshard.tp"  # configuration_id of the sharding_spec annotations onnxshard writes
+
+
+@dataclass(frozen=True)
+class State:
+    kind: str  # "R", "S" or "P"
+    axis: int = 0
+    blocks: tuple[int, ...] = ()  # S: global sizes of the blocks along ``axis`` (one block if empty)
+
+
+REPLICATED = State("R")
+
+
+@dataclass(frozen=True)
+class WeightSlice:
+    """Rank ``r`` holds chunk ``r`` of each block of ``source`` along ``axis``."""
+
+    source: str
+    axis: int
+    blocks: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        suffix = "" if len(self.blocks) == 1 else ".b" + "_".join(map(str, self.blocks))
+        return f"{self.source}@tp{self.axis}{suffix}"
+
+    def contiguous(self, dims) -> bool:
+        """Whether each rank's slice is one byte range of the source (leading axis, one block)."""
+        return len(self.blocks) == 1 and all(d == 1 for d in dims[:self.axis])
+
+
+@dataclass(frozen=True)
+class RankConst:
+    """A small constant whose value depends on the rank: ``values[r]``."""
+
+    name: str
+    values: tuple[np.ndarray, ...]
+
+
+@dataclass
+class Rewrite:
+    """What one original node becomes on every rank."""
+
+    nodes: list[onnx.NodeProto]
+    kind: str = "replicate"  # replicate | col | row | vocab | local
+    local_reads: list[str] = field(default_factory=list)  # sharded tensors it reads as each rank's slice
+
+
+@dataclass
+class Layout:
+    """The tensor-parallel layout of a whole graph for degree ``degree``."""
+
+    degree: int
+    states: dict[str, State]
+    rewrites: list[Rewrite]  # aligned with graph.nodes
+    weights: dict[str, WeightSlice]  # by slice name
+    consts: dict[str, onnx.TensorProto]  # new rank-independent constants (per-rank shapes)
+    rank_consts: dict[str, RankConst]
+    reduces: dict[str, Reduce]  # by the whole name they make
+    notes: list[str]
+
+    @property
+    def splits(self) -> int:
+        return sum(r.kind in ("col", "row", "vocab") for r in self.rewrites)
+
+    def local(self, name: str) -> str:
+        s = self.states.get(name, REPLICATED)
+        return name if s.kind == "R" else f"{name}@{'shard' if s.kind == 'S' else 'partial'}"
+
+    def value_spec(self, name: str, specs: dict[str, TensorSpec]) -> TensorSpec | None:
+        """The type and shape of ``name`` on one rank, for model values and their rank-local versions
+        (``x@shard`` has 1/T of the sharded axis); ``None`` for helper values of unknown type."""
+        base, _, suffix = name.rpartition("@")
+        if not base or suffix not in ("shard", "partial", "sum"):
+            return specs.get(name)
+        spec = specs.get(base)
+        if spec is None:
+            return None
+        shape = spec.shape
+        axis = self.states.get(base, REPLICATED).axis
+        if suffix == "shard" and shape is not None and isinstance(shape[axis], int):
+            shape = shape[:axis] + (shape[axis] // self.degree,) + shape[axis + 1:]
+        return TensorSpec(name, spec.dtype, shape)
+
+    def reduce_for(self, name: str) -> Reduce | None:
+        """The reduce that makes ``name`` whole, when it is sharded or partial."""
+        if name in self.reduces:
+            return self.reduces[name]
+        s = self.states.get(name, REPLICATED)
+        if s.kind == "R":
+            return None
+        op = "sum" if s.kind == "P" else "concat"
+        return self.reduces.setdefault(name, Reduce(name, self.local(name), op, s.axis, s.blocks))
+
+    def node_param_bytes(self, graph: Graph) -> list[int]:
+        """Per node, the weight bytes one rank holds for it (a weight counted at its first reader)."""
+        seen: set[str] = set()
+        out = []
+        for rw in self.rewrites:
+            total = 0
+            for node in rw.nodes:
+                for name in node.input:
+                    if name in seen:
+                        continue
+                    if name in self.weights or name in graph.initializers or name in graph.constants:
+                        seen.add(name)
+                        total += rank_bytes(graph, self, name)
+            out.append(total)
+        return out
+
+
+
+def rank_bytes(graph: Graph, layout: Layout, name: str) -> int:
+    """Bytes one rank holds for the weight (or weight slice) ``name``."""
+    if name in layout.weights:
+        return tensor_bytes(graph, layout.weights[name].source) // layout.degree
+    return tensor_bytes(graph, name)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def tensor_bytes(graph: Graph, name: str) -> int:
+    if name in graph.initializers:
+        return tensor_nbytes(graph.initializers[name])
+    node = graph.constants.get(name)
+    return sum(tensor_nbytes(t) for t in node_tensors(node)) if node else 0
+
+
+
+def multi_blocks(blocks: tuple[int, ...]) -> tuple[int, ...]:
+    """A sharded state records blocks only when there are several."""
+    return tuple(blocks) if len(blocks) > 1 else ()
+
+
+
+def copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
+def annotate(nodes: list[onnx.NodeProto], degree: int, weights: dict[str, WeightSlice]) -> None:
+    """ONNX IR v11 ``sharding_spec``: which weights of a split node are sliced, along which axis, over T devices,
+    and which of its values are rank-local."""
+    for node in nodes:
+        specs = []
+        for name in list(node.input) + list(node.output):
+            if name in weights:
+                specs.append(onnx.ShardingSpecProto(
+                    tensor_name=name, device=list(range(degree)),
+                    sharded_dim=[onnx.ShardedDimProto(axis=weights[name].axis, simple_sharding=[
+                        onnx.SimpleShardedDimProto(num_shards=degree)])]))
+            elif name.endswith(("@shard", "@partial")):
+                specs.append(onnx.ShardingSpecProto(tensor_name=name, device=list(range(degree))))
+        if specs:
+            node.device_configurations.add(configuration_id=TP_CONFIG, sharding_spec=specs)

@@ -1,0 +1,267 @@
+"""The pass that decides every tensor's state: nodes in topological order, split points (``_start``), the
+rules of ``rules.py`` for sharded inputs, and rollback of splits T does not divide."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxshard.partitioner.cost import SMALL_INT_BYTES
+from onnxshard.partitioner.graph import Graph
+from onnxshard.partitioner.model import is_external, load_inline, tensor_nbytes
+from onnxshard.partitioner.tensor_parallel.layout import (
+    REPLICATED,
+    Layout,
+    Rewrite,
+    State,
+    WeightSlice,
+    annotate,
+    copy_node,
+    divisors,
+    multi_blocks,
+    tensor_bytes,
+)
+from onnxshard.partitioner.tensor_parallel.rules import RULES, UNARY, Rules
+from onnxshard.partitioner.tensor_parallel.vocab import VOCAB_MIN_BYTES, Vocab
+from onnxshard.plans import TensorSpec
+
+
+class _Rollback(Exception):
+    def __init__(self, message: str, starts: Iterable[int]):
+        super().__init__(message)
+        self.starts = frozenset(starts)
+
+
+def shard_graph(graph: Graph, specs: dict[str, TensorSpec], degree: int) -> Layout:
+    """Decide every tensor's state for ``degree`` ranks and rewrite each node for one rank."""
+    excluded: set[int] = set()
+    notes: list[str] = []
+    while True:
+        try:
+            return _Pass(graph, specs, degree, excluded, notes).run()
+        except _Rollback as e:
+            if not e.starts or e.starts <= excluded:
+                raise AssertionError(f"tensor-parallel rollback made no progress: {e}") from None
+            excluded |= e.starts
+            notes.append(str(e))
+
+
+
+class _Pass(Rules, Vocab):
+    """One pass over the graph with a fixed set of excluded split points."""
+
+    def __init__(self, graph: Graph, specs, degree: int, excluded: set[int], notes: list[str]):
+        self.g, self.specs, self.t, self.excluded = graph, specs, degree, excluded
+        self.opset = next((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        self.states: dict[str, State] = {}
+        self.prov: dict[str, frozenset[int]] = {}
+        self.layout = Layout(degree, self.states, [], {}, {}, {}, {}, list(notes))
+        self._pre: list[onnx.NodeProto] = []
+        self.consumers: dict[str, list[int]] = {}
+        for i, reads in enumerate(graph.reads):
+            for r in reads:
+                self.consumers.setdefault(r, []).append(i)
+
+    def run(self) -> Layout:
+        for i, node in enumerate(self.g.nodes):
+            self.i = i
+            self.layout.rewrites.append(self._node(i, node))
+        return self.layout
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def shape(self, name: str):
+        spec = self.specs.get(name)
+        return None if spec is None else spec.shape
+
+    def state(self, name: str) -> State:
+        return self.states.get(name, REPLICATED)
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor (initializer or Constant node), or None when it is computed."""
+        if name in self.g.constants:
+            attr = next((a for a in self.g.constants[name].attribute if a.type == onnx.AttributeProto.TENSOR), None)
+            return None if attr is None else numpy_helper.to_array(attr.t)
+        t = self.g.initializers.get(name)
+        if t is None:
+            return None
+        if is_external(t):
+            if tensor_nbytes(t) > SMALL_INT_BYTES:
+                return None
+            inline = onnx.TensorProto()
+            inline.CopyFrom(t)  # the graph's own stays external
+            load_inline(inline, self.g.folder)
+            t = inline
+        return numpy_helper.to_array(t)
+
+    def is_weight(self, name: str) -> bool:
+        return name in self.g.initializers or name in self.g.constants
+
+    def attr(self, node, name, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    def new_const(self, base: str, value: np.ndarray) -> str:
+        name = f"{base}@tp"
+        while name in self.layout.consts and not np.array_equal(numpy_helper.to_array(self.layout.consts[name]),
+                                                                value):
+            name += "_"
+        self.layout.consts[name] = numpy_helper.from_array(np.asarray(value), name)
+        return name
+
+    def weight(self, name: str, axis: int, blocks: tuple[int, ...]) -> str:
+        ws = WeightSlice(name, axis, tuple(blocks))
+        self.layout.weights.setdefault(ws.name, ws)
+        return ws.name
+
+    def divides(self, size, what: str, node) -> None:
+        """Roll back the splits that lead here (or this split itself) unless T divides ``size``."""
+        if isinstance(size, int) and size > 0 and size % self.t == 0:
+            return
+        valid = ", ".join(map(str, divisors(size))) if isinstance(size, int) and size > 0 else "unknown"
+        starts = frozenset().union(*(self.prov.get(x, frozenset()) for x in node.input if x)) or {self.i}
+        raise _Rollback(f"node {node.name!r} ({node.op_type}): {what} {size} is not divisible by "
+                        f"tensor_parallel={self.t} (valid degrees: {valid}); its layer stays replicated", starts)
+
+    # -- per node ------------------------------------------------------------------------------------------
+    def _node(self, i: int, node: onnx.NodeProto) -> Rewrite:
+        ins = [self.state(x) if x else REPLICATED for x in node.input]
+        sharded = any(s.kind == "S" for s in ins)
+        has_subgraph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+        rule = None  # a node with subgraphs reads everything whole
+        if not has_subgraph and not sharded and i not in self.excluded:
+            rule = self._start(node)
+        elif not has_subgraph and sharded:
+            self._pre = []  # helper nodes (local slices, rebuilt shapes) the rule adds before the node
+            rule = self._propagate(node, ins)
+            if rule is not None and self._pre:
+                rule.nodes[:0] = self._pre
+        if rule is None:
+            rule = Rewrite([copy_node(node)])
+        # Every sharded or partial value this node does not read locally, it reads whole (outer scopes too).
+        for name in self.g.reads[i]:
+            if self.state(name).kind != "R" and name not in rule.local_reads:
+                self.layout.reduce_for(name)
+        prov = frozenset().union(*(self.prov.get(x, frozenset()) for x in rule.local_reads))
+        if rule.kind in ("col", "vocab"):
+            prov |= {i}
+        for out in node.output:
+            if out and self.state(out).kind != "R":
+                self.prov[out] = prov
+        if rule.kind != "replicate":
+            annotate(rule.nodes, self.t, self.layout.weights)
+        return rule
+
+    def _set(self, node, states: list[State]) -> None:
+        for out, s in zip(node.output, states):
+            if out:
+                self.states[out] = s
+
+    def _renamed(self, node, replace: dict[int, str], *, drop_from: int | None = None) -> onnx.NodeProto:
+        """A copy of ``node`` reading local names for its sharded inputs (``replace`` overrides by index) and
+        writing local names for its sharded/partial outputs."""
+        copy = copy_node(node)
+        for k, name in enumerate(node.input):
+            if k in replace:
+                copy.input[k] = replace[k]
+            elif name and self.state(name).kind == "S":
+                copy.input[k] = self.layout.local(name)
+        if drop_from is not None:
+            del copy.input[drop_from:]
+        for k, name in enumerate(node.output):
+            if name:
+                copy.output[k] = self.layout.local(name)
+        return copy
+
+    def _local_reads(self, node) -> list[str]:
+        return [x for x in node.input if x and self.state(x).kind == "S"]
+
+    # -- split points ---------------------------------------------------------------------------------------
+    def _start(self, node) -> Rewrite | None:
+        op = node.op_type if node.domain in ("", "ai.onnx") else None
+        if op == "MatMul" and self.is_weight(node.input[1]):
+            w = self.shape(node.input[1])
+            out = self.shape(node.output[0])
+            if not w or len(w) != 2 or not out or len(out) < 2:
+                return None
+            blocks = self._blocks(node.output[0], w[1])
+            for b in blocks:
+                self.divides(b, "output width", node)
+            self._set(node, [State("S", len(out) - 1, multi_blocks(blocks))])
+            return Rewrite([self._renamed(node, {1: self.weight(node.input[1], 1, blocks)})], "col")
+        if op == "Gemm" and self.is_weight(node.input[1]) and not self.attr(node, "transA", 0):
+            w = self.shape(node.input[1])
+            if not w or len(w) != 2:
+                return None
+            trans_b = self.attr(node, "transB", 0)
+            n = w[0] if trans_b else w[1]
+            blocks = self._blocks(node.output[0], n)
+            for b in blocks:
+                self.divides(b, "output width", node)
+            replace = {1: self.weight(node.input[1], 0 if trans_b else 1, blocks)}
+            if len(node.input) > 2 and node.input[2]:
+                c = self.shape(node.input[2])
+                if c is None:
+                    return None
+                if c and c[-1] == n and self.is_weight(node.input[2]):
+                    replace[2] = self.weight(node.input[2], len(c) - 1, blocks)
+                elif c and c[-1] != 1:
+                    return None
+            self._set(node, [State("S", 1, multi_blocks(blocks))])
+            return Rewrite([self._renamed(node, replace)], "col")
+        if op == "Conv" and self.is_weight(node.input[1]) and self.attr(node, "group", 1) == 1:
+            w = self.shape(node.input[1])
+            if not w:
+                return None
+            self.divides(w[0], "output channels", node)
+            replace = {1: self.weight(node.input[1], 0, (w[0],))}
+            if len(node.input) > 2 and node.input[2]:
+                replace[2] = self.weight(node.input[2], 0, (w[0],))
+            self._set(node, [State("S", 1)])
+            return Rewrite([self._renamed(node, replace)], "col")
+        if op == "Gather" and self.is_weight(node.input[0]) and self.attr(node, "axis", 0) == 0:
+            w = self.shape(node.input[0])
+            if not w or len(w) != 2 or tensor_bytes(self.g, node.input[0]) < VOCAB_MIN_BYTES:
+                return None
+            self.divides(w[0], "vocabulary size", node)
+            return self._vocab(node, w[0])
+        return None
+
+    def _blocks(self, out: str, width: int) -> tuple[int, ...]:
+        """Fused projections (QKV): if ``out`` (through a bias Add) is Split along its last axis, those sizes."""
+        name = out
+        for _ in range(2):
+            users = [self.g.nodes[j] for j in self.consumers.get(name, ())]
+            if len(users) != 1:
+                return (width,)
+            user = users[0]
+            if user.op_type == "Add":
+                name = user.output[0]
+                continue
+            if user.op_type == "Split" and user.input[0] == name:
+                rank = len(self.shape(name) or ())
+                if rank and self.attr(user, "axis", 0) % rank == rank - 1:
+                    sizes = self._split_sizes(user)
+                    if sizes is not None and sum(sizes) == width:
+                        return tuple(int(s) for s in sizes)
+            return (width,)
+        return (width,)
+
+    def _split_sizes(self, node):
+        if self.opset >= 13 and len(node.input) > 1 and node.input[1]:
+            v = self.const(node.input[1])
+            return None if v is None else [int(x) for x in v]
+        split = self.attr(node, "split")
+        return None if split is None else [int(x) for x in split]
+
+
+    def _propagate(self, node, ins: list[State]) -> Rewrite | None:
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx") and not (node.domain == "com.microsoft" and op in UNARY):
+            return None
+        rule = RULES.get(op)
+        return None if rule is None else rule(self, node, ins, next(x for x in ins if x.kind == "S"))
