@@ -88,3 +88,25 @@ def test_the_pipeline_warns_once_and_verify_per_micro_batch_holds(ray_session, s
     np.savez(tmp_path / "in.npz", **feeds)
     assert main(["verify", str(tmp_path / "p"), "--inputs", str(tmp_path / "in.npz"), "--micro-batch-size", "2"]) == 0
     assert "OK" in capsys.readouterr().out
+
+
+def _if_quantizing(quantize: bool):
+    """``y = If(flag, then: dequantize(DynamicQuantizeLinear(x)) or x, else: x)`` on x [batch, 4]."""
+    x = h.make_tensor_value_info("x", T.FLOAT, ["batch", 4])
+    y = h.make_tensor_value_info("y", T.FLOAT, ["batch", 4])
+    if quantize:
+        then = h.make_graph([h.make_node("DynamicQuantizeLinear", ["x"], ["q", "scale", "zero"], name="dq"),
+                             h.make_node("DequantizeLinear", ["q", "scale", "zero"], ["t"])], "then", [],
+                            [h.make_tensor_value_info("t", T.FLOAT, None)])
+    else:
+        then = h.make_graph([h.make_node("Neg", ["x"], ["t"])], "then", [], [h.make_tensor_value_info("t", T.FLOAT, None)])
+    other = h.make_graph([h.make_node("Identity", ["x"], ["e"])], "else", [], [h.make_tensor_value_info("e", T.FLOAT, None)])
+    node = h.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other, name="branch")
+    graph = h.make_graph([node], "g", [h.make_tensor_value_info("flag", T.BOOL, []), x], [y])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_whole_tensor_ops_inside_control_flow_bodies_are_found(save_model):
+    found = _coupled(_if_quantizing(True), save_model)
+    assert list(found) == ["batch"] and "'branch' (If) runs DynamicQuantizeLinear in a subgraph" in found["batch"][0]
+    assert _coupled(_if_quantizing(False), save_model) == {}

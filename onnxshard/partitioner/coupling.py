@@ -6,7 +6,9 @@ quantization computes its scale over the whole tensor (``DynamicQuantizeLinear``
 axis mix samples (``ReduceMean`` over axis 0, ``Softmax`` over the batch, ``MeanVarianceNormalization`` with its
 default axes, ``BatchNormalization`` in training mode, ``TopK``/``CumSum``/``ArgMax`` along the batch). For each
 symbolic dim of the model's inputs, :func:`batch_coupled` lists the nodes that couple samples along it, so the
-pipeline can say so when it cuts or joins batches along that dim. Subgraphs of If/Loop/Scan are not searched.
+pipeline can say so when it cuts or joins batches along that dim. Inside If/Loop/Scan bodies only the
+whole-tensor ops are found (their values' shapes are not known there), attributed to every batch dim of what the
+control-flow node reads.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def batch_coupled(graph: Graph, specs: dict[str, TensorSpec]) -> dict[str, tuple
     one sample along that dim depends on the others."""
     dims = {d for name in graph.inputs for d in (getattr(specs.get(name), "shape", None) or ()) if isinstance(d, str)}
     found: dict[str, list[str]] = {d: [] for d in dims}
-    for node in graph.nodes:
+    for node, reads in zip(graph.nodes, graph.reads):
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
         first = specs.get(node.input[0]) if node.input and node.input[0] else None
         shape = first.shape if first is not None and first.shape else ()
@@ -47,6 +49,11 @@ def batch_coupled(graph: Graph, specs: dict[str, TensorSpec]) -> dict[str, tuple
             for d in {d for d in shape if isinstance(d, str)} & dims:
                 found[d].append(f"{label} {WHOLE_TENSOR[(domain, node.op_type)]}")
             continue
+        inner = _whole_tensor_ops_in_bodies(node)
+        if inner:
+            outer = {d for r in reads for d in (getattr(specs.get(r), "shape", None) or ()) if isinstance(d, str)}
+            for d in outer & dims:
+                found[d] += [f"{label} runs {n.op_type} in a subgraph, which {why}" for n, why in inner]
         if domain:
             continue
         for axis, why in _coupling_axes(graph, node, len(shape)):
@@ -54,6 +61,21 @@ def batch_coupled(graph: Graph, specs: dict[str, TensorSpec]) -> dict[str, tuple
             if isinstance(d, str) and d in found:
                 found[d].append(f"{label} {why} along axis {axis}")
     return {d: tuple(notes) for d, notes in found.items() if notes}
+
+
+def _whole_tensor_ops_in_bodies(node: onnx.NodeProto) -> list[tuple[onnx.NodeProto, str]]:
+    """The whole-tensor ops (see WHOLE_TENSOR) anywhere in ``node``'s subgraphs, nested ones included."""
+    found = []
+    for attr in node.attribute:
+        bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else \
+            list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []
+        for body in bodies:
+            for inner in body.node:
+                why = WHOLE_TENSOR.get(("" if inner.domain in ("", "ai.onnx") else inner.domain, inner.op_type))
+                if why is not None:
+                    found.append((inner, why))
+                found += _whole_tensor_ops_in_bodies(inner)
+    return found
 
 
 def _coupling_axes(graph: Graph, node: onnx.NodeProto, rank: int) -> list[tuple[int, str]]:
