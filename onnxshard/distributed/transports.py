@@ -28,6 +28,8 @@ from onnxshard.plans import Plan
 
 CALL_ERRORS = (RayActorError, RayTaskError, ObjectLostError)
 
+PROBE_S = 4.0  # how long a worker may take to say how busy it is before it counts as stopped
+
 
 class Lost(Exception):
     """A worker of ``replica`` is gone: ``stages`` (empty: the chain broke with every worker alive) and why."""
@@ -215,9 +217,10 @@ class Links(Transport):
     def close(self) -> None:
         self.links.close()
 
-    def _unresponsive(self, replica: int, busy_over: float | None = None, probe_s: float = 2.0) -> list[int]:
+    def _unresponsive(self, replica: int, busy_over: float | None = None, probe_s: float = PROBE_S) -> list[int]:
         """Stages of ``replica`` whose worker is dead, does not answer within ``probe_s``, or (``busy_over``) has
-        been computing one micro-batch for longer than that."""
+        been computing one micro-batch for longer than that. A live worker on a loaded machine can take seconds
+        to answer: a shorter probe would replace healthy workers (seen at 2 s with the CPUs oversubscribed)."""
         probes = [ranks[0].busy_seconds.remote() for ranks in self.placement.workers[replica]]
         ready, _ = ray.wait(probes, num_returns=len(probes), timeout=probe_s)
         lost = []

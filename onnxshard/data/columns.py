@@ -1,0 +1,95 @@
+"""Ray Data batches to a model's feeds and back, without Ray: which column feeds which input (by default the
+same name), tensor columns (Ray's tensor extension types arrive as n-d arrays), list columns (object arrays of
+rows, stacked), scalar columns, and outputs written as columns beside the pass-through ones (an id, say), so each
+output row joins back to its input row. Every refusal names the column and, where one row is at fault, the row."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxshard import dtypes
+from onnxshard.errors import InputError
+from onnxshard.plans import TensorSpec
+
+
+def column_map(inputs: tuple[TensorSpec, ...], columns: dict[str, str] | None) -> dict[str, str]:
+    """model input -> column; ``columns`` names the inputs whose column is not called like them."""
+    columns = dict(columns or {})
+    names = {t.name for t in inputs}
+    unknown = sorted(set(columns) - names)
+    if unknown:
+        raise InputError(f"--columns names unknown model input(s) {unknown}; the model takes {sorted(names)}")
+    return {t.name: columns.get(t.name, t.name) for t in inputs}
+
+
+def row_outputs(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
+                wanted: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The outputs written as columns: ``wanted``, or every output whose first dim is the inputs' batch dim (the
+    symbolic first dim of the first input)."""
+    names = [t.name for t in outputs]
+    batch = next((t.shape[0] for t in inputs if t.shape and isinstance(t.shape[0], str)), None)
+    per_row = [t.name for t in outputs if batch is not None and t.shape and t.shape[0] == batch]
+    if wanted is None:
+        if not per_row:
+            raise InputError(f"no model output has one row per input row (batch axis 0): {names}")
+        return tuple(per_row)
+    bad = [n for n in wanted if n not in per_row]
+    if bad:
+        raise InputError(f"output(s) {bad} cannot be columns: " + "; ".join(
+            f"{n!r} is not a model output ({names})" if n not in names else f"{n!r} has no batch axis 0"
+            for n in bad))
+    return tuple(wanted)
+
+
+def to_feeds(batch: dict[str, np.ndarray], inputs: tuple[TensorSpec, ...], mapping: dict[str, str],
+             where: str = "batch") -> dict[str, np.ndarray]:
+    """The feeds of one Ray Data batch (numpy format)."""
+    feeds = {}
+    for spec in inputs:
+        column = mapping[spec.name]
+        if column not in batch:
+            raise InputError(f"{where}: no column {column!r} for model input {spec.name!r}; columns are "
+                             f"{sorted(batch)} (map one with --columns {spec.name}=COLUMN)")
+        feeds[spec.name] = _tensor(batch[column], spec, column, where)
+    return feeds
+
+
+def _tensor(values: np.ndarray, spec: TensorSpec, column: str, where: str) -> np.ndarray:
+    values = np.asarray(values)
+    if values.dtype == object and spec.dtype != "string":  # a list column: one array per row
+        rows = [np.asarray(v) for v in values]
+        shapes = {r.shape for r in rows}
+        if len(shapes) > 1:
+            first = rows[0].shape
+            bad = next(i for i, r in enumerate(rows) if r.shape != first)
+            raise InputError(f"{where}: column {column!r} row {bad} has shape {list(rows[bad].shape)}, row 0 has "
+                             f"{list(first)}; the rows of a batch must agree")
+        values = np.stack(rows) if rows else values
+    want = dtypes.numpy_dtype(spec.dtype)
+    if values.dtype != want:
+        if spec.dtype == "string" or not np.can_cast(values.dtype, want, "same_kind"):
+            raise InputError(f"{where}: column {column!r} holds {values.dtype}, which model input {spec.name!r} "
+                             f"({spec.dtype}) cannot take")
+        values = values.astype(want)
+    if spec.shape is not None:
+        if values.ndim != len(spec.shape):
+            raise InputError(f"{where}: column {column!r} gives rows of shape {list(values.shape[1:])}, but model "
+                             f"input {spec.name!r} takes {list(spec.shape[1:])} per row")
+        for axis, (got, dim) in enumerate(zip(values.shape, spec.shape)):
+            if isinstance(dim, int) and got != dim:
+                raise InputError(f"{where}: column {column!r} gives rows of shape {list(values.shape[1:])}, but "
+                                 f"model input {spec.name!r} takes {list(spec.shape[1:])} per row (dim {axis})")
+    return values
+
+
+def to_columns(outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray], keep: tuple[str, ...],
+               where: str = "batch") -> dict[str, np.ndarray]:
+    """The output batch: the kept input columns, then one column per model output (n-d arrays become tensor
+    columns)."""
+    missing = [k for k in keep if k not in batch]
+    if missing:
+        raise InputError(f"{where}: --keep column(s) {missing} are not in the data; columns are {sorted(batch)}")
+    clash = [k for k in keep if k in outputs]
+    if clash:
+        raise InputError(f"--keep column(s) {clash} have the names of model outputs; rename them")
+    return {**{k: batch[k] for k in keep}, **outputs}
