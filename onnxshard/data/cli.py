@@ -62,7 +62,13 @@ def run(args) -> int:
         ds = predict(ray.data.read_parquet(args.input), args.target, replicas=args.replicas, batch_size=args.batch_size,
                      columns=columns, keep=keep, stages=args.stages, cpus_per_stage=args.cpus_per_stage,
                      gpus_per_stage=args.gpus_per_stage)
-        ds.write_parquet(str(tmp))
+        try:
+            ds.write_parquet(str(tmp))
+        except Exception as e:  # Ray Data wraps the UDF's error: say what the data did wrong, in one line
+            cause = _onnxshard_cause(e)
+            if cause is None:
+                raise
+            raise cause from None
         seconds = time.perf_counter() - started
         rows = ray.data.read_parquet(str(tmp)).count()
         if out.exists():
@@ -76,3 +82,25 @@ def run(args) -> int:
         if owns:
             ray.shutdown()
     return 0
+
+
+def _onnxshard_cause(error: BaseException):
+    """The OnnxShardError a UDF raised, from inside the exceptions Ray and Ray Data wrap around it (across the
+    process boundary only its traceback text survives), or ``None``."""
+    import re
+
+    from onnxshard import errors
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, errors.OnnxShardError):
+            return error
+        found = re.findall(r"onnxshard\.errors\.(\w+): (.+)", str(error))
+        if found:
+            kind, message = found[-1]
+            cls = getattr(errors, kind, errors.OnnxShardError)
+            return (cls if isinstance(cls, type) and issubclass(cls, errors.OnnxShardError) else
+                    errors.OnnxShardError)(message.strip())
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None

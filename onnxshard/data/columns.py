@@ -42,19 +42,21 @@ def row_outputs(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
 
 
 def to_feeds(batch: dict[str, np.ndarray], inputs: tuple[TensorSpec, ...], mapping: dict[str, str],
-             where: str = "batch") -> dict[str, np.ndarray]:
-    """The feeds of one Ray Data batch (numpy format)."""
+             where: str = "batch", keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The feeds of one Ray Data batch (numpy format). A bad row is named by its place in the batch and by its
+    ``keep`` columns (an id finds it in the data)."""
     feeds = {}
     for spec in inputs:
         column = mapping[spec.name]
         if column not in batch:
             raise InputError(f"{where}: no column {column!r} for model input {spec.name!r}; columns are "
                              f"{sorted(batch)} (map one with --columns {spec.name}=COLUMN)")
-        feeds[spec.name] = _tensor(batch[column], spec, column, where)
+        feeds[spec.name] = _tensor(batch[column], spec, column, where,
+                                   lambda i: "".join(f" ({k}={_plain(batch[k][i])!r})" for k in keep if k in batch))
     return feeds
 
 
-def _tensor(values: np.ndarray, spec: TensorSpec, column: str, where: str) -> np.ndarray:
+def _tensor(values: np.ndarray, spec: TensorSpec, column: str, where: str, label) -> np.ndarray:
     values = np.asarray(values)
     if values.dtype == object and spec.dtype != "string":  # a list column: one array per row
         rows = [np.asarray(v) for v in values]
@@ -62,8 +64,8 @@ def _tensor(values: np.ndarray, spec: TensorSpec, column: str, where: str) -> np
         if len(shapes) > 1:
             first = rows[0].shape
             bad = next(i for i, r in enumerate(rows) if r.shape != first)
-            raise InputError(f"{where}: column {column!r} row {bad} has shape {list(rows[bad].shape)}, row 0 has "
-                             f"{list(first)}; the rows of a batch must agree")
+            raise InputError(f"{where}: column {column!r} row {bad}{label(bad)} has shape {list(rows[bad].shape)}, "
+                             f"row 0 has {list(first)}; the rows of a batch must agree")
         values = np.stack(rows) if rows else values
     want = dtypes.numpy_dtype(spec.dtype)
     if values.dtype != want:
@@ -93,3 +95,8 @@ def to_columns(outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray], kee
     if clash:
         raise InputError(f"--keep column(s) {clash} have the names of model outputs; rename them")
     return {**{k: batch[k] for k in keep}, **outputs}
+
+
+def _plain(value):
+    """A numpy scalar as the Python value it holds (``5``, not ``np.int64(5)``), for messages."""
+    return value.item() if isinstance(value, np.generic) else value

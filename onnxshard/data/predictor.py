@@ -26,13 +26,11 @@ class Predictor:
         self.mapping = column_map(self.pipe.plan.inputs, columns)
         self.keep = tuple(keep)
         self.outputs = row_outputs(self.pipe.plan.inputs, self.pipe.plan.outputs, outputs)
-        self.rows = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        where = f"rows {self.rows}-{self.rows + len(next(iter(batch.values()), ()))} of this actor"
-        feeds = to_feeds(batch, self.pipe.plan.inputs, self.mapping, where)
+        where = f"a batch of {len(next(iter(batch.values()), ()))} rows"
+        feeds = to_feeds(batch, self.pipe.plan.inputs, self.mapping, where, self.keep)
         outputs = self.pipe.run(feeds)
-        self.rows += len(next(iter(feeds.values())))
         return to_columns({name: outputs[name] for name in self.outputs}, batch, self.keep, where)
 
     def __del__(self):
