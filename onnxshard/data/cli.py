@@ -23,6 +23,7 @@ def add_parser(sub, *, positive_int, positive_float, non_negative_float) -> None
 
 def run(args) -> int:
     import os
+    import secrets
     import shutil
     import time
     from pathlib import Path
@@ -53,8 +54,7 @@ def run(args) -> int:
     from onnxshard.distributed import cluster
 
     owns = cluster.connect(args.address, 30.0)
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"  # ours alone: no user's folder is touched
     try:
         import ray.data
 
