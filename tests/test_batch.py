@@ -84,7 +84,7 @@ def test_a_bad_row_names_its_column_and_row(data, ray_session, tmp_path):
                           ray_session.get_runtime_context().gcs_address], capture_output=True, text=True, timeout=300)
     errors = [line for line in run.stderr.splitlines() if line.startswith("onnxshard: error:")]
     assert run.returncode == 2 and len(errors) == 1, run.stderr[-2000:]
-    assert re.search(r"column 'b' row \d+ \(id=5\) has shape \[7\], row 0 has \[8\]", errors[0]), errors
+    assert re.search(r"column 'b' row \d+ \(id=5\) has shape \[7\], the other rows \[8\]", errors[0]), errors
     assert not (tmp_path / "out").exists()
 
 
@@ -115,3 +115,17 @@ def test_columns_map_to_inputs_and_refuse_what_does_not_fit():
     assert list(to_columns({"y": feeds["x"]}, batch, ("id",))) == ["id", "y"]
     with pytest.raises(InputError, match=r"--keep column\(s\) \['nope'\]"):
         to_columns({"y": feeds["x"]}, batch, ("nope",))
+
+
+@pytest.mark.parametrize("odd", [0, 2])
+def test_the_ragged_row_is_blamed_wherever_it_is(odd):
+    from onnxshard.data.columns import to_feeds
+    from onnxshard.errors import InputError
+    from onnxshard.plans import TensorSpec
+
+    column = np.empty(3, dtype=object)
+    for i in range(3):
+        column[i] = np.zeros(3 if i == odd else 2, np.float32)
+    spec = (TensorSpec("x", "float32", ("batch", "n")),)  # no fixed row shape: most rows decide
+    with pytest.raises(InputError, match=rf"column 'x' row {odd} \(id={10 + odd}\) has shape \[3\], the other rows \[2\]"):
+        to_feeds({"x": column, "id": np.arange(10, 13)}, spec, {"x": "x"}, keep=("id",))

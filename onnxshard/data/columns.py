@@ -5,6 +5,8 @@ output row joins back to its input row. Every refusal names the column and, wher
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from onnxshard import dtypes
@@ -61,11 +63,12 @@ def _tensor(values: np.ndarray, spec: TensorSpec, column: str, where: str, label
     if values.dtype == object and spec.dtype != "string":  # a list column: one array per row
         rows = [np.asarray(v) for v in values]
         shapes = {r.shape for r in rows}
-        if len(shapes) > 1:
-            first = rows[0].shape
-            bad = next(i for i, r in enumerate(rows) if r.shape != first)
+        if len(shapes) > 1:  # blame the row that differs from the model's row shape, else from most rows
+            fixed = spec.shape is not None and all(isinstance(d, int) for d in spec.shape[1:])
+            want = tuple(spec.shape[1:]) if fixed else Counter(r.shape for r in rows).most_common(1)[0][0]
+            bad = next(i for i, r in enumerate(rows) if r.shape != want)
             raise InputError(f"{where}: column {column!r} row {bad}{label(bad)} has shape {list(rows[bad].shape)}, "
-                             f"row 0 has {list(first)}; the rows of a batch must agree")
+                             f"the other rows {list(want)}; the rows of a batch must agree")
         values = np.stack(rows) if rows else values
     want = dtypes.numpy_dtype(spec.dtype)
     if values.dtype != want:
