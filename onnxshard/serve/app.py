@@ -121,9 +121,10 @@ def cpus_needed(sources: list[Source], args: ServeArgs) -> float:
                for s in sources for a in [_model_args(s, args)])
 
 
-def build_app(args: ServeArgs | dict):
+def build_app(args: ServeArgs | dict, sources: list[Source] | None = None):
     """The Serve application for ``args`` (a dict from ``serve run``/a config file, or :class:`ServeArgs`).
 
+    ``sources``: the models of ``args.source`` when already discovered (each plan is loaded and checked once).
     One model: the ingress replicas own its pipelines (one Serve hop per request). Several: one deployment per
     model, each scaled on its own, behind one ingress (a hop more)."""
     from ray import serve
@@ -132,7 +133,8 @@ def build_app(args: ServeArgs | dict):
 
     if not isinstance(args, ServeArgs):
         args = ServeArgs.model_validate(args)
-    sources = discover(args.source, stages=args.stages)
+    if sources is None:  # `serve run` / a config file; `onnxshard serve` found them already
+        sources = discover(args.source, stages=args.stages)
     ingress = serve.deployment(KServeApp, name="kserve-ingress")
     settings = dict(api_key_sha256=api_key_digest(args.api_key_env), max_body_bytes=args.max_body_size)
     if len(sources) == 1:

@@ -27,9 +27,10 @@ def parse_args(values: dict) -> ServeArgs:
         raise PlanError(f"{where.replace('_', '-')}: {first['msg']}") from None
 
 
-def start(args: ServeArgs, *, host: str, port: int, grpc_port: int | None, address: str | None) -> bool:
+def start(args: ServeArgs, *, host: str, port: int, grpc_port: int | None,
+          address: str | None) -> tuple[bool, list[str]]:
     """Deploy the app on Serve (starting local Ray with enough logical CPUs when no cluster is given); returns
-    whether it started Ray."""
+    whether it started Ray, and the names of the models served."""
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -37,7 +38,7 @@ def start(args: ServeArgs, *, host: str, port: int, grpc_port: int | None, addre
     from onnxshard.distributed import cluster
 
     sources = discover(args.source, stages=args.stages)  # every refusal before Ray starts
-    application = build_app(args)
+    application = build_app(args, sources)
     owns = cluster.connect(address, 30.0, num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed(sources, args))))
     grpc = gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]) if grpc_port else None
     try:
@@ -48,7 +49,7 @@ def start(args: ServeArgs, *, host: str, port: int, grpc_port: int | None, addre
             serve.shutdown()
             ray.shutdown()
         raise
-    return owns
+    return owns, [s.name for s in sources]
 
 
 def _stop(*_):
@@ -59,8 +60,7 @@ def serve_forever(args: ServeArgs, *, host: str, port: int, grpc_port: int | Non
     import ray
     from ray import serve
 
-    owns = start(args, host=host, port=port, grpc_port=grpc_port, address=address)
-    names = [s.name for s in discover(args.source, stages=args.stages)]
+    owns, names = start(args, host=host, port=port, grpc_port=grpc_port, address=address)
     print(f"serving {', '.join(names)} (KServe v2) on http://{host}:{port}/v2"
           + (f" and gRPC {host}:{grpc_port}" if grpc_port else "") + "; Ctrl-C stops", flush=True)
     signal.signal(signal.SIGTERM, _stop)  # `kill`, `docker stop`, Kubernetes: shut down cleanly as on Ctrl-C
