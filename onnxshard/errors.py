@@ -22,6 +22,14 @@ class InputError(OnnxShardError):
     """Feeds do not match what the model or stage declares."""
 
 
+class RowError(InputError):
+    """One row of a batch is at fault (``row``: its place in the batch); the others may be good."""
+
+    def __init__(self, message: str, row: int = -1):
+        super().__init__(message)
+        self.row = row
+
+
 class OverloadedError(OnnxShardError):
     """The pipeline's request queue is full (or the pipeline is closed): retry later; nothing was run."""
 

@@ -2,9 +2,13 @@
 through ``map_batches`` with a pool of two actors (each owning a pipeline) and through ``onnxshard batch``; every
 output row equals plain ORT on its input row, joined on the id; bad rows name their column and row."""
 
+import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -53,39 +57,142 @@ def test_map_batches_with_a_pool_of_two_pipelines_equals_ort(data):
     _check(rows, data["expected"])
 
 
-def test_onnxshard_batch_on_the_cli_writes_parquet_equal_to_ort(data, ray_session):
+def _cli(*args, address, timeout=300):
+    return subprocess.run([sys.executable, "-m", "onnxshard.cli", "batch", *map(str, args), "--no-progress",
+                           "--address", address], capture_output=True, text=True, timeout=timeout)
+
+
+def _inputs(data, *extra):
+    return [data["model"], "--input", data["root"] / "in", "--columns", "x1=a", "--columns", "x2=b", "--keep", "id",
+            *extra]
+
+
+def test_onnxshard_batch_on_the_cli_writes_a_file_per_input_equal_to_ort(data, ray_session):
     import ray.data
 
     out = data["root"] / "out"
     address = ray_session.get_runtime_context().gcs_address
-    run = subprocess.run([sys.executable, "-m", "onnxshard.cli", "batch", str(data["model"]), "--input",
-                          str(data["root"] / "in"), "--output", str(out), "--columns", "x1=a", "--columns", "x2=b",
-                          "--keep", "id", "--batch-size", "32", "--address", address],
-                         capture_output=True, text=True, timeout=300)
+    run = _cli(*_inputs(data, "--output", out, "--batch-size", "32"), address=address)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert f"{ROWS} rows in" in run.stdout and str(out) in run.stdout
+    assert f"{ROWS} rows in" in run.stdout and "wrote 3 file(s)" in run.stdout and str(out) in run.stdout
+    assert re.search(r"stage 1: busy \d+\.\d s, idle", run.stdout), run.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["_onnxshard_manifest.jsonl", *(p.name for p in (data["root"] / "in").iterdir())])
     _check(ray.data.read_parquet(str(out)).take_all(), data["expected"])
-    again = subprocess.run([sys.executable, "-m", "onnxshard.cli", "batch", str(data["model"]), "--input",
-                            str(data["root"] / "in"), "--output", str(out), "--address", address],
-                           capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "exists and is not an empty folder" in again.stderr  # never overwritten
+    again = _cli(data["model"], "--input", data["root"] / "in", "--output", out, address=address)
+    assert again.returncode == 2 and "holds the manifest of an earlier job; pass --resume" in again.stderr
+    done = _cli(*_inputs(data, "--output", out, "--resume"), address=address)  # nothing left: nothing redone
+    assert done.returncode == 0 and "0 rows in" in done.stdout and "3 done before (--resume)" in done.stdout
+    other = _cli(data["model"], "--input", data["root"] / "in", "--output", out, "--resume", address=address)
+    assert other.returncode == 2 and "ran with other settings (columns, keep differ" in other.stderr, other.stderr
 
 
-def test_a_bad_row_names_its_column_and_row(data, ray_session, tmp_path):
-    """Through the CLI (its own driver: a failed Ray Data job leaves its pool actors' placement groups until the
-    driver exits, see the README's limits)."""
+def _bad_rows(path, odd=(5,)):
     import ray.data
 
-    items = [{"id": i, "a": np.zeros(8, np.float32), "b": [0.0] * (8 if i != 5 else 7)} for i in range(10)]
-    ray.data.from_items(items).write_parquet(str(tmp_path / "bad"))
-    run = subprocess.run([sys.executable, "-m", "onnxshard.cli", "batch", str(data["model"]), "--input",
-                          str(tmp_path / "bad"), "--output", str(tmp_path / "out"), "--columns", "x1=a", "--columns",
-                          "x2=b", "--keep", "id", "--batch-size", "10", "--address",
-                          ray_session.get_runtime_context().gcs_address], capture_output=True, text=True, timeout=300)
+    items = [{"id": i, "a": np.zeros(8, np.float32), "b": [0.5] * (8 if i not in odd else 7)} for i in range(10)]
+    ray.data.from_items(items).repartition(1).write_parquet(str(path))
+    (file,) = path.iterdir()
+    return file
+
+
+def test_a_bad_row_names_its_file_row_and_column(data, ray_session, tmp_path):
+    """Through the CLI (its own driver: a failed Ray Data job leaves its pool actors' placement groups until the
+    driver exits, see the README's limits)."""
+    file = _bad_rows(tmp_path / "bad")
+    run = _cli(data["model"], "--input", tmp_path / "bad", "--output", tmp_path / "out", "--columns", "x1=a",
+               "--columns", "x2=b", "--keep", "id", "--batch-size", "10",
+               address=ray_session.get_runtime_context().gcs_address)
     errors = [line for line in run.stderr.splitlines() if line.startswith("onnxshard: error:")]
     assert run.returncode == 2 and len(errors) == 1, run.stderr[-2000:]
-    assert re.search(r"column 'b' row \d+ \(id=5\) has shape \[7\], the other rows \[8\]", errors[0]), errors
-    assert not (tmp_path / "out").exists()
+    assert re.search(rf"column 'b' row 5 of file {re.escape(str(file))} \(id=5\) has shape \[7\], the other rows "
+                     r"\[8\]", errors[0]), errors
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["_onnxshard_manifest.jsonl"]  # no partial file
+
+
+def test_on_error_skip_writes_bad_rows_to_a_rejects_file(data, ray_session, tmp_path):
+    import pyarrow.parquet as pq
+
+    file = _bad_rows(tmp_path / "bad", odd=(0, 5, 9))
+    out = tmp_path / "out"
+    run = _cli(data["model"], "--input", tmp_path / "bad", "--output", out, "--columns", "x1=a", "--columns", "x2=b",
+               "--keep", "id", "--batch-size", "4", "--on-error", "skip",
+               address=ray_session.get_runtime_context().gcs_address)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "7 rows in" in run.stdout and "3 row(s) rejected" in run.stdout
+    good = pq.read_table(out / file.name).to_pydict()
+    assert sorted(good["id"]) == [1, 2, 3, 4, 6, 7, 8]
+    x = np.zeros((1, 8), np.float32)
+    want = ort.InferenceSession(str(data["model"])).run(["out"], {"x1": x, "x2": x + 0.5})[0][0]
+    np.testing.assert_allclose(np.stack([np.asarray(v) for v in good["out"]]), np.stack([want] * 7), rtol=1e-5)
+    rejects = sorted(pq.read_table(out / "_rejects" / file.name).to_pylist(), key=lambda r: r["id"])
+    assert [(r["id"], r["row"]) for r in rejects] == [(0, 0), (5, 5), (9, 9)]
+    assert all(f"of file {file}" in r["error"] and "has shape [7]" in r["error"] for r in rejects)
+
+
+def test_resume_after_the_driver_is_killed_writes_each_row_once(data, ray_session, tmp_path):
+    """The driver is SIGKILLed once some input files are done; ``--resume`` skips those (their outputs are not
+    rewritten) and finishes the rest: every row exactly once, equal to ORT."""
+    import ray.data
+
+    rng = np.random.default_rng(1)
+    n, files = 400, 8
+    x1, x2 = (rng.standard_normal((n, 8)).astype(np.float32) for _ in range(2))
+    ray.data.from_items([{"id": i, "a": x1[i], "b": x2[i]} for i in range(n)]).repartition(files) \
+        .write_parquet(str(tmp_path / "in"))
+    out, manifest = tmp_path / "out", tmp_path / "out" / "_onnxshard_manifest.jsonl"
+    address = ray_session.get_runtime_context().gcs_address
+    args = [sys.executable, "-m", "onnxshard.cli", "batch", data["model"], "--input", tmp_path / "in", "--output", out,
+            "--columns", "x1=a", "--columns", "x2=b", "--keep", "id", "--batch-size", "1", "--no-progress",
+            "--address", address]
+    driver = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, done = time.monotonic() + 240, 0
+    while time.monotonic() < deadline and driver.poll() is None:
+        done = len(manifest.read_text().splitlines()) - 1 if manifest.exists() else 0
+        if done >= 1:
+            break
+        time.sleep(0.02)
+    driver.kill()
+    driver.wait(timeout=30)
+    finished = [json.loads(line) for line in manifest.read_text().splitlines()[1:]]
+    assert 1 <= len(finished) < files, f"the kill should land mid-job: {len(finished)} of {files} files were done"
+    before = {f["output"]: (out / f["output"]).stat().st_mtime_ns for f in finished}
+    run = subprocess.run(list(map(str, args + ["--resume"])), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"{len(finished)} done before (--resume)" in run.stdout
+    assert {name: (out / name).stat().st_mtime_ns for name in before} == before  # not redone
+    assert not list(out.glob(".*")), "no temporary file is left"
+    assert len(manifest.read_text().splitlines()) == 1 + files
+    rows = sorted(ray.data.read_parquet(str(out)).take_all(), key=lambda r: r["id"])
+    assert [r["id"] for r in rows] == list(range(n))
+    want = ort.InferenceSession(str(data["model"])).run(["out"], {"x1": x1, "x2": x2})[0]
+    np.testing.assert_allclose(np.stack([r["out"] for r in rows]), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("victim", ["stage worker", "pool actor"])
+def test_a_worker_killed_mid_job_loses_and_repeats_no_row(data, ray_session, victim):
+    """SIGKILL one stage worker (the pipeline replaces it and replays its micro-batches) or the whole pool actor
+    (Ray Data restarts it and redoes its batch) once the first block is back: each row still comes out once."""
+    import ray.data
+
+    from onnxshard.data import predict
+    from onnxshard.data.job import Stats
+
+    stats = ray_session.remote(num_cpus=0)(Stats).remote()
+    ds = predict(ray.data.read_parquet(str(data["root"] / "in")).repartition(12), data["model"], replicas=1,
+                 batch_size=1, columns={"x1": "a", "x2": "b"}, keep=("id",), stages=2, stats=stats)
+    blocks = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    got = [next(blocks)]
+    (first,) = ray_session.get(stats.get.remote()).values()
+    os.kill(first["workers"][1] if victim == "stage worker" else first["pid"], signal.SIGKILL)
+    got.extend(blocks)
+    (last,) = ray_session.get(stats.get.remote()).values()
+    if victim == "stage worker":
+        assert last["recoveries"] >= 1 and last["pid"] == first["pid"]
+    else:  # the restarted actor ran batches after the kill
+        assert last["pid"] != first["pid"]
+    rows = [{k: b[k][i] for k in b} for b in got for i in range(len(b["id"]))]
+    _check(rows, data["expected"])
 
 
 def test_columns_map_to_inputs_and_refuse_what_does_not_fit():
@@ -129,3 +236,16 @@ def test_the_ragged_row_is_blamed_wherever_it_is(odd):
     spec = (TensorSpec("x", "float32", ("batch", "n")),)  # no fixed row shape: most rows decide
     with pytest.raises(InputError, match=rf"column 'x' row {odd} \(id={10 + odd}\) has shape \[3\], the other rows \[2\]"):
         to_feeds({"x": column, "id": np.arange(10, 13)}, spec, {"x": "x"}, keep=("id",))
+
+
+def test_read_tasks_take_the_cpus_the_stage_workers_leave(tmp_path):
+    """Ray Data's default (1 CPU a read task) while one is free; what is left, down to 0, when the stage workers
+    hold more: never a read task waiting for a CPU that the pipelines hold for the whole job."""
+    from onnxshard.data.job import reading_cpus
+
+    model = str(zoo.save(zoo.mlp(), tmp_path / "m"))
+    assert reading_cpus(8, model, 1, {"stages": 2, "cpus_per_stage": 1.0}) is None
+    assert reading_cpus(8, model, 3, {"stages": 2, "cpus_per_stage": 1.0}) is None  # 6 held, 2 free
+    assert reading_cpus(8, model, 3, {"stages": 2, "cpus_per_stage": 1.25}) == 0.5
+    assert reading_cpus(2, model, 1, {"stages": 2, "cpus_per_stage": 1.0}) == 0.0
+    assert reading_cpus(2, model, 1, {"stages": 3, "cpus_per_stage": 0.5}) == 0.5

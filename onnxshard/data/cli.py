@@ -6,9 +6,10 @@ from __future__ import annotations
 def add_parser(sub, *, positive_int, positive_float, non_negative_float) -> None:
     p = sub.add_parser("batch", help="run a plan (or a model) over Parquet files on Ray Data, writing Parquet")
     p.add_argument("target", help="a plan folder or an .onnx file")
-    p.add_argument("--input", required=True, help="Parquet file, folder or glob (local path or a URI Ray reads)")
-    p.add_argument("--output", required=True, help="folder to write Parquet to (must not exist or be empty; "
-                   "written under a temporary name and renamed when the job succeeds)")
+    p.add_argument("--input", required=True, help="Parquet file, folder (searched recursively) or glob; local or "
+                   "mounted on every node")
+    p.add_argument("--output", required=True, help="folder for one Parquet file per input file (new or empty; each "
+                   "file is written under a temporary name and renamed when whole)")
     p.add_argument("--columns", action="append", default=[], metavar="INPUT=COLUMN",
                    help="the column feeding a model input, where their names differ (repeatable)")
     p.add_argument("--keep", default="", metavar="COL,...", help="input columns written beside the outputs (an id)")
@@ -17,15 +18,18 @@ def add_parser(sub, *, positive_int, positive_float, non_negative_float) -> None
     p.add_argument("--stages", type=positive_int, help="stages, when TARGET is a model (default 2)")
     p.add_argument("--cpus-per-stage", type=positive_float, default=1.0, help="CPUs per stage worker")
     p.add_argument("--gpus-per-stage", type=non_negative_float, default=0.0, help="GPUs per stage worker")
+    p.add_argument("--resume", action="store_true", help="finish the job that wrote --output before (its manifest "
+                   "says which input files are done; they are skipped)")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="a row the model cannot take: "
+                   "fail naming its file, row and column (raise, the default), or write it to OUTPUT/_rejects/ with "
+                   "the reason and go on (skip)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (Ray Data's)")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
     import os
-    import secrets
-    import shutil
-    import time
     from pathlib import Path
 
     from onnxshard.errors import InputError
@@ -39,46 +43,38 @@ def run(args) -> int:
         columns[name] = column
     keep = tuple(k for k in args.keep.split(",") if k)
     out = Path(os.path.abspath(args.output))
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--output {out} exists and is not an empty folder; give a new folder")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output {out} is a file; give a folder")
     if not out.parent.is_dir():
         raise InputError(f"--output {out}: folder {out.parent} does not exist; create it first")
     if is_plan_dir(args.target):
         Plan.load(args.target)  # refuse a broken plan before Ray starts
     elif not Path(args.target).is_file():
         raise InputError(f"{args.target} is neither a plan folder nor an ONNX model file")
+    from onnxshard.data.files import check_output, list_inputs
+
+    check_output(out, args.resume)  # refuse before Ray starts
+    list_inputs(args.input)
 
     import ray
 
-    from onnxshard.data.predictor import predict
+    from onnxshard.data import job
     from onnxshard.distributed import cluster
 
     owns = cluster.connect(args.address, 30.0)
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"  # ours alone: no user's folder is touched
     try:
-        import ray.data
-
-        started = time.perf_counter()
-        ds = predict(ray.data.read_parquet(args.input), args.target, replicas=args.replicas, batch_size=args.batch_size,
-                     columns=columns, keep=keep, stages=args.stages, cpus_per_stage=args.cpus_per_stage,
-                     gpus_per_stage=args.gpus_per_stage)
         try:
-            ds.write_parquet(str(tmp))
+            summary = job.run(args.target, args.input, out, columns=columns, keep=keep, replicas=args.replicas,
+                              batch_size=args.batch_size, on_error=args.on_error, resume=args.resume,
+                              progress=not args.no_progress, stages=args.stages, cpus_per_stage=args.cpus_per_stage,
+                              gpus_per_stage=args.gpus_per_stage)
         except Exception as e:  # Ray Data wraps the UDF's error: say what the data did wrong, in one line
             cause = _onnxshard_cause(e)
             if cause is None:
                 raise
             raise cause from None
-        seconds = time.perf_counter() - started
-        rows = ray.data.read_parquet(str(tmp)).count()
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-        files = sorted(p.name for p in out.iterdir())
-        print(f"{rows} rows in {seconds:.1f} s ({rows / max(seconds, 1e-9):.1f} rows/s); wrote {len(files)} "
-              f"file(s) to {out}")
+        print(summary.text() + f"\noutput: {out}")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if owns:
             ray.shutdown()
     return 0

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 
 from onnxshard import dtypes
-from onnxshard.errors import InputError
+from onnxshard.errors import InputError, RowError
 from onnxshard.plans import TensorSpec
 
 
@@ -44,21 +44,48 @@ def row_outputs(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
 
 
 def to_feeds(batch: dict[str, np.ndarray], inputs: tuple[TensorSpec, ...], mapping: dict[str, str],
-             where: str = "batch", keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """The feeds of one Ray Data batch (numpy format). A bad row is named by its place in the batch and by its
-    ``keep`` columns (an id finds it in the data)."""
+             where: str = "batch", keep: tuple[str, ...] = (), name_row=None) -> dict[str, np.ndarray]:
+    """The feeds of one Ray Data batch (numpy format). A bad row is named by ``name_row(i)`` (default: its place
+    in the batch and its ``keep`` columns, an id that finds it in the data) and raises :class:`RowError`."""
+    name_row = name_row or (lambda i: f"row {i}" + keep_label(batch, keep, i))
     feeds = {}
     for spec in inputs:
         column = mapping[spec.name]
         if column not in batch:
             raise InputError(f"{where}: no column {column!r} for model input {spec.name!r}; columns are "
                              f"{sorted(batch)} (map one with --columns {spec.name}=COLUMN)")
-        feeds[spec.name] = _tensor(batch[column], spec, column, where,
-                                   lambda i: "".join(f" ({k}={_plain(batch[k][i])!r})" for k in keep if k in batch))
+        feeds[spec.name] = _tensor(batch[column], spec, column, where, name_row)
     return feeds
 
 
-def _tensor(values: np.ndarray, spec: TensorSpec, column: str, where: str, label) -> np.ndarray:
+def good_rows(batch: dict[str, np.ndarray], inputs: tuple[TensorSpec, ...], mapping: dict[str, str],
+              where: str = "batch", keep: tuple[str, ...] = (), name_row=None
+              ) -> tuple[np.ndarray, dict[str, np.ndarray] | None, dict[int, str]]:
+    """``to_feeds`` that sets bad rows aside: (the places of the good rows, their feeds or ``None`` when no row is
+    good, the reason for each bad row). A fault of a whole column (a dtype the input cannot take) fails every
+    row."""
+    name_row = name_row or (lambda i: f"row {i}" + keep_label(batch, keep, i))
+    good = np.arange(len(next(iter(batch.values()), ())))
+    reasons: dict[int, str] = {}
+    while len(good):
+        part = {k: v[good] for k, v in batch.items()}
+        try:
+            return good, to_feeds(part, inputs, mapping, where, keep, lambda i, g=good: name_row(int(g[i]))), reasons
+        except RowError as e:
+            reasons[int(good[e.row])] = str(e)
+            good = np.delete(good, e.row)
+        except InputError as e:
+            reasons.update((int(i), str(e)) for i in good)
+            good = good[:0]
+    return good, None, reasons
+
+
+def keep_label(batch: dict[str, np.ndarray], keep: tuple[str, ...], i: int) -> str:
+    """`` (id=5)``: row ``i``'s ``keep`` columns, which find it in the data."""
+    return "".join(f" ({k}={_plain(batch[k][i])!r})" for k in keep if k in batch)
+
+
+def _tensor(values: np.ndarray, spec: TensorSpec, column: str, where: str, name_row) -> np.ndarray:
     values = np.asarray(values)
     if values.dtype == object and spec.dtype != "string":  # a list column: one array per row
         rows = [np.asarray(v) for v in values]
@@ -67,8 +94,8 @@ def _tensor(values: np.ndarray, spec: TensorSpec, column: str, where: str, label
             fixed = spec.shape is not None and all(isinstance(d, int) for d in spec.shape[1:])
             want = tuple(spec.shape[1:]) if fixed else Counter(r.shape for r in rows).most_common(1)[0][0]
             bad = next(i for i, r in enumerate(rows) if r.shape != want)
-            raise InputError(f"{where}: column {column!r} row {bad}{label(bad)} has shape {list(rows[bad].shape)}, "
-                             f"the other rows {list(want)}; the rows of a batch must agree")
+            raise RowError(f"{where}: column {column!r} {name_row(bad)} has shape {list(rows[bad].shape)}, the other "
+                           f"rows {list(want)}; the rows of a batch must agree", bad)
         values = np.stack(rows) if rows else values
     want = dtypes.numpy_dtype(spec.dtype)
     if values.dtype != want:

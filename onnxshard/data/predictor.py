@@ -5,10 +5,17 @@ multi-worker engine inside each actor. :func:`predict` wires it up."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
-from onnxshard.data.columns import column_map, row_outputs, to_columns, to_feeds
+from onnxshard import dtypes
+from onnxshard.data import provenance
+from onnxshard.data.columns import column_map, good_rows, keep_label, row_outputs, to_columns, to_feeds
+from onnxshard.errors import InputError
+
+ERROR = "_onnxshard_error"  # with on_error="skip": why the row was rejected ("" for a good row)
+ROW = "_onnxshard_row"  # with on_error="skip": a rejected row's place in its input file (-1 when unknown)
 
 
 class Predictor:
@@ -16,22 +23,111 @@ class Predictor:
     compute=ray.data.ActorPoolStrategy(size=R))``. ``columns``: model input -> column, where the names differ;
     ``keep``: input columns copied beside the outputs (an id to join on); ``outputs``: the model outputs to write
     (default: every output with one row per input row; an output without a batch axis cannot be a column);
+    ``on_error``: ``"raise"`` fails the job on a bad row, naming it (its file and place in the file when the data
+    was read with ``include_paths=True, include_row_hash=True``); ``"skip"`` keeps going and marks each bad row in
+    the column ``_onnxshard_error`` (its outputs are zeros), with its place in its file in ``_onnxshard_row``;
+    ``stats``: an actor handle told, as batches finish, ``add(actor id, report)``: each stage's busy seconds so far,
+    this actor's lifetime, pid and peak RSS, its stage workers' pids and the workers its pipeline replaced;
     ``options``: the pipeline's (``micro_batch_size``, ``cpus_per_stage``, ``gpus_per_stage``, ...)."""
 
     def __init__(self, plan: str | os.PathLike, *, columns: dict[str, str] | None = None, keep: tuple[str, ...] = (),
-                 outputs: tuple[str, ...] | None = None, stages: int | None = None, **options):
+                 outputs: tuple[str, ...] | None = None, stages: int | None = None, on_error: str = "raise",
+                 stats=None, **options):
         from onnxshard.distributed import Pipeline
 
+        if on_error not in ("raise", "skip"):
+            raise InputError(f"on_error must be 'raise' or 'skip' (got {on_error!r})")
         self.pipe = Pipeline(plan, stages=stages, **options)
         self.mapping = column_map(self.pipe.plan.inputs, columns)
         self.keep = tuple(keep)
+        self.named_by = tuple(k for k in self.keep if k != provenance.PATH)  # the columns a message names a row by
         self.outputs = row_outputs(self.pipe.plan.inputs, self.pipe.plan.outputs, outputs)
+        self.on_error = on_error
+        self.stats, self.busy, self.started = stats, [0.0] * len(self.pipe.plan.stages), time.time()
+        self.row_shapes: dict[str, tuple] = {}  # each output's row shape, for the zeros of rejected rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        where = f"a batch of {len(next(iter(batch.values()), ()))} rows"
-        feeds = to_feeds(batch, self.pipe.plan.inputs, self.mapping, where, self.keep)
+        n = len(next(iter(batch.values()), ()))
+        where = f"a batch of {n} rows"
+
+        def name(i):
+            return provenance.name_row(batch, i, keep_label(batch, self.named_by, i))
+
+        if self.on_error == "raise":
+            outputs = self._run(to_feeds(batch, self.pipe.plan.inputs, self.mapping, where, self.keep, name))
+            return to_columns({k: outputs[k] for k in self.outputs}, batch, self.keep, where)
+        good, feeds, reasons = good_rows(batch, self.pipe.plan.inputs, self.mapping, where, self.keep, name)
+        outputs = {}
+        if feeds is not None:
+            outputs, failed = self._run_skipping(feeds)
+            for i, message in failed.items():
+                reasons[int(good[i])] = f"{where}: {name(int(good[i]))}: {message}"
+            good = np.delete(good, list(failed))
+        columns = to_columns(self._with_zeros(outputs, good, n), batch, self.keep, where)
+        columns[ERROR] = np.array([reasons.get(i, "") for i in range(n)], dtype=object)
+        places = provenance.rows_in_files(batch, reasons)
+        columns[ROW] = np.array([places.get(i, -1) for i in range(n)], dtype=np.int64)
+        return columns
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.pipe.run(feeds)
-        return to_columns({name: outputs[name] for name in self.outputs}, batch, self.keep, where)
+        self._count()
+        return outputs
+
+    def _run_skipping(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+        """The outputs of the rows ONNX Runtime takes, and the message for each row it raised on: the batch
+        first, then, if it fails on its data, row by row."""
+        self.pipe.skipped.clear()
+        done = list(self.pipe.stream([feeds], on_error="skip"))
+        self._count()
+        if done:
+            return done[0], {}
+        n = len(next(iter(feeds.values())))
+        self.pipe.skipped.clear()
+        rows = list(self.pipe.stream(({k: v[i:i + 1] for k, v in feeds.items()} for i in range(n)), on_error="skip"))
+        failed = {s.request: s.message for s in self.pipe.skipped}
+        self.pipe.skipped.clear()
+        self._count()
+        outputs = {k: np.concatenate([r[k] for r in rows]) for k in self.outputs} if rows else {}
+        return outputs, failed
+
+    def _with_zeros(self, outputs: dict[str, np.ndarray], good: np.ndarray, n: int) -> dict[str, np.ndarray]:
+        """Each output column for all ``n`` rows: the outputs at the good rows, zeros elsewhere (of the row shape
+        seen last, else the plan's with unknown dims as 1)."""
+        specs = {t.name: t for t in self.pipe.plan.outputs}
+        full = {}
+        for name in self.outputs:
+            if name in outputs:
+                self.row_shapes[name] = outputs[name].shape[1:]
+                dtype = outputs[name].dtype
+            else:
+                dtype = dtypes.numpy_dtype(specs[name].dtype)
+            shape = self.row_shapes.get(name) or tuple(d if isinstance(d, int) else 1
+                                                       for d in (specs[name].shape or ("batch",))[1:])
+            column = np.zeros((n, *shape), dtype)
+            if name in outputs:
+                column[good] = outputs[name]
+            full[name] = column
+        return full
+
+    def _count(self) -> None:
+        """Add the last run's busy seconds per stage, and tell the ``stats`` actor this actor's totals."""
+        stats = getattr(self.pipe, "stats", None)
+        if stats is None:
+            return
+        for s in stats.stages:
+            self.busy[s.stage] += s.busy_s
+        if self.stats is not None:
+            import resource
+
+            import ray
+
+            key = ray.get_runtime_context().get_actor_id() or str(os.getpid())
+            self.stats.add.remote(key, {
+                "busy": list(self.busy), "wall": time.time() - self.started, "pid": os.getpid(),
+                "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "workers": [w.get("pid") for replica in self.pipe.worker_info for stage in replica for w in stage],
+                "recoveries": len(self.pipe.recoveries)})
 
     def __del__(self):
         pipe = getattr(self, "pipe", None)
@@ -41,12 +137,13 @@ class Predictor:
 
 def predict(ds, plan: str | os.PathLike, *, replicas: int = 1, batch_size: int = 256,
             columns: dict[str, str] | None = None, keep: tuple[str, ...] = (), outputs: tuple[str, ...] | None = None,
-            **options):
+            on_error: str = "raise", **options):
     """``ds`` with the model's outputs as columns (beside the ``keep`` columns), computed by ``replicas`` pool
-    actors that each own a pipeline of ``plan``. Lazy, as Ray Data is: write or iterate the result to run it."""
+    actors that each own a pipeline of ``plan``. Lazy, as Ray Data is: write or iterate the result to run it.
+    See :class:`Predictor` for ``on_error`` and the options."""
     import ray.data
 
     return ds.map_batches(Predictor, fn_constructor_kwargs=dict(plan=str(plan), columns=columns, keep=tuple(keep),
-                                                                outputs=outputs, **options),
+                                                                outputs=outputs, on_error=on_error, **options),
                           batch_size=batch_size, batch_format="numpy", num_cpus=0,
                           compute=ray.data.ActorPoolStrategy(size=replicas))
