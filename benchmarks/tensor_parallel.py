@@ -19,8 +19,9 @@ import ray
 
 import onnxshard
 from onnxshard import models
-from onnxshard.bench import proc_status_bytes, start_local_ray, table, timed
+from onnxshard.bench import start_local_ray, table, timed
 from onnxshard.distributed import Pipeline
+from onnxshard.memory import proc_status_bytes
 from onnxshard.runtime import RuntimeConfig, open_session
 from onnxshard.units import human_bytes
 

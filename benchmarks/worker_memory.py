@@ -21,8 +21,9 @@ from onnx import numpy_helper as nh
 
 import onnxshard
 from onnxshard import models
-from onnxshard.bench import proc_status_bytes, start_local_ray
+from onnxshard.bench import start_local_ray
 from onnxshard.distributed import Pipeline
+from onnxshard.memory import proc_status_bytes
 from onnxshard.runtime import RuntimeConfig
 from onnxshard.units import human_bytes
 

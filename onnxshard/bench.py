@@ -71,12 +71,6 @@ def start_local_ray(num_cpus: int, system_config: dict | None = None) -> None:
              _system_config=LOCAL_RAY_SYSTEM_CONFIG if system_config is None else system_config)
 
 
-def proc_status_bytes(pid: int, key: str) -> int:
-    """A size line of /proc/PID/status (``RssAnon``, ``VmRSS``, ``VmHWM``...) in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(line for line in f if line.startswith(key + ":")).split()[1]) * 1024
-
-
 # Data-parallel baseline: each process holds its own session and runs its share of the requests one by one.
 _session = None
 _shares: list[list[dict]] = []

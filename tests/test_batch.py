@@ -115,8 +115,8 @@ def test_on_error_skip_writes_bad_rows_to_a_rejects_file(data, ray_session, tmp_
 
     file = _bad_rows(tmp_path / "bad", odd=(0, 5, 9))
     out = tmp_path / "out"
-    run = _cli(data["model"], "--input", tmp_path / "bad", "--output", out, "--columns", "x1=a", "--columns", "x2=b",
-               "--keep", "id", "--batch-size", "4", "--on-error", "skip",
+    run = _cli(data["model"], "--input", (tmp_path / "bad").as_uri(), "--output", out, "--columns", "x1=a",  # a URI
+               "--columns", "x2=b", "--keep", "id", "--batch-size", "4", "--on-error", "skip",
                address=ray_session.get_runtime_context().gcs_address)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "7 rows in" in run.stdout and "3 row(s) rejected" in run.stdout

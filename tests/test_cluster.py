@@ -24,6 +24,11 @@ def test_kuberay_manifests_parse_and_the_job_entrypoint_is_a_valid_command():
     assert argv[0] == "onnxshard"
     args = build_parser().parse_args(argv[1:])  # exits (fails the test) on an unknown flag
     assert args.command == "run" and args.replicas == 2
+    batch = yaml.safe_load((CLUSTER / "kuberay" / "rayjob-batch.yaml").read_text())
+    assert batch["kind"] == "RayJob" and batch["spec"]["clusterSelector"] == job["spec"]["clusterSelector"]
+    argv = shlex.split(batch["spec"]["entrypoint"])
+    args = build_parser().parse_args(argv[1:])
+    assert argv[0] == "onnxshard" and args.command == "batch" and args.replicas == 2 and args.keep == "id"
 
 
 @pytest.mark.slow

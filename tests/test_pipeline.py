@@ -71,6 +71,10 @@ def test_replicas_and_streaming_keep_order(save_model, tmp_path):
         assert {c.stage for c in pipe.stats.calls} == {0, 1}
         pids = {w["pid"] for row in pipe.worker_info for ranks in row for w in ranks}
         assert len(pipe.worker_info) == 2 and len(pids) == 4
+        stream_busy = [s.busy_s for s in pipe.stats.stages]
+        assert pipe.busy_s == pytest.approx(stream_busy) and min(stream_busy) > 0
+        pipe.run(batches[0])  # busy_s adds up every call's
+        assert pipe.busy_s == pytest.approx([a + s.busy_s for a, s in zip(stream_busy, pipe.stats.stages)])
 
 
 def test_stream_is_lazy_and_bounded(save_model, tmp_path):

@@ -6,8 +6,8 @@ from __future__ import annotations
 def add_parser(sub, *, positive_int, positive_float, non_negative_float) -> None:
     p = sub.add_parser("batch", help="run a plan (or a model) over Parquet files on Ray Data, writing Parquet")
     p.add_argument("target", help="a plan folder or an .onnx file")
-    p.add_argument("--input", required=True, help="Parquet file, folder (searched recursively) or glob; local or "
-                   "mounted on every node")
+    p.add_argument("--input", required=True, help="Parquet file or folder (searched recursively): a path every node "
+                   "can read, or a URI pyarrow opens (s3://, gs://, hdfs://, file://); or a local glob")
     p.add_argument("--output", required=True, help="folder for one Parquet file per input file (new or empty; each "
                    "file is written under a temporary name and renamed when whole)")
     p.add_argument("--columns", action="append", default=[], metavar="INPUT=COLUMN",
@@ -54,7 +54,7 @@ def run(args) -> int:
     from onnxshard.data.files import check_output, list_inputs
 
     check_output(out, args.resume)  # refuse before Ray starts
-    list_inputs(args.input)
+    list_inputs(args.input)  # refuse missing or unreadable input before Ray starts
 
     import ray
 

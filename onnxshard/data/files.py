@@ -24,46 +24,54 @@ TMP_SUFFIX = ".tmp"
 
 @dataclass(frozen=True)
 class InputFile:
-    path: str  # as Ray Data's ``path`` column names it (for local files: absolute)
+    path: str  # on its filesystem, as Ray Data's ``path`` column names it (local: absolute; s3://b/k: b/k)
     rows: int
     size: int
     mtime_ns: int
     output: str  # the output file's name
 
 
-def list_inputs(spec: str) -> list[InputFile]:
-    """The Parquet files of ``spec`` (a file, a folder searched recursively, or a glob), sorted, each with its
-    row count read from its footer (no data is read). Local paths only."""
+def list_inputs(spec: str):
+    """(the Parquet files of ``spec``, the ``pyarrow.fs`` filesystem they are on). ``spec``: a file, a folder
+    (searched recursively, leaving out hidden and ``_`` names), or a local glob; a local path or any URI that
+    ``pyarrow.fs`` opens (``file://``, ``s3://``, ``gs://``, ``hdfs://``). Sorted, each with its row count from its
+    footer (no data is read)."""
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     if "://" in spec:
-        raise InputError(f"--input {spec}: onnxshard batch reads local (or mounted) paths; copy the data to a "
-                         "volume every node mounts")
-    if any(c in spec for c in "*?["):
-        paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-        root = _glob_root(spec)
-    elif os.path.isdir(spec):
-        paths = sorted(str(p) for p in Path(spec).rglob("*.parquet") if p.is_file()
-                       and not any(part.startswith((".", "_")) for part in p.relative_to(spec).parts))
-        root = spec
-    elif os.path.isfile(spec):
-        paths, root = [spec], os.path.dirname(spec)
-    else:
-        raise InputError(f"--input {spec}: no such file or folder")
-    if not paths:
-        raise InputError(f"--input {spec}: no Parquet files there")
-    root = os.path.abspath(root)
-    found = []
-    for path in map(os.path.abspath, paths):
         try:
-            rows = pq.read_metadata(path).num_rows
+            fs, root = pafs.FileSystem.from_uri(spec)
+        except (ValueError, OSError) as e:  # pyarrow.ArrowInvalid is a ValueError
+            raise InputError(f"--input {spec}: {e}") from None
+    else:
+        fs, root = pafs.LocalFileSystem(), os.path.abspath(spec)
+    if "://" not in spec and any(c in spec for c in "*?["):
+        infos = fs.get_file_info(sorted(os.path.abspath(p) for p in glob.glob(spec, recursive=True)))
+        infos, base = [i for i in infos if i.is_file], os.path.abspath(_glob_root(spec))
+    else:
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"--input {spec}: no such file or folder")
+        if info.type == pafs.FileType.Directory:
+            infos, base = fs.get_file_info(pafs.FileSelector(root, recursive=True)), root
+            infos = [i for i in infos if i.is_file and i.path.endswith(".parquet") and not any(
+                part.startswith((".", "_")) for part in os.path.relpath(i.path, root).split("/"))]
+        else:
+            infos, base = [info], os.path.dirname(root)
+    if not infos:
+        raise InputError(f"--input {spec}: no Parquet files there")
+    found = []
+    for info in sorted(infos, key=lambda i: i.path):
+        try:
+            with fs.open_input_file(info.path) as fh:
+                rows = pq.ParquetFile(fh).metadata.num_rows
         except Exception as e:  # noqa: BLE001 - say which file, whatever pyarrow raised
-            raise InputError(f"--input: {path} is not a readable Parquet file ({e})") from None
-        stat = os.stat(path)
-        name = os.path.relpath(path, root).replace(os.sep, "__")
-        found.append(InputFile(path, rows, stat.st_size, stat.st_mtime_ns,
+            raise InputError(f"--input: {info.path} is not a readable Parquet file ({e})") from None
+        name = os.path.relpath(info.path, base).replace("/", "__")
+        found.append(InputFile(info.path, rows, info.size, info.mtime_ns or 0,
                                name if name.endswith(".parquet") else name + ".parquet"))
-    return found
+    return found, fs
 
 
 def _glob_root(spec: str) -> str:

@@ -8,7 +8,6 @@ output into place and adds the input to the manifest. A row delivered twice is a
 from __future__ import annotations
 
 import os
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from onnxshard.data import files, provenance
 from onnxshard.data.predictor import ERROR, ROW, predict
 from onnxshard.errors import InputError, WorkerError
+from onnxshard.memory import PeakSampler, private_bytes
 
 
 class Stats:
@@ -40,9 +40,10 @@ class Summary:
     skipped_files: int = 0  # done by an earlier run (--resume)
     stage_busy: list[float] = field(default_factory=list)  # summed over the pool's pipelines
     actor_seconds: float = 0.0  # the pool actors' lifetimes, summed
-    driver_rss: int = 0  # bytes, when the job started
-    driver_peak_rss: int = 0
-    actor_peak_rss: int = 0  # the largest of the pool actors'
+    driver_memory: int = 0  # anonymous RSS in bytes, when the job started
+    driver_peak: int = 0
+    actor_peak: int = 0  # the largest of the pool actors'
+    worker_peak: int = 0  # the largest of their stage workers' (those on the actor's node)
 
     def text(self) -> str:
         lines = [f"{self.rows} rows in {self.seconds:.1f} s ({self.rows / max(self.seconds, 1e-9):.1f} rows/s); "
@@ -54,8 +55,9 @@ class Summary:
             lines.append(f"  stage {stage}: busy {busy:.1f} s, idle {idle:.1f} s "
                          f"({idle / max(self.actor_seconds, 1e-9):.0%} of the pipelines' time)")
         mib = 1 << 20
-        lines.append(f"  memory: driver {self.driver_rss / mib:.0f} MiB at the start, peak {self.driver_peak_rss / mib:.0f} "
-                     f"MiB; pool actors' peak {self.actor_peak_rss / mib:.0f} MiB")
+        lines.append(f"  memory (anonymous RSS): driver {self.driver_memory / mib:.0f} MiB at the start, peak "
+                     f"{self.driver_peak / mib:.0f} MiB; pool actor peak {self.actor_peak / mib:.0f} MiB; stage "
+                     f"worker peak {self.worker_peak / mib:.0f} MiB")
         return "\n".join(lines)
 
 
@@ -113,7 +115,6 @@ def run(target: str, input_spec: str, out: Path, *, columns: dict[str, str], kee
         outputs: tuple[str, ...] | None = None, replicas: int = 1, batch_size: int = 256, on_error: str = "raise",
         resume: bool = False, progress: bool = True, **options) -> Summary:
     """Run the job (Ray must be up). ``options`` go to each pipeline."""
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import ray
     import ray.data
@@ -121,8 +122,9 @@ def run(target: str, input_spec: str, out: Path, *, columns: dict[str, str], kee
     reserved = [k for k in keep if k in (provenance.PATH, provenance.ROW_HASH, ERROR, ROW)]
     if reserved:
         raise InputError(f"--keep {reserved}: onnxshard batch uses these column names itself")
-    inputs = files.list_inputs(input_spec)
-    clash = [c for c in (provenance.PATH, provenance.ROW_HASH) if c in pq.read_schema(inputs[0].path).names]
+    inputs, fs = files.list_inputs(input_spec)
+    clash = [c for c in (provenance.PATH, provenance.ROW_HASH) if c in pq.read_schema(inputs[0].path,
+                                                                                       filesystem=fs).names]
     if clash:
         raise InputError(f"{inputs[0].path} has column(s) {clash}, which Ray Data's reader replaces with the file "
                          "and row of each row; rename them")
@@ -131,24 +133,40 @@ def run(target: str, input_spec: str, out: Path, *, columns: dict[str, str], kee
     manifest = files.Manifest(out, settings, resume=resume)
     files.clear_partial(out)
     todo = manifest.todo(inputs)
-    summary = Summary(skipped_files=len(inputs) - len(todo), driver_rss=_rss())
+    summary = Summary(skipped_files=len(inputs) - len(todo), driver_memory=private_bytes())
     for f in [f for f in todo if f.rows == 0]:  # nothing to run: done as they are
         manifest.finish(f, 0)
     todo = [f for f in todo if f.rows]
     if not todo:
         return summary
-    by_path = {f.path: f for f in todo}
-    open_: dict[str, _Output] = {}
     stats = ray.remote(num_cpus=0)(Stats).remote()
     ray.data.DataContext.get_current().enable_progress_bars = progress
     started = time.perf_counter()
+    with PeakSampler() as sampler:
+        try:
+            reading = reading_cpus(ray.cluster_resources().get("CPU", 0.0), target, replicas, options)
+            ds = predict(ray.data.read_parquet([f.path for f in todo], filesystem=fs, include_paths=True,
+                                               include_row_hash=True, **({} if reading is None else
+                                                                         {"num_cpus": reading})),
+                         target, replicas=replicas, batch_size=batch_size, columns=columns,
+                         keep=(*keep, provenance.PATH), outputs=outputs, on_error=on_error, stats=stats, **options)
+            _commit(ds.iter_batches(batch_size=None, batch_format="pyarrow"), todo, out, keep, manifest, summary)
+        finally:
+            summary.seconds = time.perf_counter() - started
+            _add_stats(summary, stats)
+    summary.driver_peak = sampler.peak
+    return summary
+
+
+def _commit(blocks, todo: list[files.InputFile], out: Path, keep: tuple[str, ...], manifest: files.Manifest,
+            summary: Summary) -> None:
+    """Route each block's rows to the output of their input file; commit each file when its last row is in."""
+    import pyarrow.compute as pc
+
+    by_path = {f.path: f for f in todo}
+    open_: dict[str, _Output] = {}
     try:
-        reading = reading_cpus(ray.cluster_resources().get("CPU", 0.0), target, replicas, options)
-        ds = predict(ray.data.read_parquet([f.path for f in todo], include_paths=True, include_row_hash=True,
-                                           **({} if reading is None else {"num_cpus": reading})),
-                     target, replicas=replicas, batch_size=batch_size, columns=columns,
-                     keep=(*keep, provenance.PATH), outputs=outputs, on_error=on_error, stats=stats, **options)
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for block in blocks:
             paths = block.column(provenance.PATH)
             for path in pc.unique(paths).to_pylist():
                 rows = block.filter(pc.equal(paths, path))
@@ -174,18 +192,22 @@ def run(target: str, input_spec: str, out: Path, *, columns: dict[str, str], kee
     finally:
         for output in open_.values():
             output.abort()
-        summary.seconds = time.perf_counter() - started
-        try:
-            actors = ray.get(stats.get.remote(), timeout=10)
-            ray.kill(stats)
-        except Exception:  # noqa: BLE001 - a summary without stage times is still a summary
-            actors = {}
-        if actors:
-            summary.stage_busy = [sum(v) for v in zip(*(a["busy"] for a in actors.values()))]
-            summary.actor_seconds = sum(a["wall"] for a in actors.values())
-            summary.actor_peak_rss = max(a["peak_rss"] for a in actors.values())
-        summary.driver_peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return summary
+
+
+def _add_stats(summary: Summary, stats) -> None:
+    """The pool actors' reports into the summary (left out if the stats actor does not answer)."""
+    import ray
+
+    try:
+        actors = ray.get(stats.get.remote(), timeout=10)
+        ray.kill(stats)
+    except Exception:  # noqa: BLE001 - a summary without stage times is still a summary
+        return
+    if actors:
+        summary.stage_busy = [sum(v) for v in zip(*(a["busy"] for a in actors.values()))]
+        summary.actor_seconds = sum(a["wall"] for a in actors.values())
+        summary.actor_peak = max(a["peak_memory"] for a in actors.values())
+        summary.worker_peak = max(a["worker_peak_memory"] for a in actors.values())
 
 
 def reading_cpus(cluster_cpus: float, target: str, replicas: int, options: dict) -> float | None:
@@ -198,12 +220,3 @@ def reading_cpus(cluster_cpus: float, target: str, replicas: int, options: dict)
                     else options.get("stages") or 2) * options.get("replicas", 1)
     free = cluster_cpus - replicas * per_pipeline * options.get("cpus_per_stage", 1.0)
     return None if free >= 1 else max(0.0, free)
-
-
-def _rss() -> int:
-    """This process's resident memory now, in bytes (Linux; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0

@@ -5,6 +5,7 @@ multi-worker engine inside each actor. :func:`predict` wires it up."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -13,6 +14,7 @@ from onnxshard import dtypes
 from onnxshard.data import provenance
 from onnxshard.data.columns import column_map, good_rows, keep_label, row_outputs, to_columns, to_feeds
 from onnxshard.errors import InputError
+from onnxshard.memory import private_bytes
 
 ERROR = "_onnxshard_error"  # with on_error="skip": why the row was rejected ("" for a good row)
 ROW = "_onnxshard_row"  # with on_error="skip": a rejected row's place in its input file (-1 when unknown)
@@ -27,7 +29,9 @@ class Predictor:
     was read with ``include_paths=True, include_row_hash=True``); ``"skip"`` keeps going and marks each bad row in
     the column ``_onnxshard_error`` (its outputs are zeros), with its place in its file in ``_onnxshard_row``;
     ``stats``: an actor handle told, as batches finish, ``add(actor id, report)``: each stage's busy seconds so far,
-    this actor's lifetime, pid and peak RSS, its stage workers' pids and the workers its pipeline replaced;
+    this actor's lifetime since its pipeline started (``wall``; ``start_s`` to start it, from ``began``), pid and
+    peak anonymous RSS, its stage workers' pids and peak (those on this node) and the
+    workers its pipeline replaced;
     ``options``: the pipeline's (``micro_batch_size``, ``cpus_per_stage``, ``gpus_per_stage``, ...)."""
 
     def __init__(self, plan: str | os.PathLike, *, columns: dict[str, str] | None = None, keep: tuple[str, ...] = (),
@@ -37,13 +41,17 @@ class Predictor:
 
         if on_error not in ("raise", "skip"):
             raise InputError(f"on_error must be 'raise' or 'skip' (got {on_error!r})")
+        began = time.time()
         self.pipe = Pipeline(plan, stages=stages, **options)
+        self.start_s = time.time() - began
         self.mapping = column_map(self.pipe.plan.inputs, columns)
         self.keep = tuple(keep)
         self.named_by = tuple(k for k in self.keep if k != provenance.PATH)  # the columns a message names a row by
         self.outputs = row_outputs(self.pipe.plan.inputs, self.pipe.plan.outputs, outputs)
         self.on_error = on_error
-        self.stats, self.busy, self.started = stats, [0.0] * len(self.pipe.plan.stages), time.time()
+        self.stats, self.started = stats, time.time()
+        self.peaks = [0, 0]  # anonymous RSS seen at the end of a batch: this actor's, its stage workers' largest
+        self.skipping = threading.Lock()
         self.row_shapes: dict[str, tuple] = {}  # each output's row shape, for the zeros of rejected rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -77,17 +85,19 @@ class Predictor:
     def _run_skipping(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[int, str]]:
         """The outputs of the rows ONNX Runtime takes, and the message for each row it raised on: the batch
         first, then, if it fails on its data, row by row."""
-        self.pipe.skipped.clear()
-        done = list(self.pipe.stream([feeds], on_error="skip"))
-        self._count()
-        if done:
-            return done[0], {}
-        n = len(next(iter(feeds.values())))
-        self.pipe.skipped.clear()
-        rows = list(self.pipe.stream(({k: v[i:i + 1] for k, v in feeds.items()} for i in range(n)), on_error="skip"))
-        failed = {s.request: s.message for s in self.pipe.skipped}
-        self.pipe.skipped.clear()
-        self._count()
+        with self.skipping:  # pipe.skipped is the pipeline's: one such call at a time
+            self.pipe.skipped.clear()
+            done = list(self.pipe.stream([feeds], on_error="skip"))
+            self._count()
+            if done:
+                return done[0], {}
+            n = len(next(iter(feeds.values())))
+            self.pipe.skipped.clear()
+            rows = list(self.pipe.stream(({k: v[i:i + 1] for k, v in feeds.items()} for i in range(n)),
+                                         on_error="skip"))
+            failed = {s.request: s.message for s in self.pipe.skipped}
+            self.pipe.skipped.clear()
+            self._count()
         outputs = {k: np.concatenate([r[k] for r in rows]) for k in self.outputs} if rows else {}
         return outputs, failed
 
@@ -111,23 +121,20 @@ class Predictor:
         return full
 
     def _count(self) -> None:
-        """Add the last run's busy seconds per stage, and tell the ``stats`` actor this actor's totals."""
-        stats = getattr(self.pipe, "stats", None)
-        if stats is None:
+        """Tell the ``stats`` actor this actor's totals so far."""
+        if self.stats is None:
             return
-        for s in stats.stages:
-            self.busy[s.stage] += s.busy_s
-        if self.stats is not None:
-            import resource
+        import ray
 
-            import ray
-
-            key = ray.get_runtime_context().get_actor_id() or str(os.getpid())
-            self.stats.add.remote(key, {
-                "busy": list(self.busy), "wall": time.time() - self.started, "pid": os.getpid(),
-                "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "workers": [w.get("pid") for replica in self.pipe.worker_info for stage in replica for w in stage],
-                "recoveries": len(self.pipe.recoveries)})
+        workers = [w.get("pid") for replica in self.pipe.worker_info for stage in replica for w in stage]
+        self.peaks = [max(self.peaks[0], private_bytes()),
+                      max(self.peaks[1], max((private_bytes(pid) for pid in workers if pid), default=0))]
+        key = ray.get_runtime_context().get_actor_id() or str(os.getpid())
+        self.stats.add.remote(key, {
+            "busy": list(self.pipe.busy_s), "wall": time.time() - self.started, "start_s": self.start_s,
+            "began": self.started - self.start_s, "pid": os.getpid(),
+            "workers": workers, "peak_memory": self.peaks[0], "worker_peak_memory": self.peaks[1],
+            "recoveries": len(self.pipe.recoveries)})
 
     def __del__(self):
         pipe = getattr(self, "pipe", None)
@@ -137,13 +144,15 @@ class Predictor:
 
 def predict(ds, plan: str | os.PathLike, *, replicas: int = 1, batch_size: int = 256,
             columns: dict[str, str] | None = None, keep: tuple[str, ...] = (), outputs: tuple[str, ...] | None = None,
-            on_error: str = "raise", **options):
+            on_error: str = "raise", calls_per_actor: int = 2, **options):
     """``ds`` with the model's outputs as columns (beside the ``keep`` columns), computed by ``replicas`` pool
     actors that each own a pipeline of ``plan``. Lazy, as Ray Data is: write or iterate the result to run it.
-    See :class:`Predictor` for ``on_error`` and the options."""
+    ``calls_per_actor``: batches each actor takes at once; with 2 the next batch enters the pipeline while the
+    last one drains, so the stages are not left idle between batches. See :class:`Predictor` for the rest."""
     import ray.data
 
     return ds.map_batches(Predictor, fn_constructor_kwargs=dict(plan=str(plan), columns=columns, keep=tuple(keep),
                                                                 outputs=outputs, on_error=on_error, **options),
                           batch_size=batch_size, batch_format="numpy", num_cpus=0,
-                          compute=ray.data.ActorPoolStrategy(size=replicas))
+                          compute=ray.data.ActorPoolStrategy(size=replicas, max_concurrent_calls_per_actor=calls_per_actor,
+                                                             enable_true_multi_threading=calls_per_actor > 1))

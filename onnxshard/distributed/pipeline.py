@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -72,7 +73,9 @@ class Pipeline:
         self._coordinator: Coordinator | None = None
         self._transport: Transport | None = None
         self.skipped: deque[Skipped] = deque(maxlen=HISTORY)  # a pipeline may serve for weeks: the last ones
-        self.stats: RunStats | None = None
+        self.stats: RunStats | None = None  # the last call's (with concurrent callers: whichever ended last)
+        self.busy_s = [0.0] * len(self.plan.stages)  # each stage's busy seconds over every call so far
+        self._tally_lock = threading.Lock()
         self.transport = "ray"
         self.cost = CostMeter([s.tensor_parallel for s in self.plan.stages])
         try:
@@ -277,8 +280,12 @@ class Pipeline:
         return Meter([s.tensor_parallel for s in self.plan.stages], progress)
 
     def _summarise(self, meter: Meter) -> None:
-        self.stats = meter.summary(self.config.replicas)
-        self.cost.observe(self.stats)
+        stats = meter.summary(self.config.replicas)
+        with self._tally_lock:
+            self.stats = stats
+            for s in stats.stages:
+                self.busy_s[s.stage] += s.busy_s
+        self.cost.observe(stats)
 
     def _request(self, feeds, micro_batch_size, meter: Meter, index: int, *, single: bool,
                  timeout_s: float | None = None) -> Request:
