@@ -96,6 +96,13 @@ def _bad_rows(path, odd=(5,)):
     return file
 
 
+def _place(file, id_):
+    """The row of ``file`` holding ``id_`` (Ray Data writes rows in any order)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(file).column("id").to_pylist().index(id_)
+
+
 def test_a_bad_row_names_its_file_row_and_column(data, ray_session, tmp_path):
     """Through the CLI (its own driver: a failed Ray Data job leaves its pool actors' placement groups until the
     driver exits, see the README's limits)."""
@@ -105,8 +112,9 @@ def test_a_bad_row_names_its_file_row_and_column(data, ray_session, tmp_path):
                address=ray_session.get_runtime_context().gcs_address)
     errors = [line for line in run.stderr.splitlines() if line.startswith("onnxshard: error:")]
     assert run.returncode == 2 and len(errors) == 1, run.stderr[-2000:]
-    assert re.search(rf"column 'b' row 5 of file {re.escape(str(file))} \(id=5\) has shape \[7\], the other rows "
-                     r"\[8\]", errors[0]), errors
+    row = _place(file, 5)
+    assert re.search(rf"column 'b' row {row} of file {re.escape(str(file))} \(id=5\) has shape \[7\], the other "
+                     r"rows \[8\]", errors[0]), errors
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["_onnxshard_manifest.jsonl"]  # no partial file
 
 
@@ -126,7 +134,7 @@ def test_on_error_skip_writes_bad_rows_to_a_rejects_file(data, ray_session, tmp_
     want = ort.InferenceSession(str(data["model"])).run(["out"], {"x1": x, "x2": x + 0.5})[0][0]
     np.testing.assert_allclose(np.stack([np.asarray(v) for v in good["out"]]), np.stack([want] * 7), rtol=1e-5)
     rejects = sorted(pq.read_table(out / "_rejects" / file.name).to_pylist(), key=lambda r: r["id"])
-    assert [(r["id"], r["row"]) for r in rejects] == [(0, 0), (5, 5), (9, 9)]
+    assert [(r["id"], r["row"]) for r in rejects] == [(i, _place(file, i)) for i in (0, 5, 9)]
     assert all(f"of file {file}" in r["error"] and "has shape [7]" in r["error"] for r in rejects)
 
 
@@ -249,3 +257,41 @@ def test_read_tasks_take_the_cpus_the_stage_workers_leave(tmp_path):
     assert reading_cpus(8, model, 3, {"stages": 2, "cpus_per_stage": 1.25}) == 0.5
     assert reading_cpus(2, model, 1, {"stages": 2, "cpus_per_stage": 1.0}) == 0.0
     assert reading_cpus(2, model, 1, {"stages": 3, "cpus_per_stage": 0.5}) == 0.5
+
+
+def test_fixed_size_and_nested_list_columns_feed_a_3d_input(ray_session, tmp_path):
+    """A [batch, seq, d] input read from a list<list<float>> column (Ray Data hands it over as object arrays of
+    arrays) and its [batch, seq] mask from a fixed_size_list column: equal to ORT on the same rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from onnxshard.data import predict
+
+    model = zoo.save(zoo.transformer(layers=2), tmp_path / "m")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((12, 4, 32)).astype(np.float32)
+    mask = (rng.random((12, 4)) > 0.3).astype(np.float32)
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": np.arange(12), "x": pa.array(x.tolist(), pa.list_(pa.list_(pa.float32()))),
+                             "mask": pa.array(mask.tolist(), pa.list_(pa.float32(), 4))}), tmp_path / "in" / "a.parquet")
+    rows = predict(ray.data.read_parquet(str(tmp_path / "in")), model, batch_size=5, keep=("id",), stages=2).take_all()
+    rows = sorted(rows, key=lambda r: r["id"])
+    want = ort.InferenceSession(str(model)).run(None, {"x": x, "mask": mask})[0]
+    np.testing.assert_allclose(np.stack([r["y"] for r in rows]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_with_ragged_nested_lists_is_named():
+    from onnxshard.data.columns import to_feeds
+    from onnxshard.errors import RowError
+    from onnxshard.plans import TensorSpec
+
+    column = np.empty(2, dtype=object)  # as Ray Data gives list<list<float>>: 1-d object arrays of arrays
+    for row, widths in enumerate([(4, 4), (4, 3)]):
+        column[row] = np.empty(2, dtype=object)
+        for i, width in enumerate(widths):
+            column[row][i] = np.zeros(width, np.float32)
+    spec = (TensorSpec("x", "float32", ("batch", 2, 4)),)
+    assert to_feeds({"x": column[:1]}, spec, {"x": "x"})["x"].shape == (1, 2, 4)
+    with pytest.raises(RowError, match=r"column 'x' row 1 \(id=8\) holds nested lists of different lengths"):
+        to_feeds({"x": column, "id": np.array([7, 8])}, spec, {"x": "x"}, keep=("id",))

@@ -35,7 +35,7 @@ def head(tmp_path_factory):
     """A Ray head with a dashboard (the job server) on loopback, in a temporary folder of its own (so no later
     ``ray.init()`` finds its address file); stopped, with everything it started, after."""
     ray_cli = Path(sys.executable).parent / "ray"
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent, agent_grpc, runtime_env, metrics = (_free_port() for _ in range(6))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     temp = tempfile.mkdtemp(prefix="rayhead")  # short: Ray's socket paths must fit 107 bytes
@@ -43,6 +43,9 @@ def head(tmp_path_factory):
     proc = subprocess.Popen([str(ray_cli), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
                              "--object-store-memory", str(STORE), "--include-dashboard", "true", "--dashboard-host",
                              "127.0.0.1", "--dashboard-port", str(dashboard), "--node-ip-address", "127.0.0.1",
+                             "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port",
+                             str(agent_grpc), "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port",
+                             str(metrics),  # its own ports: another Ray on this machine (the tests') holds the defaults
                              "--temp-dir", temp, "--disable-usage-stats"], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
@@ -102,10 +105,15 @@ def test_ray_job_submit_streams_three_times_the_object_store_with_flat_driver_me
 def _submit(head, model, data, out) -> tuple[tuple[int, ...], str]:
     """``ray job submit -- onnxshard batch``: (anonymous RSS in MiB of the driver at the start and at its peak, of
     the pool actor and of the stage workers at their peaks), stdout."""
-    run = subprocess.run([head["ray"], "job", "submit", "--address", head["url"], "--", sys.executable, "-m",
-                          "onnxshard.cli", "batch", str(model), "--input", str(data), "--output", str(out),
-                          "--keep", "id", "--batch-size", "1024", "--no-progress"],
-                         env=head["env"], capture_output=True, text=True, timeout=400)
+    deadline = time.monotonic() + 60
+    while True:  # the head's job agent may still be starting: Ray answers 500 "No available agent" until it is up
+        run = subprocess.run([head["ray"], "job", "submit", "--address", head["url"], "--", sys.executable, "-m",
+                              "onnxshard.cli", "batch", str(model), "--input", str(data), "--output", str(out),
+                              "--keep", "id", "--batch-size", "1024", "--no-progress"],
+                             env=head["env"], capture_output=True, text=True, timeout=400)
+        if "No available agent" not in run.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert run.returncode == 0 and "succeeded" in run.stdout, (run.stdout + run.stderr)[-3000:]
     memory = re.search(r"driver (\d+) MiB at the start, peak (\d+) MiB; pool actor peak (\d+) MiB; stage worker "
                        r"peak (\d+) MiB", run.stdout)

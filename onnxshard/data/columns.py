@@ -88,7 +88,13 @@ def keep_label(batch: dict[str, np.ndarray], keep: tuple[str, ...], i: int) -> s
 def _tensor(values: np.ndarray, spec: TensorSpec, column: str, where: str, name_row) -> np.ndarray:
     values = np.asarray(values)
     if values.dtype == object and spec.dtype != "string":  # a list column: one array per row
-        rows = [np.asarray(v) for v in values]
+        rows = []
+        for i, v in enumerate(values):
+            try:
+                rows.append(_dense(v))
+            except ValueError:
+                raise RowError(f"{where}: column {column!r} {name_row(i)} holds nested lists of different lengths; "
+                               "a row must be a rectangular tensor", i) from None
         shapes = {r.shape for r in rows}
         if len(shapes) > 1:  # blame the row that differs from the model's row shape, else from most rows
             fixed = spec.shape is not None and all(isinstance(d, int) for d in spec.shape[1:])
@@ -112,6 +118,20 @@ def _tensor(values: np.ndarray, spec: TensorSpec, column: str, where: str, name_
                 raise InputError(f"{where}: column {column!r} gives rows of shape {list(values.shape[1:])}, but "
                                  f"model input {spec.name!r} takes {list(spec.shape[1:])} per row (dim {axis})")
     return values
+
+
+def _dense(cell) -> np.ndarray:
+    """A list cell as one n-d array: Ray Data gives a nested list column as object arrays of arrays, stacked here
+    level by level (``ValueError`` when the inner lists differ in length)."""
+    cell = np.asarray(cell)
+    if cell.dtype != object or not cell.size:
+        return cell
+    if not isinstance(cell.flat[0], (np.ndarray, list)):  # Python numbers in an object array
+        return np.array(cell.tolist())
+    parts = [_dense(v) for v in cell]
+    if len({p.shape for p in parts}) > 1:
+        raise ValueError("ragged")
+    return np.stack(parts)
 
 
 def to_columns(outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray], keep: tuple[str, ...],
