@@ -90,10 +90,12 @@ def test_ray_job_submit_streams_three_times_the_object_store_with_flat_driver_me
     (start, peak, actor, worker), stdout = _submit(head, model, tmp_path / "in", out)
     assert f"{FILES * ROWS} rows in" in stdout and f"wrote {FILES} file(s)" in stdout, stdout[-3000:]
     print(f"data {data_mib:.0f} MiB through an {STORE >> 20} MiB object store; anonymous RSS: driver {start} -> "
-          f"{peak} MiB (with 1/8 of the data: {small[1]} MiB), pool actor peak {actor} MiB, stage worker peak "
-          f"{worker} MiB")
+          f"{peak} MiB (with 1/8 of the data: {small[1]} MiB), pool actor peak {actor} MiB ({small[2]} MiB), stage "
+          f"worker peak {worker} MiB ({small[3]} MiB)")
     assert peak - small[1] < 32, "the driver's memory grew with the data"
-    assert 0 < actor < 256 + data_mib and 0 < worker < 256 + data_mib  # holding its rows would take 2x data_mib
+    # the pool actor holds the blocks in flight (two calls' worth): 400-660 MiB here, with no trend in the data's
+    # size (benchmarks/RESULTS.md); a stage worker holds its micro-batches
+    assert 0 < actor < 1024 and 0 < worker < 256 + data_mib / 2
     session = ort.InferenceSession(str(model))
     for f in range(FILES):  # each input row once, in the output file of its input file, equal to ORT
         table = pq.read_table(out / f"{f:02d}.parquet").sort_by("id")
