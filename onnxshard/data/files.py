@@ -145,6 +145,22 @@ def clear_partial(out: Path) -> int:
     return len(stale)
 
 
+def publish(tmp: Path, final: Path) -> None:
+    """Rename a written temporary file into place, durably: its bytes reach the disk before the rename, and the
+    rename before the caller goes on (to the manifest)."""
+    _fsync(tmp, os.O_RDONLY)
+    os.replace(tmp, final)
+    _fsync(final.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def temporary(final: Path) -> Path:
     """A temporary name beside ``final`` that no user file has (hidden, random, ``.tmp``)."""
     return final.with_name(f".{final.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")

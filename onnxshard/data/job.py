@@ -100,7 +100,7 @@ class _Output:
                                    (self.writer, self.tmp, self.final)):
             if writer is not None:
                 writer.close()
-                os.replace(tmp, final)
+                files.publish(tmp, final)
                 written.append(str(final))
         return written
 
