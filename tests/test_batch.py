@@ -295,3 +295,15 @@ def test_a_row_with_ragged_nested_lists_is_named():
     assert to_feeds({"x": column[:1]}, spec, {"x": "x"})["x"].shape == (1, 2, 4)
     with pytest.raises(RowError, match=r"column 'x' row 1 \(id=8\) holds nested lists of different lengths"):
         to_feeds({"x": column, "id": np.array([7, 8])}, spec, {"x": "x"}, keep=("id",))
+
+
+def test_resume_clears_only_the_temporary_files_a_job_makes(tmp_path):
+    from onnxshard.data import files
+
+    (tmp_path / "_rejects").mkdir()
+    ours = [files.temporary(tmp_path / "a.parquet"), files.temporary(tmp_path / "_rejects" / "a.parquet")]
+    theirs = [tmp_path / ".notes.tmp", tmp_path / "a.parquet.tmp", tmp_path / ".a.parquet.1234567.tmp"]
+    for path in ours + theirs:
+        path.write_text("x")
+    assert files.clear_partial(tmp_path) == 2
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -138,8 +139,11 @@ def check_output(out: Path, resume: bool) -> None:
 
 
 def clear_partial(out: Path) -> int:
-    """Remove the temporary files a killed job left (ours only: hidden ``.*.tmp`` names); returns how many."""
-    stale = [p for p in [*out.glob(".*" + TMP_SUFFIX), *(out / REJECTS).glob(".*" + TMP_SUFFIX)] if p.is_file()]
+    """Remove the temporary files a killed job left: only names :func:`temporary` makes (``.NAME.<8 hex>.tmp``),
+    in ``out`` and its rejects folder; returns how many."""
+    made = re.compile(r"^\..+\.[0-9a-f]{8}" + re.escape(TMP_SUFFIX) + "$")
+    stale = [p for folder in (out, out / REJECTS) if folder.is_dir() for p in folder.iterdir()
+             if p.is_file() and made.match(p.name)]
     for p in stale:
         p.unlink()
     return len(stale)
