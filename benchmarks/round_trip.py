@@ -1,5 +1,6 @@
 """Round-trip latency of ``pipe.run`` for one batch through a model that does next to no compute (three Negs),
-cut into 1 and 2 stages: what a single caller waits for per call, coordinator and transport included.
+cut into 1 and 2 stages: what a single caller waits for per call, coordinator and transport included; and the
+start of the pipeline and its first call (a new pipeline's first request).
 
     .venv/bin/python benchmarks/round_trip.py [--mib 1] [--calls 300] [--transport direct|ray]
 """
@@ -37,7 +38,12 @@ def main() -> None:
         onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), f"{tmp}/m.onnx")
         for stages in (1, 2):
             plan = onnxshard.plan(f"{tmp}/m.onnx", f"{tmp}/p{stages}", stages=stages)
+            t0 = time.perf_counter()
             with Pipeline(plan, micro_batch_size=1, cpus_per_stage=1, transport=args.transport) as pipe:
+                t1 = time.perf_counter()
+                pipe.run(feeds)
+                print(f"{stages} stage(s), {args.transport}: start {t1 - t0:.2f} s, first call "
+                      f"{(time.perf_counter() - t1) * 1e3:.0f} ms")
                 for _ in range(30):  # warm
                     pipe.run(feeds)
                 times = []

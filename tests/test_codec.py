@@ -77,3 +77,19 @@ def test_columns_without_tensor_metadata_are_refused():
         arrow.decode(batch)
     with pytest.raises(InputError, match="has no tensor 'missing'"):
         arrow.decode(arrow.encode({"a": np.ones(2)}), ["missing"])
+
+
+def test_the_codec_imports_neither_pandas_nor_pyarrow_compute():
+    """A stage worker's first micro-batch used to import both (pa.array() pulls in pandas, value_lengths()
+    pyarrow.compute): about 1 s of its first request, and pandas' memory in every worker."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from onnxshard.runtime import arrow; "
+            "t = {'x': np.ones((2, 3), np.float32), 's': np.array(['a', 'bc'], dtype=object), "
+            "'b': np.array([True, False]), 'e': np.zeros((0, 2), np.int64)}; "
+            "out = arrow.decode(arrow.encode(t)); assert all((out[k] == t[k]).all() for k in t); "
+            "print(sorted(m for m in ('pandas', 'pyarrow.compute') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
