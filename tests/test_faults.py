@@ -143,3 +143,26 @@ def _assert_gone(pids, wait=15.0):
         alive = {p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
         time.sleep(0.2)
     assert not alive, f"worker processes still alive after close(): {alive}"
+
+
+def test_a_worker_that_cannot_load_its_shard_fails_the_start_and_frees_its_placement_group(tmp_path):
+    """Stage 1's shard holds an op ONNX Runtime does not know (planning allows its domain): the pipeline fails to
+    start with the loader's message, and its placement group and the other worker are gone (else every later
+    pipeline on this Ray would wait for their CPUs)."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from ray.util import placement_group_table
+
+    nodes = [h.make_node("Relu", ["x"], ["a"]), h.make_node("Mystery", ["a"], ["b"], domain="com.example"),
+             h.make_node("Neg", ["b"], ["y"])]
+    value = [h.make_tensor_value_info(n, T.FLOAT, ["n", 4]) for n in ("x", "b", "y")]
+    graph = h.make_graph(nodes, "mystery", [value[0]], [value[2]], value_info=[value[1]])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.example", 1)])
+    path = zoo.save(model, tmp_path / "model")
+    plan = onnxshard.plan(path, tmp_path / "plan", cuts=["a"], allow_domains=["com.example"])
+    live = {"CREATED", "PENDING", "RESCHEDULING"}
+    before = {g for g, v in placement_group_table().items() if v["state"] in live}
+    with pytest.raises(WorkerError, match=r"failed to start.*Mystery"):
+        Pipeline(plan, worker_start_timeout_s=60)
+    left = {g for g, v in placement_group_table().items() if v["state"] in live} - before
+    assert not left, f"placement groups left behind: {left}"

@@ -41,8 +41,15 @@ class Placement:
             self.group = self._reserve(count, owns_ray)
         else:
             self.group = self._current(count)
-        self.workers = [[self.spawn(r, s) for s in range(plan.num_stages)] for r in range(config.replicas)]
-        self.info = [[self.await_ready(ranks) for ranks in row] for row in self.workers]
+        try:
+            for r in range(config.replicas):
+                self.workers.append([])
+                for s in range(plan.num_stages):
+                    self.workers[r].append(self.spawn(r, s))
+            self.info = [[self.await_ready(ranks) for ranks in row] for row in self.workers]
+        except BaseException:  # a worker that cannot load its shard: free what was started, group included
+            self.close()
+            raise
 
     def _reserve(self, count: int, owns_ray: bool):
         config = self.config
