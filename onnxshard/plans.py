@@ -27,6 +27,9 @@ PLAN_FILE = "plan.json"
 Dim = int | str | None
 
 
+NON_TENSOR = "non-tensor"  # the dtype of a sequence, map or optional value (only at a model's own inputs and outputs)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A tensor at a boundary: its name, element type and shape (symbolic dims kept as names; ``None`` unknown)."""
@@ -40,7 +43,7 @@ class TensorSpec:
 
     @classmethod
     def from_json(cls, d: dict) -> TensorSpec:
-        if d.get("dtype") not in dtypes.NAMES:
+        if d.get("dtype") not in dtypes.NAMES and d.get("dtype") != NON_TENSOR:
             raise PlanError(f"tensor {d.get('name')!r} has unknown dtype {d.get('dtype')!r}")
         shape = d.get("shape")
         return cls(str(d["name"]), d["dtype"], None if shape is None else tuple(shape))

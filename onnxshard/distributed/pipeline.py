@@ -42,7 +42,7 @@ from onnxshard.distributed.requests import Request, join_key
 from onnxshard.distributed.stats import CostMeter, Meter, RunStats
 from onnxshard.distributed.transports import Links, RayCalls, Transport
 from onnxshard.errors import InputError, OnnxShardError, PlanError, WorkerError
-from onnxshard.plans import Plan, is_plan_dir
+from onnxshard.plans import NON_TENSOR, Plan, is_plan_dir
 from onnxshard.runtime.session import check_feeds
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class Pipeline:
         check_config(self.config)  # before Ray starts (seconds), so a typo costs nothing
         self._tmp: Path | None = None
         self.plan = self._resolve_plan(plan, stages)
+        _check_tensors_only(self.plan)
         self.axes = microbatch.infer_batch_axes(self.plan, self.config.batch_axes)
         # nodes mixing samples along the batch dim: cutting or joining batches changes their results
         self.coupled = self.plan.batch_coupled.get(microbatch.batch_dim(self.plan, self.axes), ())
@@ -314,3 +315,14 @@ def _wait(future: Future):
             continue
 
 
+
+
+def _check_tensors_only(plan: Plan) -> None:
+    """A pipeline carries tensors (as Arrow) between processes: refuse a model whose own inputs or outputs are
+    sequences, maps or optionals, or tensors of an element type Arrow cannot carry (float8, int4...), naming them."""
+    odd = [f"{kind} {t.name!r}" for kind, specs in (("input", plan.inputs), ("output", plan.outputs))
+           for t in specs if t.dtype == NON_TENSOR]
+    if odd:
+        raise PlanError(f"the model's {', '.join(odd)} {'is' if len(odd) == 1 else 'are'} not a plain tensor (a "
+                        "sequence, map or optional, or an element type such as float8 or int4), which a Pipeline "
+                        "cannot carry between processes; run it in one process with onnxshard.backend.prepare(model)")

@@ -11,13 +11,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from onnxshard.partitioner import boundaries
 from onnxshard.partitioner.analysis import Analysis, TypeOracle, analyse_model, input_specs
 from onnxshard.partitioner.decision import Decision, decide
 from onnxshard.partitioner.out import check_out
 from onnxshard.partitioner.writing import write
 from onnxshard.plans import Plan
 
-__all__ = ["Analysis", "Decision", "TypeOracle", "analyse_model", "check_out", "decide", "input_specs", "partition"]
+__all__ = ["Analysis", "Decision", "TypeOracle", "analyse_model", "check_out", "decide", "input_specs", "most_stages",
+           "partition"]
 
 
 def partition(
@@ -47,3 +49,11 @@ def partition(
                       tensor_parallel=tensor_parallel)
     return write(decision, out, copy_weights=copy_weights, model_path=Path(source or analysis.path),
                  hash_weights=hash_weights)
+
+
+def most_stages(analysis: Analysis) -> int:
+    """The most stages the analysed model can be cut into: one per node (Constants aside), less the places that a
+    sequence or optional value would have to cross."""
+    graph = analysis.graph
+    cut_bytes = boundaries.cut_bytes_of(graph, analysis.specs, analysis.dims)
+    return boundaries.most_stages(graph, analysis.specs, cut_bytes)[0]

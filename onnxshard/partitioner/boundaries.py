@@ -96,6 +96,19 @@ def cut_bytes_of(graph: Graph, specs, dims) -> np.ndarray:
     return cut_bytes_per_position(len(graph.nodes), [(made[x], last[x]) for x in names], sizes)
 
 
+def most_stages(graph: Graph, specs, cut_bytes) -> tuple[int, list[str]]:
+    """The most stages ``graph`` can be cut into (one per node, less the places a value that cannot cross a stage
+    boundary would have to cross: a sequence, an optional, a float8 or int4 tensor), and the names of those values."""
+    n = len(graph.nodes)
+    blocked = [p for p in range(1, n) if not np.isfinite(cut_bytes[p])]
+    if not blocked:
+        return max(1, n), []
+    made, last = intervals(graph)
+    names = [x for x in made if specs.get(x) is not None and specs[x].dtype == "non-tensor"
+             and any(made[x] < p <= last[x] for p in blocked)]
+    return n - len(blocked), names
+
+
 def manual_bounds(graph: Graph, cuts: Sequence[str], stages: int | None) -> list[int]:
     positions = []
     for name in cuts:

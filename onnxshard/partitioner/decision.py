@@ -20,6 +20,7 @@ from onnxshard.partitioner.boundaries import (
     fewest,
     forbid_rank_local_cuts,
     manual_bounds,
+    most_stages,
 )
 from onnxshard.partitioner.cuts import choose_bounds
 from onnxshard.units import human_bytes
@@ -80,9 +81,16 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
         if pin_stages > stages:
             raise PlanError(f"the model pins nodes to pipeline_stage {pin_stages - 1}, but only {stages} stages "
                             f"were asked for; use --stages {pin_stages}")
-        if stages > n:
-            raise PlanError(f"the model has {n} nodes to place (Constants aside); it cannot make {stages} stages: "
-                            f"use --stages {n} or fewer")
+        most, blocking = most_stages(graph, analysis.specs, cut_bytes)
+        if stages > most:
+            why = f"the model has {n} nodes to place (Constants aside)"
+            if most < n:
+                shown = ", ".join(repr(x) for x in blocking[:5]) + (", ..." if len(blocking) > 5 else "")
+                why += (f", and {n - most} of the {n - 1} places between them cannot be cut (" +
+                        (f"values that cannot cross a stage boundary, sequences, optionals or float8/int4 "
+                         f"tensors, cross them: {shown}" if blocking else
+                         "they fall inside tensor-parallel layers") + ")")
+            raise PlanError(f"{why}; it cannot make {stages} stages: use --stages {most} or fewer")
         bounds = choose_bounds(balance, params, cut_bytes, stages, max_memory=cap, pins=pins)
         if bounds is None and layout is not None and not np.isfinite(cap):
             raise PlanError(f"no {stages}-stage split keeps each tensor-parallel layer inside one stage (a cut may "

@@ -16,7 +16,7 @@ from onnx import TensorProto, numpy_helper
 from onnxshard import dtypes
 from onnxshard.partitioner.graph import STAGE_CONFIG
 from onnxshard.partitioner.model import external_ref, is_external, iter_nodes, iter_tensors
-from onnxshard.plans import TensorSpec
+from onnxshard.plans import NON_TENSOR, TensorSpec
 
 WEIGHTS_DIR = "weights"
 ALIGN = 4096  # ONNX Runtime memory-maps external data only at page-aligned offsets
@@ -160,8 +160,9 @@ def build_model(source: onnx.ModelProto, stage: StageGraph, num_stages: int) -> 
         copy.device_configurations.extend(kept)
         copy.device_configurations.add(configuration_id=STAGE_CONFIG, pipeline_stage=stage.index)
     g.initializer.extend(stage.initializers)
-    g.input.extend(_value_info(t) for t in stage.inputs)
-    g.output.extend(_value_info(t) for t in stage.outputs)
+    edges = {v.name: v for v in [*source.graph.input, *source.graph.output]}  # the model's own, as declared
+    g.input.extend(_value_info(t, edges) for t in stage.inputs)
+    g.output.extend(_value_info(t, edges) for t in stage.outputs)
     produced = {o for n in stage.nodes for o in n.output}
     g.value_info.extend(v for v in source.graph.value_info if v.name in produced)
     m = onnx.ModelProto(
@@ -190,7 +191,11 @@ def used_functions(model: onnx.ModelProto, graph: onnx.GraphProto) -> list[onnx.
     return [f for key, f in by_key.items() if key in wanted]
 
 
-def _value_info(spec: TensorSpec) -> onnx.ValueInfoProto:
+def _value_info(spec: TensorSpec, edges: dict[str, onnx.ValueInfoProto]) -> onnx.ValueInfoProto:
+    """A stage's input or output: a tensor as its spec says; a sequence or optional (only ever one of the model's
+    own inputs and outputs) as the model declares it."""
+    if spec.dtype == NON_TENSOR:
+        return edges[spec.name]
     shape = None if spec.shape is None else list(spec.shape)
     return onnx.helper.make_tensor_value_info(spec.name, dtypes.to_elem_type(spec.dtype), shape)
 

@@ -52,18 +52,21 @@ def stage_graphs(graph: Graph, specs, bounds) -> list[StageGraph]:
             raise PlanError(f"internal: stage {k} reads {missing} that do not reach it")
         outputs = [x for x in leaving if x in produced]
         carry = [x for x in leaving if x not in produced]
-        pieces.append(StageGraph(k, nodes, constants, inits, [_spec(specs, x) for x in need],
-                                 [_spec(specs, x) for x in outputs], carry))
+        pieces.append(StageGraph(k, nodes, constants, inits,
+                                 [_spec(specs, x, edge=k == 0 and x in graph.inputs) for x in need],
+                                 [_spec(specs, x, edge=k == num - 1 and x in out_set) for x in outputs], carry))
     return pieces
 
 
-def _spec(specs, name) -> TensorSpec:
+def _spec(specs, name, edge: bool = False) -> TensorSpec:
+    """``name``'s spec where it crosses a boundary; a non-tensor value (a sequence, an optional) only at the model's
+    own inputs and outputs (``edge``), where it never leaves the stage's process."""
     spec = specs.get(name)
     if spec is None:
         raise PlanError(f"tensor {name!r} crosses a stage boundary but its element type is unknown (shape inference "
                         "cannot type it); choose other cuts with --cut, or plan through `onnxshard plan`, which asks "
                         "ONNX Runtime")
-    if spec.dtype == "non-tensor":
+    if spec.dtype == "non-tensor" and not edge:
         raise PlanError(f"tensor {name!r} is not a plain tensor (sequence, map or a type Arrow cannot carry) and "
                         "cannot cross a stage boundary; choose cuts with --cut that avoid it")
     return spec
@@ -113,8 +116,8 @@ def write(decision: Decision, out: Path, *, copy_weights: bool, model_path: Path
             stages.append(stage)
         weights = Weights(mode=mode, dir=str(graph.folder.resolve()) if mode == "external" else "weights",
                           files=writer.files)
-        plan = Plan(model=str(model_path.resolve()), inputs=tuple(_spec(specs, x) for x in graph.inputs),
-                    outputs=tuple(_spec(specs, x) for x in graph.outputs), stages=tuple(stages), weights=weights,
+        plan = Plan(model=str(model_path.resolve()), inputs=tuple(_spec(specs, x, edge=True) for x in graph.inputs),
+                    outputs=tuple(_spec(specs, x, edge=True) for x in graph.outputs), stages=tuple(stages), weights=weights,
                     cost_source=cost_source, batch_coupled=batch_coupled(graph, specs))
         plan.save(tmp, hash_weights=hash_weights)
         replace_with(tmp, out)

@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from onnxshard import dtypes
 from onnxshard.errors import InputError, ModelError, ResourceError, WorkerError
-from onnxshard.plans import TensorSpec
+from onnxshard.plans import NON_TENSOR, TensorSpec
 
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 # What ONNX Runtime says when memory or a device gives out (the CPU arena, std::bad_alloc, CUDA/cuBLAS/cuDNN
@@ -166,6 +166,8 @@ def check_symbolic_dims(feeds: dict[str, np.ndarray], specs: tuple[TensorSpec, .
 
 
 def check_array(value, spec: TensorSpec, *, where: str) -> None:
+    if spec.dtype == NON_TENSOR:  # a sequence or optional: ONNX Runtime checks it
+        return
     if not isinstance(value, np.ndarray):
         raise InputError(f"{where}: input {spec.name!r} must be a numpy array, got {type(value).__name__}")
     try:

@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from onnxshard import dtypes
 from onnxshard.errors import InputError, ModelError
-from onnxshard.plans import Plan, TensorSpec
+from onnxshard.plans import NON_TENSOR, Plan, TensorSpec
 from onnxshard.runtime.rank_shard import TensorParallelStage
 from onnxshard.runtime.session import RuntimeConfig, ShardSession, check_feeds, open_session
 
@@ -55,6 +55,9 @@ def random_feeds(specs: tuple[TensorSpec, ...], *, dims: dict[str, int] | None =
     dims = dims or {}
     feeds = {}
     for spec in specs:
+        if spec.dtype == NON_TENSOR:
+            raise InputError(f"input {spec.name!r} is a sequence, map or optional value: no random value is made for "
+                             "it; give the feeds from Python (onnxshard.verify(plan, feeds=...))")
         if spec.shape is None:
             raise InputError(f"input {spec.name!r} has unknown rank; pass inputs with --inputs FILE.npz")
         shape = tuple(d if isinstance(d, int) and d > 0 else dims.get(d, default_dim) if isinstance(d, str)
