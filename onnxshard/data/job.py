@@ -17,11 +17,6 @@ from onnxshard.data.predictor import ERROR, ROW, predict
 from onnxshard.errors import InputError, WorkerError
 from onnxshard.memory import PeakSampler, private_bytes
 
-# Ray Data's blocks for this job, at most: the model's outputs reach this driver a few batches at a time, so files
-# are written and committed while the pool works, not all at the end (with Ray's 128 MiB, a job whose outputs
-# total 256 MiB delivered its first block half-way through and spent its last 2-3 s writing).
-BLOCK_BYTES = 8 << 20
-
 
 class Stats:
     """What each pool actor last reported (see :class:`~onnxshard.data.Predictor`'s ``stats``); a Ray actor."""
@@ -145,10 +140,7 @@ def run(target: str, input_spec: str, out: Path, *, columns: dict[str, str], kee
     if not todo:
         return summary
     stats = ray.remote(num_cpus=0)(Stats).remote()
-    context = ray.data.DataContext.get_current()
-    saved = context.enable_progress_bars, context.target_max_block_size
-    context.enable_progress_bars = progress
-    context.target_max_block_size = min(context.target_max_block_size or BLOCK_BYTES, BLOCK_BYTES)
+    ray.data.DataContext.get_current().enable_progress_bars = progress
     started = time.perf_counter()
     with PeakSampler() as sampler:
         try:
@@ -161,7 +153,6 @@ def run(target: str, input_spec: str, out: Path, *, columns: dict[str, str], kee
             _commit(ds.iter_batches(batch_size=None, batch_format="pyarrow"), todo, out, keep, manifest, summary)
         finally:
             summary.seconds = time.perf_counter() - started
-            context.enable_progress_bars, context.target_max_block_size = saved
             _add_stats(summary, stats)
     summary.driver_peak = sampler.peak
     return summary
