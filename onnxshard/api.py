@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
@@ -36,7 +38,8 @@ def plan(
     tensor_parallel: int | None = None,
     hash_weights: bool = False,
 ) -> Plan:
-    """Split ``model`` into pipeline stages and save the plan to ``out`` (a new temporary folder if omitted).
+    """Split ``model`` into pipeline stages and save the plan to ``out`` (if omitted, a new temporary folder that
+    is removed when this Python process exits).
 
     stages: number of stages; with ``max_stage_memory`` alone, the fewest that fit; else the model's own
         ``pipeline_stage`` annotations, else 1.
@@ -64,7 +67,7 @@ def plan(
     dims = check_dims(dims)
     if out is not None:
         partitioner.check_out(out, [model])  # before any work: never a user's folder, never after minutes
-    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="onnxshard-plan-")) / "plan"
+    out = Path(out) if out is not None else _temporary_folder() / "plan"
     # The optimised copy (with its weights) lives beside the plan until the plan has copied what it needs.
     scratch = tempfile.TemporaryDirectory(prefix="onnxshard-opt-", dir=_scratch_dir(out)) if optimize else nullcontext()
     with scratch as folder:
@@ -113,6 +116,14 @@ def check_dims(dims) -> dict[str, int]:
     return {name: int(size) for name, size in dims.items()}
 
 
+def _temporary_folder() -> Path:
+    """A new temporary folder, removed when this process exits (a plan made without ``out`` stays usable until
+    then, and does not outlive it)."""
+    folder = tempfile.mkdtemp(prefix="onnxshard-plan-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return Path(folder)
+
+
 def _scratch_dir(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     return out.parent
@@ -149,7 +160,8 @@ def verify(model_or_plan: str | os.PathLike | Plan, *, stages: int | None = None
            tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, micro_batch_size: int | None = None,
            **plan_options) -> Verification:
     """Run the stages one after another in this process and compare each output with plain ONNX Runtime on the
-    whole model. A model path is planned first (into a temporary folder) with ``stages`` and ``plan_options``.
+    whole model. A model path is planned first with ``stages`` and ``plan_options``, into a temporary folder kept
+    until this process exits (the result holds the plan).
     ``micro_batch_size``: cut the batch into micro-batches of this size along its batch axis and run both the
     stages and ORT per micro-batch, as a pipeline does (for a model whose samples depend on each other, the
     whole-batch result differs, and this is the check that holds)."""
@@ -161,10 +173,9 @@ def verify(model_or_plan: str | os.PathLike | Plan, *, stages: int | None = None
     elif is_plan_dir(model_or_plan):
         the_plan = Plan.load(model_or_plan)
     else:
-        with tempfile.TemporaryDirectory(prefix="onnxshard-verify-") as tmp:
-            the_plan = plan(model_or_plan, Path(tmp) / "plan", stages=stages, dims=dims, **plan_options)
-            return verify(the_plan, feeds=feeds, dims=dims, tolerance=tolerance, seed=seed,
-                          micro_batch_size=micro_batch_size)
+        the_plan = plan(model_or_plan, stages=stages, dims=dims, **plan_options)  # removed at exit: the result
+        return verify(the_plan, feeds=feeds, dims=dims, tolerance=tolerance, seed=seed,  # holds the plan
+                      micro_batch_size=micro_batch_size)
     if not Path(the_plan.model).is_file():
         raise PlanError(f"the plan's source model {the_plan.model} is gone; verify needs it as the reference")
     feeds = feeds if feeds is not None else tools.random_feeds(the_plan.inputs, dims=dims, seed=seed)

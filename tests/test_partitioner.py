@@ -263,3 +263,73 @@ def test_the_decision_is_a_frozen_value_made_without_writing(tmp_path):
     with pytest.raises(dataclasses.FrozenInstanceError):
         two.bounds = (0,)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # nothing written
+
+
+def test_dims_named_question_mark_are_unknown_not_one_shared_dim(save_model, tmp_path):
+    """PaddleOCR exports name every unknown dim ``?`` (``x: [?, 3, 48, ?]``): the height-48 image of width 192
+    must not be refused because its two ``?`` dims differ."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    nodes = [h.make_node("Relu", ["x"], ["a"]), h.make_node("ReduceMean", ["a"], ["y"], axes=[2], keepdims=0)]
+    graph = h.make_graph(nodes, "paddle", [h.make_tensor_value_info("x", T.FLOAT, ["?", 3, 48, "?"])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["?", 3, "?"])])
+    path = save_model(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+    plan = onnxshard.plan(path, tmp_path / "plan", stages=2)
+    assert plan.inputs[0].shape == (None, 3, 48, None)
+    x = np.random.default_rng(0).standard_normal((2, 3, 48, 192), dtype=np.float32)
+    assert onnxshard.verify(plan, feeds={"x": x}).ok
+
+
+def test_a_failed_shape_inference_is_said_not_swallowed(save_model, tmp_path, monkeypatch, caplog):
+    """ONNX shape inference raising (a model it cannot read) leaves the planner with the declared shapes only: it
+    says so. The failure is simulated: in its non-strict mode, the one the planner uses, inference rarely raises."""
+    def fails(*args, **kwargs):
+        raise onnx.shape_inference.InferenceError("[ShapeInferenceError] simulated")
+
+    path = save_model(zoo.mlp(layers=2, width=8))
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", fails)
+    with caplog.at_level("WARNING", logger="onnxshard.partitioner.cost"):
+        plan = onnxshard.plan(path, tmp_path / "plan", stages=2)
+    assert "ONNX shape inference failed on this model ([ShapeInferenceError] simulated)" in caplog.text
+    assert len(plan.stages) == 2
+
+
+def test_a_plan_made_without_out_lives_as_long_as_the_process_and_no_longer(save_model):
+    """``plan(model)`` and ``verify(model)`` plan into temporary folders: usable while the process runs (verify's
+    result holds its plan), removed when it exits."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = save_model(zoo.mlp(layers=2, width=8))
+    code = ("import onnxshard, sys; p = onnxshard.plan(sys.argv[1], stages=2); v = onnxshard.verify(sys.argv[1], "
+            "stages=2); assert v.ok and v.plan.root.is_dir() and p.root.is_dir(); "
+            "assert all(v.plan.stage_path(s).is_file() for s in v.plan.stages); print(p.root, v.plan.root)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    roots = [Path(r) for r in done.stdout.split()]
+    assert len(roots) == 2 and not any(r.exists() or r.parent.exists() for r in roots), roots
+
+
+def test_a_weight_read_by_two_stages_counts_in_each_when_the_cut_is_chosen(save_model, tmp_path):
+    """W (1 MiB) is read by the first and the last MatMul, A and B (1 MiB each) by those between. Under a 1.5 MiB
+    cap, counting W once made 3 stages look enough ([W | A | B, W]), and the writer then refused stage 2 for
+    holding 2 MiB; counted in each stage that reads it, the planner takes 4 stages, each within the cap."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    weights = [nh.from_array(rng.standard_normal((512, 512), dtype=np.float32) / 30, n) for n in "WAB"]
+    nodes = [h.make_node("MatMul", ["x", "W"], ["a"]), h.make_node("MatMul", ["a", "A"], ["b"]),
+             h.make_node("MatMul", ["b", "B"], ["c"]), h.make_node("MatMul", ["c", "W"], ["y"])]
+    graph = h.make_graph(nodes, "tied", [h.make_tensor_value_info("x", T.FLOAT, ["n", 512])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["n", 512])], initializer=weights)
+    path = save_model(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), external=True)
+    cap = 1536 << 10
+    plan = onnxshard.plan(path, tmp_path / "plan", max_stage_memory=cap)
+    assert len(plan.stages) == 4 and all(s.param_bytes <= cap for s in plan.stages)
+    with pytest.raises(PlanError, match="no 3-stage split satisfies --max-stage-memory"):
+        onnxshard.plan(path, tmp_path / "three", stages=3, max_stage_memory=cap)
+    assert onnxshard.verify(plan, dims={"n": 2}).ok

@@ -13,25 +13,38 @@ from onnxshard.partitioner import cost as costmod
 from onnxshard.partitioner import tensor_parallel as tp
 from onnxshard.partitioner.cuts import choose_bounds, cut_bytes_per_position, fewest_stages
 from onnxshard.partitioner.graph import Graph
+from onnxshard.partitioner.model import tensor_nbytes
 from onnxshard.units import human_bytes
+
+
+def shared_weights(graph: Graph) -> list[tuple[int, list[int]]]:
+    """``(bytes, reader positions)`` of each initializer that several nodes read (tied embeddings): a stage holds
+    it when it holds any of them, which per-node first-reader counts miss."""
+    readers: dict[str, list[int]] = {}
+    for i, reads in enumerate(graph.reads):
+        for name in dict.fromkeys(reads):
+            if name in graph.initializers:
+                readers.setdefault(name, []).append(i)
+    return [(tensor_nbytes(graph.initializers[name]), at) for name, at in readers.items() if len(at) > 1]
 
 
 def choose_degree(analysis, balance, params, cut_bytes, cap, pins, stages) -> int:
     """The tensor-parallel degree that fits ``cap`` with the fewest workers (stages x degree), smaller first."""
     best = None
     for degree in (1, 2, 4, 8):
+        shared = ()
         if degree == 1:
-            p, c = params, cut_bytes
+            p, c, shared = params, cut_bytes, shared_weights(analysis.graph)
         else:
             layout = tp.shard_graph(analysis.graph, analysis.specs, degree)
             if not layout.splits:
                 continue
             p, c = layout.node_param_bytes(analysis.graph), forbid_rank_local_cuts(cut_bytes, analysis.graph, layout)
         if stages is not None:
-            fits = choose_bounds(balance, p, c, stages, max_memory=cap, pins=pins) is not None
+            fits = choose_bounds(balance, p, c, stages, max_memory=cap, pins=pins, shared=shared) is not None
             count = stages if fits else 0
         else:
-            count = fewest_stages(balance, p, c, cap, pins=pins)
+            count = fewest_stages(balance, p, c, cap, pins=pins, shared=shared)
         if count and (best is None or count * degree < best[0]):
             best = (count * degree, degree)
     return best[1] if best else 1
@@ -60,8 +73,8 @@ def check_tp_cuts(graph: Graph, layout: tp.Layout, bounds: list[int]) -> None:
                                 f"({name!r} is sharded across ranks there); cut elsewhere")
 
 
-def fewest(graph, balance, params, cut_bytes, cap, pins) -> int:
-    stages = fewest_stages(balance, params, cut_bytes, cap, pins=pins)
+def fewest(graph, balance, params, cut_bytes, cap, pins, shared=()) -> int:
+    stages = fewest_stages(balance, params, cut_bytes, cap, pins=pins, shared=shared)
     if not stages:
         i = int(np.argmax(params))
         raise PlanError(f"no split meets --max-stage-memory {human_bytes(cap)}: node {graph.nodes[i].name!r} alone "

@@ -5,6 +5,7 @@ Costs are per sample: symbolic dims count as 1 unless the caller gives them a si
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ from onnxshard import dtypes
 from onnxshard.partitioner.graph import Graph
 from onnxshard.partitioner.model import is_external, load_inline, tensor_nbytes
 from onnxshard.plans import TensorSpec, spec_bytes
+
+log = logging.getLogger(__name__)
 
 SMALL_INT_BYTES = 1 << 16  # external int64 initializers up to this size are read to help shape inference
 
@@ -42,8 +45,11 @@ def infer_specs(graph: Graph, known: dict[str, TensorSpec] | None = None) -> dic
             load_inline(tensor, graph.folder)
     try:
         model = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-    except (onnx.shape_inference.InferenceError, RuntimeError, ValueError):
-        pass  # keep what the model declares; untyped boundaries are typed later by the caller's oracle
+    except (onnx.shape_inference.InferenceError, RuntimeError, ValueError) as e:
+        # keep what the model declares; untyped boundaries are typed later by the caller's oracle
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("ONNX shape inference failed on this model (%s): costs and cut sizes use only the shapes the "
+                    "model declares, and tensors it does not type count as 0 bytes", first[:300])
     specs: dict[str, TensorSpec] = {}
     for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
         spec = spec_from_value_info(vi)
@@ -113,8 +119,15 @@ def spec_from_value_info(vi: onnx.ValueInfoProto) -> TensorSpec | None:
         return None
     shape = None
     if tt.HasField("shape"):
-        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+        shape = tuple(d.dim_value if d.HasField("dim_value") else _dim_name(d.dim_param) for d in tt.shape.dim)
     return TensorSpec(vi.name, _dtype(tt.elem_type), shape)
+
+
+def _dim_name(param: str) -> str | None:
+    """A symbolic dim's name; ``None`` (unknown, shared with nothing) for none, and for ``?``, which some exporters
+    (PaddlePaddle's) write for every unknown dim: taken as a name, all of a model's unknown dims would have to
+    agree."""
+    return None if param in ("", "?") else param
 
 
 def _dtype(elem_type: int) -> str:

@@ -15,10 +15,12 @@ BALANCE_SLACK = 0.03  # cuts may make the slowest stage this much slower to send
 
 
 def choose_bounds(cost, params, cut_bytes, stages: int, *, max_memory: float = np.inf,
-                  pins=None) -> list[int]:
+                  pins=None, shared=()) -> list[int]:
     """Bounds of ``stages`` stages that minimise the slowest stage's cost under ``max_memory`` parameter bytes
     per stage, then (within ``BALANCE_SLACK`` of that) the bytes crossing the cuts. ``pins[i]`` is the stage
-    node ``i`` must land in, or ``None``."""
+    node ``i`` must land in, or ``None``. ``params[i]`` counts the weights node ``i`` is the first to read;
+    ``shared`` lists ``(bytes, reader positions)`` of weights several nodes read (tied embeddings), which every
+    stage holding one of their readers holds too."""
     n = len(cost)
     if stages < 1:
         raise PlanError(f"stages must be at least 1 (got {stages})")
@@ -28,21 +30,40 @@ def choose_bounds(cost, params, cut_bytes, stages: int, *, max_memory: float = n
     cparams = np.concatenate([[0.0], np.cumsum(np.asarray(params, dtype=float))])
     cut = np.asarray(cut_bytes, dtype=float)
     allowed = _pin_masks(pins, stages, n)
-    best = _minimax(ccost, cparams, cut, stages, max_memory, allowed)
+    memory = _Memory(cparams, max_memory, shared)
+    best = _minimax(ccost, cut, stages, memory, allowed)
     if not np.isfinite(best):
         return None
     limit = best * (1 + BALANCE_SLACK) + 1e-9
-    return _min_bytes(ccost, cparams, cut, stages, max_memory, limit, allowed)
+    return _min_bytes(ccost, cut, stages, memory, limit, allowed)
 
 
-def fewest_stages(cost, params, cut_bytes, max_memory: float, *, pins=None, most: int | None = None) -> int:
+class _Memory:
+    """Which stages ``[i, j)`` fit ``max_memory`` bytes of weights, shared weights counted in each stage."""
+
+    def __init__(self, cparams, max_memory: float, shared):
+        self.cparams, self.max_memory = cparams, max_memory
+        self.shared = [(size, sorted(readers)) for size, readers in shared] if np.isfinite(max_memory) else []
+
+    def fits(self, j: int) -> np.ndarray:
+        """Over start positions i < j."""
+        held = self.cparams[j] - self.cparams[:j]
+        for size, readers in self.shared:
+            before = [r for r in readers if r < j]
+            if before:  # [i, j) holds a reader but not the first one (counted there) when first < i <= last
+                held[readers[0] + 1:before[-1] + 1] += size
+        return held <= self.max_memory
+
+
+def fewest_stages(cost, params, cut_bytes, max_memory: float, *, pins=None, most: int | None = None,
+                  shared=()) -> int:
     """The smallest stage count whose stages each hold at most ``max_memory`` parameter bytes."""
     n = len(cost)
     if max(params, default=0) > max_memory:
         return 0  # one node alone is over the cap: no stage count helps
     first = max(1, int(np.ceil(sum(params) / max_memory))) if max_memory > 0 else 1
     for s in range(first, min(n, most or n) + 1):
-        if choose_bounds(cost, params, cut_bytes, s, max_memory=max_memory, pins=pins) is not None:
+        if choose_bounds(cost, params, cut_bytes, s, max_memory=max_memory, pins=pins, shared=shared) is not None:
             return s
     return 0
 
@@ -57,23 +78,23 @@ def _pin_masks(pins, stages, n):
     return bad
 
 
-def _segments_ok(k, j, ccost, cparams, max_memory, allowed, limit=np.inf):
+def _segments_ok(k, j, ccost, memory: _Memory, allowed, limit=np.inf):
     """Boolean mask over start positions i < j for which [i, j) may be stage ``k``."""
     i = np.arange(j)
-    ok = (cparams[j] - cparams[:j] <= max_memory) & (ccost[j] - ccost[:j] <= limit)
+    ok = memory.fits(j) & (ccost[j] - ccost[:j] <= limit)
     if allowed is not None:
         ok &= allowed[k, j] - allowed[k, :j] == 0
     return i, ok
 
 
-def _minimax(ccost, cparams, cut, stages, max_memory, allowed) -> float:
+def _minimax(ccost, cut, stages, memory: _Memory, allowed) -> float:
     n = len(ccost) - 1
     f = np.full(n + 1, np.inf)
     f[0] = 0.0
     for k in range(stages):
         g = np.full(n + 1, np.inf)
         for j in range(k + 1, n + 1):
-            i, ok = _segments_ok(k, j, ccost, cparams, max_memory, allowed)
+            i, ok = _segments_ok(k, j, ccost, memory, allowed)
             ok &= np.isfinite(f[:j])
             if k > 0:
                 ok &= np.isfinite(cut[:j])
@@ -84,7 +105,7 @@ def _minimax(ccost, cparams, cut, stages, max_memory, allowed) -> float:
     return f[n]
 
 
-def _min_bytes(ccost, cparams, cut, stages, max_memory, limit, allowed) -> list[int]:
+def _min_bytes(ccost, cut, stages, memory: _Memory, limit, allowed) -> list[int]:
     """Least bytes crossing the cuts; among equals, the most even stages (least sum of squared stage costs)."""
     n = len(ccost) - 1
     scale = max(ccost[n], 1e-12)
@@ -95,7 +116,7 @@ def _min_bytes(ccost, cparams, cut, stages, max_memory, limit, allowed) -> list[
     for k in range(stages):
         g, gsq = np.full(n + 1, np.inf), np.zeros(n + 1)
         for j in range(k + 1, n + 1):
-            _, ok = _segments_ok(k, j, ccost, cparams, max_memory, allowed, limit)
+            _, ok = _segments_ok(k, j, ccost, memory, allowed, limit)
             ok[:k] = False
             if not ok.any():
                 continue

@@ -21,6 +21,7 @@ from onnxshard.partitioner.boundaries import (
     forbid_rank_local_cuts,
     manual_bounds,
     most_stages,
+    shared_weights,
 )
 from onnxshard.partitioner.cuts import choose_bounds
 from onnxshard.units import human_bytes
@@ -66,18 +67,20 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
     if tensor_parallel and tensor_parallel > 1:
         layout = tp.shard_graph(graph, analysis.specs, tensor_parallel)
         if not layout.splits:
-            why = ": " + "; ".join(layout.notes) if layout.notes else \
+            why = ": " + "; ".join(note for _, note in layout.notes) if layout.notes else \
                 " (no top-level MatMul/Gemm/Conv/Gather with a weight initializer)"
             raise PlanError(f"--tensor-parallel {tensor_parallel} splits no layer of this model{why}; use 1 or "
                             "another degree")
         params = layout.node_param_bytes(graph)
         cut_bytes = forbid_rank_local_cuts(cut_bytes, graph, layout)
 
+    shared = shared_weights(graph) if layout is None else ()  # a rank's weights are counted by its layout
     if cuts:
         bounds = manual_bounds(graph, cuts, stages)
     else:
         if stages is None:
-            stages = pin_stages or (fewest(graph, balance, params, cut_bytes, cap, pins) if np.isfinite(cap) else 1)
+            stages = pin_stages or (fewest(graph, balance, params, cut_bytes, cap, pins, shared) if np.isfinite(cap)
+                                    else 1)
         if pin_stages > stages:
             raise PlanError(f"the model pins nodes to pipeline_stage {pin_stages - 1}, but only {stages} stages "
                             f"were asked for; use --stages {pin_stages}")
@@ -91,7 +94,7 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
                          f"tensors, cross them: {shown}" if blocking else
                          "they fall inside tensor-parallel layers") + ")")
             raise PlanError(f"{why}; it cannot make {stages} stages: use --stages {most} or fewer")
-        bounds = choose_bounds(balance, params, cut_bytes, stages, max_memory=cap, pins=pins)
+        bounds = choose_bounds(balance, params, cut_bytes, stages, max_memory=cap, pins=pins, shared=shared)
         if bounds is None and layout is not None and not np.isfinite(cap):
             raise PlanError(f"no {stages}-stage split keeps each tensor-parallel layer inside one stage (a cut may "
                             f"not fall between a split layer's halves); use fewer stages or --tensor-parallel 1")

@@ -173,8 +173,7 @@ def _write_ranks(graph: Graph, specs, layout: tp.Layout, piece: StageGraph, lo: 
                             inputs=tuple(_step_spec(specs, layout, x) for x in step.inputs),
                             outputs=tuple(_step_spec(specs, layout, x) for x in step.outputs),
                             carry=tuple(step.carry), reduces=tuple(step.reduces)))
-    lo_names = {n.name for n in graph.nodes[lo:hi]}
-    notes = [n for n in layout.notes if any(f"node {name!r}" in n for name in lo_names)]
+    notes = [note for starts, note in layout.notes if any(lo <= i < hi for i in starts)]
     return Stage(file="", param_bytes=max(rank_bytes), tensor_parallel=degree, steps=tuple(written),
                  rank_param_bytes=tuple(rank_bytes), notes=tuple(notes), **common)
 

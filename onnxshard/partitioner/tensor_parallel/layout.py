@@ -71,7 +71,7 @@ class Layout:
     consts: dict[str, onnx.TensorProto]  # new rank-independent constants (per-rank shapes)
     rank_consts: dict[str, RankConst]
     reduces: dict[str, Reduce]  # by the whole name they make
-    notes: list[str]
+    notes: list[tuple[frozenset[int], str]]  # why layers stayed whole: the node positions it concerns, the reason
 
     @property
     def splits(self) -> int:

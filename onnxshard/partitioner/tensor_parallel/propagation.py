@@ -30,15 +30,17 @@ from onnxshard.plans import TensorSpec
 
 
 class _Rollback(Exception):
-    def __init__(self, message: str, starts: Iterable[int]):
+    """Undo the splits begun at node positions ``starts``; the check failed at node position ``at``."""
+
+    def __init__(self, message: str, starts: Iterable[int], at: int):
         super().__init__(message)
-        self.starts = frozenset(starts)
+        self.starts, self.at = frozenset(starts), at
 
 
 def shard_graph(graph: Graph, specs: dict[str, TensorSpec], degree: int) -> Layout:
     """Decide every tensor's state for ``degree`` ranks and rewrite each node for one rank."""
     excluded: set[int] = set()
-    notes: list[str] = []
+    notes: list[tuple[frozenset[int], str]] = []
     while True:
         try:
             return _Pass(graph, specs, degree, excluded, notes).run()
@@ -46,14 +48,14 @@ def shard_graph(graph: Graph, specs: dict[str, TensorSpec], degree: int) -> Layo
             if not e.starts or e.starts <= excluded:
                 raise AssertionError(f"tensor-parallel rollback made no progress: {e}") from None
             excluded |= e.starts
-            notes.append(str(e))
+            notes.append((e.starts | {e.at}, str(e)))  # a note belongs to the stages of these nodes
 
 
 
 class _Pass(Rules, Vocab):
     """One pass over the graph with a fixed set of excluded split points."""
 
-    def __init__(self, graph: Graph, specs, degree: int, excluded: set[int], notes: list[str]):
+    def __init__(self, graph: Graph, specs, degree: int, excluded: set[int], notes: list[tuple[frozenset[int], str]]):
         self.g, self.specs, self.t, self.excluded = graph, specs, degree, excluded
         self.opset = next((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")), 17)
         self.states: dict[str, State] = {}
@@ -125,7 +127,8 @@ class _Pass(Rules, Vocab):
         valid = ", ".join(map(str, divisors(size))) if isinstance(size, int) and size > 0 else "unknown"
         starts = frozenset().union(*(self.prov.get(x, frozenset()) for x in node.input if x)) or {self.i}
         raise _Rollback(f"node {node.name!r} ({node.op_type}): {what} {size} is not divisible by "
-                        f"tensor_parallel={self.t} (valid degrees: {valid}); its layer stays replicated", starts)
+                        f"tensor_parallel={self.t} (valid degrees: {valid}); its layer stays replicated", starts,
+                        self.i)
 
     # -- per node ------------------------------------------------------------------------------------------
     def _node(self, i: int, node: onnx.NodeProto) -> Rewrite:
