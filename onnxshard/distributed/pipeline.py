@@ -315,8 +315,6 @@ def _wait(future: Future):
             continue
 
 
-
-
 def _check_tensors_only(plan: Plan) -> None:
     """A pipeline carries tensors (as Arrow) between processes: refuse a model whose own inputs or outputs are
     sequences, maps or optionals, or tensors of an element type Arrow cannot carry (float8, int4...), naming them."""

@@ -53,7 +53,7 @@ def partition(
 
 def most_stages(analysis: Analysis) -> int:
     """The most stages the analysed model can be cut into: one per node (Constants aside), less the places that a
-    sequence or optional value would have to cross."""
+    value no stage boundary can carry (a sequence, an optional, a float8 or int4 tensor) would have to cross."""
     graph = analysis.graph
     cut_bytes = boundaries.cut_bytes_of(graph, analysis.specs, analysis.dims)
     return boundaries.most_stages(graph, analysis.specs, cut_bytes)[0]
