@@ -21,8 +21,9 @@ import onnx
 import onnx.backend.base
 import onnxruntime as ort
 
+from onnxshard import partitioner
 from onnxshard.errors import InputError
-from onnxshard.runtime import RuntimeConfig
+from onnxshard.runtime import RuntimeConfig, tools
 
 MAX_STAGES = 3
 
@@ -32,8 +33,6 @@ class OnnxShardRep(onnx.backend.base.BackendRep):
 
     def __init__(self, plan, inputs: list[str], outputs: list[str], folder: tempfile.TemporaryDirectory,
                  runtime: RuntimeConfig, *, pipeline: bool = False, **options):
-        from onnxshard.runtime import tools
-
         self.plan, self.inputs, self.outputs = plan, inputs, outputs
         self.pipe = None
         if pipeline:
@@ -49,8 +48,6 @@ class OnnxShardRep(onnx.backend.base.BackendRep):
     def run(self, inputs: Any, **kwargs) -> tuple[np.ndarray, ...]:
         """The model's outputs, in its order, for ``inputs``: a list in the order of the graph's inputs, a dict by
         name, or one array for a model with one input."""
-        from onnxshard.runtime import tools
-
         feeds = self._feeds(inputs)
         if self.pipe is not None:
             got = self.pipe.run(feeds)
@@ -88,9 +85,6 @@ class OnnxShardBackend(onnx.backend.base.Backend):
     @classmethod
     def prepare(cls, model, device: str = "CPU", *, stages: int | None = None, pipeline: bool = False,
                 **options) -> OnnxShardRep:
-        from onnxshard import partitioner
-        from onnxshard.runtime import tools
-
         if not cls.supports_device(device):
             raise InputError(f"device {device!r}: this onnxruntime has no provider for it")
         folder = tempfile.TemporaryDirectory(prefix="onnxshard-backend-")

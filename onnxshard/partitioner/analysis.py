@@ -15,7 +15,7 @@ from onnxshard.errors import PlanError
 from onnxshard.partitioner import cost as costmod
 from onnxshard.partitioner.graph import Graph, analyse
 from onnxshard.partitioner.model import load_lazy
-from onnxshard.plans import TensorSpec
+from onnxshard.plans import NON_TENSOR, TensorSpec
 
 TypeOracle = Callable[[onnx.ModelProto, Path, list[str]], dict[str, TensorSpec]]
 
@@ -53,7 +53,7 @@ def input_specs(path: str | os.PathLike) -> tuple[TensorSpec, ...]:
     g = load_lazy(Path(path)).graph
     weights = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
     inputs = [v for v in g.input if v.name not in weights]
-    return tuple(costmod.spec_from_value_info(v) or TensorSpec(v.name, "non-tensor", None) for v in inputs)
+    return tuple(costmod.spec_from_value_info(v) or TensorSpec(v.name, NON_TENSOR, None) for v in inputs)
 
 
 def ordered_by_pins(graph: Graph, pins: list[int]) -> Graph:

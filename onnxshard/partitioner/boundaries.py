@@ -14,6 +14,7 @@ from onnxshard.partitioner import tensor_parallel as tp
 from onnxshard.partitioner.cuts import choose_bounds, cut_bytes_per_position, fewest_stages
 from onnxshard.partitioner.graph import Graph
 from onnxshard.partitioner.model import tensor_nbytes
+from onnxshard.plans import NON_TENSOR
 from onnxshard.units import human_bytes
 
 
@@ -104,7 +105,7 @@ def cut_bytes_of(graph: Graph, specs, dims) -> np.ndarray:
     sizes = []
     for name in names:
         spec = specs.get(name)
-        sizes.append(np.inf if spec is not None and spec.dtype == "non-tensor" else
+        sizes.append(np.inf if spec is not None and spec.dtype == NON_TENSOR else
                      costmod.tensor_bytes(spec, dims))
     return cut_bytes_per_position(len(graph.nodes), [(made[x], last[x]) for x in names], sizes)
 
@@ -117,7 +118,7 @@ def most_stages(graph: Graph, specs, cut_bytes) -> tuple[int, list[str]]:
     if not blocked:
         return max(1, n), []
     made, last = intervals(graph)
-    names = [x for x in made if specs.get(x) is not None and specs[x].dtype == "non-tensor"
+    names = [x for x in made if specs.get(x) is not None and specs[x].dtype == NON_TENSOR
              and any(made[x] < p <= last[x] for p in blocked)]
     return n - len(blocked), names
 

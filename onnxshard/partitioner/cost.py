@@ -15,7 +15,7 @@ from onnx import TensorProto
 from onnxshard import dtypes
 from onnxshard.partitioner.graph import Graph
 from onnxshard.partitioner.model import is_external, load_inline, tensor_nbytes
-from onnxshard.plans import TensorSpec, spec_bytes
+from onnxshard.plans import NON_TENSOR, TensorSpec, spec_bytes
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def infer_specs(graph: Graph, known: dict[str, TensorSpec] | None = None) -> dic
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
     for spec in (known or {}).values():
-        if spec.dtype != "non-tensor":
+        if spec.dtype != NON_TENSOR:
             model.graph.value_info.append(onnx.helper.make_tensor_value_info(
                 spec.name, dtypes.to_elem_type(spec.dtype), None if spec.shape is None else list(spec.shape)))
     for tensor in model.graph.initializer:
@@ -113,7 +113,7 @@ def spec_from_value_info(vi: onnx.ValueInfoProto) -> TensorSpec | None:
     if kind is None:
         return None
     if kind != "tensor_type":
-        return TensorSpec(vi.name, "non-tensor", None)
+        return TensorSpec(vi.name, NON_TENSOR, None)
     tt = vi.type.tensor_type
     if tt.elem_type == TensorProto.UNDEFINED:
         return None
@@ -134,7 +134,7 @@ def _dtype(elem_type: int) -> str:
     try:
         return dtypes.from_elem_type(elem_type)
     except ValueError:
-        return "non-tensor"  # float8, int4, ...: cannot cross a stage boundary as Arrow
+        return NON_TENSOR  # float8, int4, ...: cannot cross a stage boundary as Arrow
 
 
 def constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
@@ -152,7 +152,7 @@ def concrete(spec: TensorSpec | None, dims: dict[str, int]) -> tuple[int, ...] |
 
 def tensor_bytes(spec: TensorSpec | None, dims: dict[str, int]) -> int:
     """Bytes of a tensor per sample; 0 when its shape or type is unknown (it then costs nothing to cut)."""
-    if spec is None or spec.shape is None or spec.dtype == "non-tensor":
+    if spec is None or spec.shape is None or spec.dtype == NON_TENSOR:
         return 0
     return spec_bytes(spec, dims)
 

@@ -20,7 +20,7 @@ from onnxshard.partitioner.graph import Graph
 from onnxshard.partitioner.model import is_external, iter_tensors, node_tensors, tensor_nbytes
 from onnxshard.partitioner.out import replace_with
 from onnxshard.partitioner.shards import StageGraph, WeightWriter, build_model, links_possible
-from onnxshard.plans import Plan, Stage, Step, TensorSpec, Weights
+from onnxshard.plans import NON_TENSOR, Plan, Stage, Step, TensorSpec, Weights
 from onnxshard.units import human_bytes
 
 
@@ -66,7 +66,7 @@ def _spec(specs, name, edge: bool = False) -> TensorSpec:
         raise PlanError(f"tensor {name!r} crosses a stage boundary but its element type is unknown (shape inference "
                         "cannot type it); choose other cuts with --cut, or plan through `onnxshard plan`, which asks "
                         "ONNX Runtime")
-    if spec.dtype == "non-tensor" and not edge:
+    if spec.dtype == NON_TENSOR and not edge:
         raise PlanError(f"tensor {name!r} is not a plain tensor (sequence, map or a type Arrow cannot carry) and "
                         "cannot cross a stage boundary; choose cuts with --cut that avoid it")
     return spec

@@ -114,7 +114,7 @@ def probe_types(model: onnx.ModelProto, folder: Path, names: list[str]) -> dict[
             try:
                 dtype = dtypes.from_ort(out.type)
             except ValueError:
-                dtype = "non-tensor"
+                dtype = NON_TENSOR
             # ORT reports an unknown shape as [], like a scalar's: treat [] as unknown.
             shape = tuple(out.shape) if out.shape else None
             specs[out.name] = TensorSpec(out.name, dtype, shape)
