@@ -9,10 +9,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import actors
 import numpy as np
 import onnx
 import pytest
-import ray
 import zoo
 from onnx import TensorProto as T
 from onnx import helper as h
@@ -175,13 +175,13 @@ def test_restarts_spread_over_time_pass_the_budget_and_a_crash_loop_fails_fast(m
     with Pipeline(plan, cpus_per_stage=0.5, micro_batch_size=1, max_restarts=1, restart_window_s=3,
                   transport="ray") as pipe:
         for _ in range(2):  # one loss per window: always within the budget
-            ray.kill(pipe.workers[0][0][0], no_restart=True)
+            actors.kill(pipe.workers[0][0][0])
             _check(model, feeds, pipe.run(feeds))
             time.sleep(3.2)
         assert len(pipe.recoveries) == 2
-        ray.kill(pipe.workers[0][0][0], no_restart=True)
+        actors.kill(pipe.workers[0][0][0])
         _check(model, feeds, pipe.run(feeds))
-        ray.kill(pipe.workers[0][0][0], no_restart=True)  # a second loss inside the window: over the budget
+        actors.kill(pipe.workers[0][0][0])  # a second loss inside the window: over the budget
         with pytest.raises(WorkerError, match=r"lost 2 times, over max_restarts=1 within restart_window_s=3"):
             pipe.run(feeds)
 
