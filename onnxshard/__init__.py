@@ -15,12 +15,12 @@ from onnxshard.plans import Plan, Stage, TensorSpec
 from onnxshard.runtime import RuntimeConfig
 
 __all__ = [
-    "ClusterError", "InputError", "ModelError", "OnnxShardError", "OverloadedError", "Pipeline", "PipelineConfig",
-    "Plan", "PlanError", "ResourceError", "RunStats", "RuntimeConfig", "Stage", "TensorSpec", "Verification",
-    "WorkerError", "load_plan", "plan", "verify",
+    "ClusterError", "Generator", "InputError", "ModelError", "OnnxShardError", "OverloadedError", "Pipeline",
+    "PipelineConfig", "Plan", "PlanError", "ResourceError", "RunStats", "RuntimeConfig", "SamplingParams", "Stage",
+    "TensorSpec", "Verification", "WorkerError", "load_plan", "plan", "verify",
 ]
 
-_DISTRIBUTED = {"Pipeline", "PipelineConfig", "RunStats"}
+_DISTRIBUTED = {"Generator", "Pipeline", "PipelineConfig", "RunStats", "SamplingParams"}
 
 
 def __getattr__(name: str):

@@ -37,6 +37,7 @@ def plan(
     allow_domains: Iterable[str] = (),
     tensor_parallel: int | None = None,
     hash_weights: bool = False,
+    kv_pairs: dict[str, str] | None = None,
 ) -> Plan:
     """Split ``model`` into pipeline stages and save the plan to ``out`` (if omitted, a new temporary folder that
     is removed when this Python process exits).
@@ -54,6 +55,8 @@ def plan(
         with ``max_stage_memory`` and no degree, the degree that fits in the fewest workers is chosen.
     hash_weights: record a sha256 of every weight byte (seconds per GB), for ``onnxshard verify --weights``;
         without it, weight files over 64 MiB get a sampled digest only (checked at every load).
+    kv_pairs: a decoder's cache pairs, past input -> present output, where the names are not the usual
+        ``past_key_values.{i}.key`` / ``present.{i}.key`` (found by name otherwise).
     """
     model = source = _model_path(model)
     if isinstance(max_stage_memory, str):
@@ -82,7 +85,8 @@ def plan(
             node_times = tools.profile_node_times(analysis.graph.model, analysis.graph.folder, feeds)
         result = partitioner.partition(analysis, out, stages=stages, cuts=cuts, max_stage_memory=max_stage_memory,
                                        node_times=node_times, copy_weights=copy_weights or optimize,
-                                       source=source, tensor_parallel=tensor_parallel, hash_weights=hash_weights)
+                                       source=source, tensor_parallel=tensor_parallel, hash_weights=hash_weights,
+                                       kv_pairs=kv_pairs)
     return result
 
 

@@ -50,6 +50,24 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class KvPair:
+    """A decoder's cache input ``past`` and the output ``present`` that is the past with this call's keys or
+    values appended, for one layer (``kind`` is ``key`` or ``value``)."""
+
+    layer: int
+    kind: str
+    past: str
+    present: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> KvPair:
+        return cls(int(d["layer"]), str(d["kind"]), str(d["past"]), str(d["present"]))
+
+
+@dataclass(frozen=True)
 class Reduce:
     """Make ``name`` whole from every rank's ``source``: ``sum`` them (all-reduce) or ``concat`` them along
     ``axis`` (all-gather; with ``blocks``, the axis is a row of blocks of those whole sizes, each cut in T)."""
@@ -211,6 +229,8 @@ class Plan:
     # per symbolic input dim, the nodes whose result for one sample depends on the others along it (see
     # partitioner.coupling): cutting or joining batches along that dim changes their results
     batch_coupled: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # a decoder's cache pairs (empty for other models): each stage worker keeps its own layers' cache when generating
+    kv_cache: tuple[KvPair, ...] = ()
 
     @property
     def output_names(self) -> list[str]:
@@ -242,6 +262,7 @@ class Plan:
             "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
             "weights": asdict(self.weights), "stages": [s.to_json() for s in self.stages],
             "batch_coupled": {dim: list(notes) for dim, notes in self.batch_coupled.items()},
+            "kv_cache": [pair.to_json() for pair in self.kv_cache],
         }
 
     def save(self, directory: str | os.PathLike, *, hash_weights: bool = False) -> Plan:
@@ -296,6 +317,7 @@ class Plan:
                 stages=tuple(Stage.from_json(s) for s in d["stages"]),
                 weights=Weights(**weights), root=root,
                 batch_coupled={str(dim): tuple(map(str, notes)) for dim, notes in d.get("batch_coupled", {}).items()},
+                kv_cache=tuple(KvPair.from_json(pair) for pair in d.get("kv_cache", ())),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"{path} is malformed ({type(e).__name__}: {e}); re-run `onnxshard plan`") from e

@@ -1,7 +1,7 @@
 """The coordinator: placement, micro-batch scheduling, replicas. Ray is imported only when the pipeline is used,
 so the pure modules here (``microbatch``, ``sizing``, ``requests``, ``limits``) stay light."""
 
-__all__ = ["Pipeline", "PipelineConfig", "RunStats", "StageStats"]
+__all__ = ["Generator", "Pipeline", "PipelineConfig", "RunStats", "SamplingParams", "StageStats"]
 
 
 def __getattr__(name: str):
@@ -9,6 +9,14 @@ def __getattr__(name: str):
         from onnxshard.distributed import pipeline
 
         return getattr(pipeline, name)
+    if name == "Generator":
+        from onnxshard.distributed import generator
+
+        return generator.Generator
+    if name == "SamplingParams":
+        from onnxshard.distributed import sampling
+
+        return sampling.SamplingParams
     if name in ("RunStats", "StageStats"):
         from onnxshard.distributed import stats
 

@@ -34,6 +34,7 @@ def partition(
     source: str | os.PathLike | None = None,
     tensor_parallel: int | None = None,
     hash_weights: bool = False,
+    kv_pairs: dict[str, str] | None = None,
 ) -> Plan:
     """Choose stage bounds and write the plan folder ``out`` (atomically: nothing half-written on error).
 
@@ -41,14 +42,15 @@ def partition(
     ``source`` is the model the plan reproduces, when ``analysis`` is of a rewritten copy of it.
     ``tensor_parallel`` splits every stage's layers over that many ranks; ``None`` with ``max_stage_memory``
     picks the degree (1, 2, 4 or 8) that fits in the fewest workers. ``hash_weights``: record a digest of every
-    weight byte (see :meth:`Plan.save`).
+    weight byte (see :meth:`Plan.save`). ``kv_pairs`` (past -> present) names a decoder's cache pairs where
+    their names do not follow ``past_key_values.{i}.key`` / ``present.{i}.key``.
     """
     out = Path(os.path.abspath(out))
     check_out(out, [analysis.path, Path(source or analysis.path)])
     decision = decide(analysis, stages=stages, cuts=cuts, max_stage_memory=max_stage_memory, node_times=node_times,
                       tensor_parallel=tensor_parallel)
     return write(decision, out, copy_weights=copy_weights, model_path=Path(source or analysis.path),
-                 hash_weights=hash_weights)
+                 hash_weights=hash_weights, kv_pairs=kv_pairs)
 
 
 def most_stages(analysis: Analysis) -> int:

@@ -12,6 +12,7 @@ import onnx
 
 from onnxshard.errors import PlanError
 from onnxshard.partitioner import cost as costmod
+from onnxshard.partitioner import kv
 from onnxshard.partitioner import tensor_parallel as tp
 from onnxshard.partitioner.boundaries import intervals
 from onnxshard.partitioner.coupling import batch_coupled
@@ -24,37 +25,35 @@ from onnxshard.plans import NON_TENSOR, Plan, Stage, Step, TensorSpec, Weights
 from onnxshard.units import human_bytes
 
 
-def stage_graphs(graph: Graph, specs, bounds) -> list[StageGraph]:
-    made, last = intervals(graph)
+def stage_graphs(graph: Graph, specs, bounds, kv_pairs=()) -> list[StageGraph]:
+    """The stages' graphs: stage k runs nodes ``bounds[k]:bounds[k+1]``; with a decoder's ``kv_pairs``, a later
+    stage also runs the prelude nodes that make what it would otherwise receive (see :mod:`.kv`)."""
+    made, _ = intervals(graph)
     order = {name: i for i, name in enumerate(made)}
-    out_set = set(graph.outputs)
     num = len(bounds) - 1
-
-    def received(k):  # what arrives at stage k: R_0 = graph inputs, R_num = graph outputs
-        if k == num:
-            return list(graph.outputs)
-        if k == 0:
-            return list(graph.inputs)
-        p = bounds[k]
-        return sorted((x for x in made if made[x] < p and (last[x] >= p or x in out_set)), key=order.get)
-
+    held = set(graph.initializers) | set(graph.constants)
+    spans = [list(range(bounds[k], bounds[k + 1])) for k in range(num)]
+    if kv_pairs:
+        spans = kv.with_prelude(graph, spans, kv_pairs)
+    produced = [{o for i in span for o in graph.nodes[i].output if o} for span in spans]
+    reads = [dict.fromkeys(r for i in span for r in graph.reads[i]) for span in spans]
+    need = [[r for r in reads[k] if r not in produced[k] and r not in held] for k in range(num)]
+    arriving = [set() for _ in range(num)] + [set(graph.outputs)]  # what each stage receives; the last: outputs
+    for k in reversed(range(num)):
+        arriving[k] = set(need[k]) | (arriving[k + 1] - produced[k])
+    missing = [r for r in need[0] if r not in graph.inputs]
+    if missing:
+        raise PlanError(f"internal: stage 0 reads {missing} that do not reach it")
     pieces = []
-    for k in range(num):
-        nodes = graph.nodes[bounds[k]:bounds[k + 1]]
-        produced = {o for node in nodes for o in node.output if o}
-        reads = dict.fromkeys(r for rs in graph.reads[bounds[k]:bounds[k + 1]] for r in rs)
-        constants = [graph.constants[r] for r in reads if r in graph.constants]
-        inits = [graph.initializers[r] for r in reads if r in graph.initializers]
-        arriving, leaving = received(k), received(k + 1)
-        need = [r for r in reads if r not in produced and r not in graph.initializers and r not in graph.constants]
-        missing = [r for r in need if r not in arriving]
-        if missing:
-            raise PlanError(f"internal: stage {k} reads {missing} that do not reach it")
-        outputs = [x for x in leaving if x in produced]
-        carry = [x for x in leaving if x not in produced]
-        pieces.append(StageGraph(k, nodes, constants, inits,
-                                 [_spec(specs, x, edge=k == 0 and x in graph.inputs) for x in need],
-                                 [_spec(specs, x, edge=k == num - 1 and x in out_set) for x in outputs], carry))
+    for k, span in enumerate(spans):
+        leaving = list(graph.outputs) if k == num - 1 else sorted(arriving[k + 1], key=lambda x: order.get(x, -2))
+        outputs = [x for x in leaving if x in produced[k]]
+        carry = [x for x in leaving if x not in produced[k]]
+        pieces.append(StageGraph(k, [graph.nodes[i] for i in span],
+                                 [graph.constants[r] for r in reads[k] if r in graph.constants],
+                                 [graph.initializers[r] for r in reads[k] if r in graph.initializers],
+                                 [_spec(specs, x, edge=k == 0 and x in graph.inputs) for x in need[k]],
+                                 [_spec(specs, x, edge=k == num - 1 and x in graph.outputs) for x in outputs], carry))
     return pieces
 
 
@@ -72,12 +71,15 @@ def _spec(specs, name, edge: bool = False) -> TensorSpec:
     return spec
 
 
-def write(decision: Decision, out: Path, *, copy_weights: bool, model_path: Path, hash_weights: bool) -> Plan:
-    """Write the plan ``decision`` describes into the folder ``out``."""
+def write(decision: Decision, out: Path, *, copy_weights: bool, model_path: Path, hash_weights: bool,
+          kv_pairs: dict[str, str] | None = None) -> Plan:
+    """Write the plan ``decision`` describes into the folder ``out``. A decoder's cache pairs (``kv_pairs``:
+    past -> present, else found by name) are recorded in the plan."""
     analysis, bounds, layout, cap = decision.analysis, list(decision.bounds), decision.layout, decision.cap
     flops, cost_source = decision.flops, decision.cost_source
     graph, specs, dims = analysis.graph, analysis.specs, analysis.dims
-    pieces = stage_graphs(graph, specs, bounds)
+    pairs = kv.find_pairs(graph.inputs, graph.outputs, kv_pairs)
+    pieces = stage_graphs(graph, specs, bounds, pairs if layout is None else ())
     tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +98,7 @@ def write(decision: Decision, out: Path, *, copy_weights: bool, model_path: Path
         for piece, model, lo, hi in zip(pieces, models, bounds, bounds[1:]):
             sends = sum(costmod.tensor_bytes(specs.get(x), dims) for x in [t.name for t in piece.outputs] + piece.carry)
             common = dict(index=piece.index, inputs=tuple(piece.inputs), outputs=tuple(piece.outputs),
-                          carry=tuple(piece.carry), nodes=hi - lo, flops=float(sum(flops[lo:hi])), sends_bytes=sends)
+                          carry=tuple(piece.carry), nodes=len(piece.nodes), flops=float(sum(flops[lo:hi])), sends_bytes=sends)
             stage = None
             if layout is not None:
                 stage = _write_ranks(graph, specs, layout, piece, lo, hi, writer, tmp, len(pieces), common)
@@ -118,7 +120,7 @@ def write(decision: Decision, out: Path, *, copy_weights: bool, model_path: Path
                           files=writer.files)
         plan = Plan(model=str(model_path.resolve()), inputs=tuple(_spec(specs, x, edge=True) for x in graph.inputs),
                     outputs=tuple(_spec(specs, x, edge=True) for x in graph.outputs), stages=tuple(stages), weights=weights,
-                    cost_source=cost_source, batch_coupled=batch_coupled(graph, specs))
+                    cost_source=cost_source, batch_coupled=batch_coupled(graph, specs), kv_cache=pairs)
         plan.save(tmp, hash_weights=hash_weights)
         replace_with(tmp, out)
     except BaseException:

@@ -20,6 +20,7 @@ from onnxshard import dtypes
 from onnxshard.errors import OnnxShardError, WorkerError
 from onnxshard.plans import Plan
 from onnxshard.runtime import RuntimeConfig, ShardSession, arrow
+from onnxshard.runtime.kv_cache import KvCache
 from onnxshard.runtime.rank_shard import RankShard
 from onnxshard.workers.link import Link
 
@@ -60,6 +61,8 @@ class StageWorker:
     def __init__(self, plan_dir: str, stage_index: int, config: RuntimeConfig | None = None, rank: int = 0):
         plan = Plan.load(plan_dir)  # checks the stage files' hashes before ORT sees them
         self.stage = plan.stages[stage_index]
+        self._kv_pairs = plan.kv_cache
+        self.cache: KvCache | None = None
         self.index, self.rank = stage_index, rank
         config = config or RuntimeConfig()
         threads, device_id, provider = _assigned(config)
@@ -153,6 +156,35 @@ class StageWorker:
             # worker to worker even when Ray would return it inline through the coordinator.
             result = ray.put(result)
         return result, calls
+
+    # -- generation (see distributed/generator.py) -------------------------------------------------------------
+    def open_cache(self, capacity_bytes: int | None = None) -> int:
+        """Start keeping this stage's layers' KV cache (empty), capped at ``capacity_bytes``; returns the bytes one
+        cached token takes here."""
+        if self.stage.steps:
+            raise WorkerError("generation runs on stages without tensor parallelism", stage=self.index)
+        inputs = set(self.stage.input_names)
+        self.cache = KvCache(tuple(p for p in self._kv_pairs if p.past in inputs), {t.name: t for t in self.stage.inputs},
+                             capacity_bytes)
+        return self.cache.token_bytes
+
+    def generate_step(self, batch, seqs: list[str], lengths: list[int], last: tuple[str, ...] = ()):
+        """One generation step for rows ``seqs`` (``lengths`` tokens cached each): the received batch plus this
+        stage's cache in, the batch for the next stage out (``last`` outputs cut to their last position). The
+        presents stay here; the pasts of later stages and presents of earlier ones are not carried."""
+        kv_names = {n for p in self._kv_pairs for n in (p.past, p.present)}
+        feeds = arrow.decode(batch, [n for n in self.stage.input_names if n not in kv_names])
+        feeds.update(self.cache.feeds(seqs, lengths))
+        outputs = self.session.run(feeds, stage=self.index)
+        self.cache.keep(seqs, lengths, outputs)
+        columns = [arrow.tensor_to_column(n, v[:, -1:] if n in last else v, self._types.get(n))
+                   for n, v in outputs.items() if n not in kv_names]
+        return arrow.assemble(columns + arrow.select(batch, [c for c in self.stage.carry if c not in kv_names]))
+
+    def free_cache(self, seqs: list[str]) -> int:
+        """Drop these sequences' caches; returns the bytes still held."""
+        self.cache.free(seqs)
+        return self.cache.used_bytes
 
     # -- direct transport (see workers/link.py) --------------------------------------------------------------
     def open_link(self, folder: str | None = None) -> str:

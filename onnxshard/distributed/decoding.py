@@ -1,0 +1,78 @@
+"""The continuous-batching rules for generation, as pure functions of plain data (no Ray).
+
+A *step* runs some sequences' next tokens through every stage. Each step's rows feed the same number of new
+tokens (a prefill feeds a whole prompt, a decode one token), and rows of one step may have different cached
+lengths: each row's cache is padded on the left to the longest, with the attention mask 0 over the padding and
+the positions given per row, so sequences of any length share a decode step. Rows with different numbers of new
+tokens cannot share one (the cache is one tensor per layer, its past the same length for every row), so prompts
+of equal length are prefilled together and others one step each.
+
+With K stages, up to K steps are in flight and a sequence is in at most one: the running sequences are dealt into
+K groups (vLLM's rule for pipeline parallelism), so every stage has a step to work on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A sequence waiting for its next step: ``new`` tokens to feed (its whole prompt when ``cached`` is 0)."""
+
+    seq: str
+    new: int
+    cached: int
+
+
+def next_step(ready: list[Ready], running: int, stages: int, max_rows: int, max_prefill_tokens: int) -> list[Ready]:
+    """The rows of the next step from ``ready`` (oldest first), with ``running`` sequences admitted in all.
+    Prefills go first (time to first token), as many prompts of the first one's length as fit
+    ``max_prefill_tokens``; then decodes, a K-th of the running sequences (at least one, at most ``max_rows``)."""
+    if not ready:
+        return []
+    prefills = [r for r in ready if r.new > 1]
+    if prefills:
+        first = prefills[0]
+        rows = max(1, min(max_rows, max_prefill_tokens // first.new))
+        return [r for r in prefills if r.new == first.new][:rows]
+    group = max(1, min(max_rows, math.ceil(running / stages)))
+    return ready[:group]
+
+
+def step_inputs(tokens: list[list[int]], rows: list[Ready]) -> dict[str, np.ndarray]:
+    """``input_ids``, ``attention_mask`` and ``position_ids`` for ``rows`` (their sequences' tokens so far in
+    ``tokens``): the last ``new`` tokens of each, the mask over its padded cache and them, their positions."""
+    new = rows[0].new
+    longest = max(r.cached for r in rows)
+    ids = np.array([t[r.cached:r.cached + new] for t, r in zip(tokens, rows)], np.int64)
+    mask = np.zeros((len(rows), longest + new), np.int64)
+    for i, r in enumerate(rows):
+        mask[i, longest - r.cached:] = 1
+    positions = np.array([np.arange(r.cached, r.cached + new) for r in rows], np.int64)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Whether the oldest waiting sequence may start: ``admit``, ``wait`` for others to finish, or ``refuse``
+    (it could never fit), with why."""
+
+    verdict: str
+    why: str = ""
+
+
+def admit(need_tokens: int, reserved_tokens: int, capacity_tokens: int | None) -> Admission:
+    """A sequence that may grow to ``need_tokens`` (prompt + max_tokens) reserves that much cache in every stage,
+    so a running sequence never runs out: it starts when the reservations of the running ones leave room."""
+    if capacity_tokens is None:
+        return Admission("admit")
+    if need_tokens > capacity_tokens:
+        return Admission("refuse", f"it may reach {need_tokens} tokens, and kv_cache_memory holds {capacity_tokens} "
+                                   "tokens per stage worker; lower max_tokens or the prompt, or raise kv_cache_memory")
+    if reserved_tokens + need_tokens > capacity_tokens:
+        return Admission("wait")
+    return Admission("admit")

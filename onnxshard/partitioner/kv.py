@@ -1,0 +1,94 @@
+"""Decoders with a KV cache: find each layer's past/present pair, and the prelude a later stage recomputes.
+
+A decoder exported with its cache (optimum / transformers, the ONNX Runtime GenAI model builder) reads
+``past_key_values.{i}.key/.value`` and writes ``present.{i}.key/.value``. When onnxshard generates, each stage keeps
+its own layers' cache, so only the hidden state and the small inputs (ids, mask, positions) cross a cut. What every
+layer reads besides (the 4-D attention mask, RoPE cos/sin) grows with the context or costs little to make, so a
+stage that reads it makes it again from the small inputs instead of receiving it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from onnxshard.errors import ModelError
+from onnxshard.partitioner.graph import Graph
+from onnxshard.partitioner.model import node_tensors, subgraphs, tensor_nbytes
+from onnxshard.plans import KvPair
+
+PAST = re.compile(r"^(?:past_key_values|past)[._](\d+)[._](key|value)$")
+PRESENT = re.compile(r"^(?:present|present_key_values)[._](\d+)[._](key|value)$")
+# A recomputed prelude stays cheap: no products of weights, and little weight data (RoPE tables, causal masks).
+HEAVY_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul", "Attention",
+                       "MultiHeadAttention", "GroupQueryAttention", "LSTM", "GRU", "RNN", "Einsum"})
+PRELUDE_WEIGHT_BYTES = 4 << 20
+PRELUDE_NODES = 256
+
+
+def find_pairs(inputs: list[str], outputs: list[str], explicit: dict[str, str] | None = None) -> tuple[KvPair, ...]:
+    """The cache pairs of a model with these graph inputs and outputs: ``explicit`` (past name -> present name)
+    when given, else matched by name. Empty for a model without a cache; a model whose names match only in part
+    is refused, naming what has no partner."""
+    if explicit:
+        unknown = [n for n in explicit if n not in inputs] + [n for n in explicit.values() if n not in outputs]
+        if unknown:
+            raise ModelError(f"the KV-cache map names {unknown}, which are not inputs (past) or outputs (present) "
+                             "of the model")
+        return tuple(KvPair(i, "cache", past, present) for i, (past, present) in enumerate(explicit.items()))
+    pasts = {(int(m[1]), m[2]): name for name in inputs if (m := PAST.match(name))}
+    presents = {(int(m[1]), m[2]): name for name in outputs if (m := PRESENT.match(name))}
+    lonely = [pasts[k] for k in pasts if k not in presents] + [presents[k] for k in presents if k not in pasts]
+    if lonely:
+        raise ModelError(f"the decoder's cache names do not pair up: {sorted(lonely)} have no past/present partner "
+                         "(expected past_key_values.{i}.key/.value in, present.{i}.key/.value out); pass the pairs "
+                         "explicitly (kv_pairs={past: present})")
+    return tuple(KvPair(layer, kind, pasts[(layer, kind)], presents[(layer, kind)]) for layer, kind in sorted(pasts))
+
+
+def with_prelude(graph: Graph, spans: list[list[int]], pairs: tuple[KvPair, ...]) -> list[list[int]]:
+    """Each stage's node positions, with the prelude nodes that make what it would otherwise receive added to
+    it, where that is cheap (see :data:`HEAVY_OPS`) and needs no cache input."""
+    pasts = {pair.past for pair in pairs}
+    held = set(graph.initializers) | set(graph.constants)
+    memo: dict[str, frozenset[int] | None] = {}
+
+    def closure(name: str) -> frozenset[int] | None:
+        if name in memo:
+            return memo[name]
+        memo[name] = None  # a cycle guard; graphs are acyclic, but be safe
+        at, stack, weight = set(), [name], 0
+        while stack:
+            x = stack.pop()
+            if x in pasts:
+                return None
+            if x in graph.inputs or x in held or x not in graph.producer:
+                continue
+            i = graph.producer[x]
+            if i in at:
+                continue
+            node = graph.nodes[i]
+            if node.op_type in HEAVY_OPS or any(True for _ in subgraphs(node)):
+                return None
+            at.add(i)
+            for r in graph.reads[i]:
+                if r in graph.initializers:
+                    weight += tensor_nbytes(graph.initializers[r])
+                elif r in graph.constants:
+                    weight += sum(tensor_nbytes(t) for t in node_tensors(graph.constants[r]))
+                else:
+                    stack.append(r)
+            if weight > PRELUDE_WEIGHT_BYTES or len(at) > PRELUDE_NODES:
+                return None
+        memo[name] = frozenset(at)
+        return memo[name]
+
+    out = [list(spans[0])]
+    for span in spans[1:]:
+        produced = {o for i in span for o in graph.nodes[i].output if o}
+        arriving = {r for i in span for r in graph.reads[i] if r not in produced and r not in held}
+        extra: set[int] = set()
+        for name in arriving:
+            if name not in graph.inputs and (nodes := closure(name)) is not None:
+                extra |= nodes
+        out.append(sorted(extra | set(span)))
+    return out
