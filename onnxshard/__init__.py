@@ -13,6 +13,7 @@ from onnxshard.errors import (
 )
 from onnxshard.plans import Plan, Stage, TensorSpec
 from onnxshard.runtime import RuntimeConfig
+from onnxshard.sampling import SamplingParams
 
 __all__ = [
     "ClusterError", "Generator", "InputError", "ModelError", "OnnxShardError", "OverloadedError", "Pipeline",
@@ -20,7 +21,7 @@ __all__ = [
     "TensorSpec", "Verification", "WorkerError", "load_plan", "plan", "verify",
 ]
 
-_DISTRIBUTED = {"Generator", "Pipeline", "PipelineConfig", "RunStats", "SamplingParams"}
+_DISTRIBUTED = {"Generator", "Pipeline", "PipelineConfig", "RunStats"}
 
 
 def __getattr__(name: str):

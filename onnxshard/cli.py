@@ -131,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_demo)
 
     from onnxshard.data.cli import add_parser as add_batch_parser
+    from onnxshard.generate_cli import add_parser as add_generate_parser
     from onnxshard.serve.cli import add_parser as add_serve_parser
 
-    for add in (add_batch_parser, add_serve_parser):
+    for add in (add_batch_parser, add_serve_parser, add_generate_parser):
         add(sub, positive_int=_positive_int, positive_float=_positive_float, non_negative_float=_non_negative_float)
     for command in sub.choices.values():  # --verbose after the command too
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,

@@ -185,3 +185,29 @@ def _mlp(b: _Builder, rng, style: str, x: str, p: str, d: int, ffn: int) -> None
     b.add("MatMul", [x, p + "w_gate"], p + "gate").add("Sigmoid", [p + "gate"], p + "sig")
     b.add("Mul", [p + "gate", p + "sig"], p + "silu").add("MatMul", [x, p + "w_up"], p + "up")
     b.add("Mul", [p + "silu", p + "up"], p + "h").add("MatMul", [p + "h", p + "w_down"], p + "mlp_out")
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<' + m['role'] + '> ' + m['content'] + ' ' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<assistant> ' }}{% endif %}")
+
+
+def save_tokenizer(folder, vocab=512) -> None:
+    """A word-level tokenizer for the zoo decoders, written as ``tokenizer.json`` + ``tokenizer_config.json`` (with
+    a chat template) into ``folder``: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2 (EOS), role markers, then words ``w5`` ...
+    (the Hugging Face ``tokenizers`` library; nothing is downloaded)."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<unk>", "<s>", "</s>", "<user>", "<assistant>"]
+    words = {t: i for i, t in enumerate(specials)}
+    words.update({f"w{i}": i for i in range(len(specials), vocab)})
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(specials[1:3])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}))

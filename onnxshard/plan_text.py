@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from onnxshard.plans import Plan, spec_bytes
+from onnxshard.plans import MADE_PER_STAGE, Plan, spec_bytes
 from onnxshard.units import human_bytes
 
 
@@ -15,7 +15,25 @@ def boundaries(plan: Plan) -> str:
             t = plan.spec(name)
             how = "carried" if name in s.carry else "made"
             lines.append(f"  {name:<30} {t.dtype:<8} {_shape(t.shape):<20} {spec_bytes(t):>10} B/sample ({how})")
+    if plan.kv_cache:
+        lines += generation(plan)
     return "\n".join(lines)
+
+
+def generation(plan: Plan) -> list[str]:
+    """What crosses each cut per sequence and decode step when generating, and each stage's cache per token."""
+    kv = {n for p in plan.kv_cache for n in (p.past, p.present)} | set(MADE_PER_STAGE)
+    lines = ["generating (per sequence and decode step; caches stay in their stage, each stage makes the mask and "
+             "positions):"]
+    for s in plan.stages:
+        pasts = [plan.spec(p.past) for p in plan.kv_cache if p.past in s.input_names]
+        per_token = sum(spec_bytes(t, {str(t.shape[2]): 1}) for t in pasts if t.shape and len(t.shape) == 4)
+        sent = [n for n in s.output_names + list(s.carry) if n not in kv] if s.index < plan.num_stages - 1 else []
+        crossing = ", ".join(f"{n} {spec_bytes(plan.spec(n))} B" for n in sent)
+        layers = len({p.layer for p in plan.kv_cache if p.past in s.input_names})
+        lines.append(f"  stage {s.index}: the cache of {layers} layer{'' if layers == 1 else 's'}, {per_token} B per token"
+                     + (f"; sends {sum(spec_bytes(plan.spec(n)) for n in sent)} B ({crossing})" if sent else ""))
+    return lines
 
 
 def table(plan: Plan) -> str:

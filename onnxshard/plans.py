@@ -49,6 +49,10 @@ class TensorSpec:
         return cls(str(d["name"]), d["dtype"], None if shape is None else tuple(shape))
 
 
+# When generating, every stage makes these inputs from its cached lengths; none receives them across a cut.
+MADE_PER_STAGE = ("attention_mask", "position_ids")
+
+
 @dataclass(frozen=True)
 class KvPair:
     """A decoder's cache input ``past`` and the output ``present`` that is the past with this call's keys or

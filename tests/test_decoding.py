@@ -8,12 +8,12 @@ import pytest
 import onnxshard
 from onnxshard import decoder_models as dm
 from onnxshard.distributed.decoding import Ready, admit, next_step, step_inputs
-from onnxshard.distributed.sampling import SamplingParams, choose
 from onnxshard.errors import InputError, ModelError, ResourceError
 from onnxshard.partitioner.kv import find_pairs
 from onnxshard.plans import TensorSpec
 from onnxshard.runtime import arrow, tools
 from onnxshard.runtime.kv_cache import CacheMiss, KvCache
+from onnxshard.sampling import SamplingParams, choose, draw
 from onnxshard.workers import StageWorker
 
 
@@ -104,8 +104,8 @@ def test_the_cache_refuses_to_pass_its_cap_and_keeps_what_it_held():
 
 
 def test_a_stage_worker_sends_on_the_hidden_state_and_small_inputs_per_decode_step(save_model, tmp_path):
-    """What crosses the cut per decode step: the hidden state [rows, 1, d] plus ids, mask and positions, the
-    same whatever the context length; the caches stay in the worker."""
+    """What crosses the cut per decode step: the hidden state [rows, 1, d] and the ids, the same whatever the
+    context length; the caches stay in the worker, which makes the mask and positions itself; inspect says so."""
     d = 64
     path = save_model(dm.llama_cached(layers=2, d=d), external=True)
     plan = onnxshard.plan(path, tmp_path / "plan", cuts=["layers.0.out"])
@@ -115,17 +115,20 @@ def test_a_stage_worker_sends_on_the_hidden_state_and_small_inputs_per_decode_st
     for context in (8, 40):
         rows = [Ready("a", context, 0), Ready("b", context, 0)]
         tokens = [list(range(context + 1)), list(range(1, context + 2))]
-        prefill = first.generate_step(arrow.encode(step_inputs(tokens, rows)), ["a", "b"], [0, 0])
+        step = {"seqs": ["a", "b"], "lengths": [0, 0], "new": context}
+        prefill = first.generate_step(arrow.encode({"input_ids": step_inputs(tokens, rows)["input_ids"]}), step)
         assert arrow.decode(prefill)["layers.0.out"].shape == (2, context, d)
         rows = [Ready("a", 1, context), Ready("b", 1, context)]
-        out = first.generate_step(arrow.encode(step_inputs(tokens, rows)), ["a", "b"], [context, context])
+        step = {"seqs": ["a", "b"], "lengths": [context, context], "new": 1}
+        out = first.generate_step(arrow.encode({"input_ids": step_inputs(tokens, rows)["input_ids"]}), step)
         sent[context] = {name: value.nbytes for name, value in arrow.decode(out).items()}
         first.free_cache(["a", "b"])
-    for context, columns in sent.items():
-        assert set(columns) == {"layers.0.out", "input_ids", "attention_mask", "position_ids"}
-        assert columns["layers.0.out"] == 2 * d * 4  # one new token's hidden state per row
-        assert columns["attention_mask"] == 2 * (context + 1) * 8
-    assert sent[40]["layers.0.out"] == sent[8]["layers.0.out"]
+    for columns in sent.values():  # the next stage makes the mask and positions from the lengths itself
+        assert columns == {"layers.0.out": 2 * d * 4, "input_ids": 2 * 8}  # a new token's hidden state and id per row
+    assert sent[40] == sent[8]
+    text = plan.boundaries()
+    assert f"stage 0: the cache of 1 layer, 128 B per token; sends {d * 4 + 8} B (layers.0.out {d * 4} B, input_ids 8 B)" \
+        in text
 
 
 def test_prefills_go_first_and_decodes_are_dealt_into_as_many_groups_as_stages():
@@ -161,11 +164,12 @@ def test_admission_waits_for_room_and_refuses_what_never_fits():
 def test_sampling_is_greedy_at_zero_temperature_reproducible_with_a_seed_and_narrowed_by_top_k_and_top_p():
     logits = np.random.default_rng(3).standard_normal(50)
     best = int(np.argmax(logits))
-    assert choose(logits, SamplingParams(), np.random.default_rng()) == best
-    assert choose(logits, SamplingParams(temperature=1.0, top_k=1), np.random.default_rng()) == best
-    assert choose(logits, SamplingParams(temperature=1.0, top_p=1e-6), np.random.default_rng()) == best
+    assert choose(logits, SamplingParams(), 0.7) == best
+    assert choose(logits, SamplingParams(temperature=1.0, top_k=1), 0.7) == best
+    assert choose(logits, SamplingParams(temperature=1.0, top_p=1e-6), 0.99) == best
+    assert draw(SamplingParams(), np.random.default_rng()) == 0.0  # greedy draws nothing
     params = SamplingParams(temperature=1.5, seed=7)
-    draws = lambda p: [choose(logits, p, rng) for rng in [p.generator()] for _ in range(20)]  # noqa: E731
+    draws = lambda p: [choose(logits, p, draw(p, rng)) for rng in [p.generator()] for _ in range(20)]  # noqa: E731
     assert draws(params) == draws(params)
     assert draws(params) != draws(SamplingParams(temperature=1.5, seed=8))
     assert len(set(draws(params))) > 3  # it does sample

@@ -13,8 +13,8 @@ import ray
 import onnxshard
 from onnxshard import decoder_models as dm
 from onnxshard.distributed.generator import Generator
-from onnxshard.distributed.sampling import SamplingParams
-from onnxshard.errors import InputError, PlanError, ResourceError
+from onnxshard.errors import InputError, PlanError
+from onnxshard.sampling import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 BUILDERS = {"gpt2": dm.gpt2_cached, "llama": dm.llama_cached}
@@ -62,19 +62,26 @@ def _wait_for_tokens(seq, count, timeout=60):
         time.sleep(0.005)
 
 
-def _assert_caches_empty(gen):
-    assert ray.get([ranks[0].free_cache.remote([]) for ranks in gen.placement.workers[0]], timeout=30) == \
-        [0] * gen.plan.num_stages
+def _assert_caches_empty(gen, timeout=30):
+    """Every stage worker's cache is empty (frees travel behind the last steps: wait for them)."""
+    end = time.monotonic() + timeout
+    while (held := ray.get([ranks[0].free_cache.remote([]) for ranks in gen.placement.workers[0]], timeout=30)) != \
+            [0] * gen.plan.num_stages:
+        assert time.monotonic() < end, f"caches still hold {held} bytes"
+        time.sleep(0.02)
 
 
-@pytest.mark.parametrize("model,stages", [("gpt2", 2), ("gpt2", 3), ("llama", 2), ("llama", 3)])
+@pytest.mark.parametrize("model,stages,transport", [("gpt2", 2, "direct"), ("gpt2", 3, "direct"),
+                                                     ("llama", 2, "direct"), ("llama", 3, "direct"),
+                                                     ("llama", 3, "ray")])
 def test_greedy_tokens_equal_plain_onnxruntime_with_eight_sequences_joining_at_different_times(
-        decoders, model, stages):
+        decoders, model, stages, transport):
     path, plans = decoders[model]
     prompts = _prompts(8)
     lengths = [12, 5, 9, 16, 3, 11, 7, 14]
     expected = [ort_greedy(path, p, n) for p, n in zip(prompts, lengths)]
-    with Generator(plans[stages], cpus_per_stage=0.5) as gen:
+    with Generator(plans[stages], cpus_per_stage=0.5, transport=transport) as gen:
+        assert gen.transport == transport
         seqs = []
         for i, (prompt, n) in enumerate(zip(prompts, lengths)):
             seqs.append(gen.submit(prompt, SamplingParams(max_tokens=n)))
@@ -133,17 +140,18 @@ def test_the_cache_cap_makes_sequences_wait_and_refuses_one_that_never_fits(deco
         assert gen.capacity_tokens == need[-1] + need[-2]
         got = gen.generate(prompts, SamplingParams(max_tokens=6), timeout=120)
         assert 2 <= gen.peak_running < 5  # some waited
-        with pytest.raises(ResourceError, match=r"kv_cache_memory holds \d+ tokens"):
+        with pytest.raises(InputError, match=r"kv_cache_memory holds \d+ tokens"):
             gen.submit(prompts[0], SamplingParams(max_tokens=gen.capacity_tokens))
         _assert_caches_empty(gen)
     assert got == expected
 
 
-def test_a_killed_stage_worker_changes_no_token(decoders):
+@pytest.mark.parametrize("transport", ["direct", "ray"])
+def test_a_killed_stage_worker_changes_no_token(decoders, transport):
     path, plans = decoders["llama"]
     prompts = _prompts(6)
     expected = [ort_greedy(path, p, 20) for p in prompts]
-    with Generator(plans[3], cpus_per_stage=0.5) as gen:
+    with Generator(plans[3], cpus_per_stage=0.5, transport=transport) as gen:
         seqs = [gen.submit(p, SamplingParams(max_tokens=20)) for p in prompts]
         stream = seqs[-1].stream(timeout=60)
         got_last = [next(stream) for _ in range(4)]
@@ -170,3 +178,25 @@ def test_bad_prompts_and_plans_are_refused_by_name(decoders, tmp_path, save_mode
     plain = onnxshard.plan(save_model(onnxshard.models.transformer()), tmp_path / "plain", stages=2)
     with pytest.raises(PlanError, match="no KV cache"):
         Generator(plain)
+
+
+def test_the_generate_command_takes_text_and_token_ids(decoders, capsys):
+    import json
+
+    from onnxshard.cli import main
+    from onnxshard.text import TextCodec
+
+    path, plans = decoders["gpt2"]
+    dm.save_tokenizer(path.parent)  # beside the model, where the command looks
+    codec = TextCodec.load(path.parent)
+    want = ort_greedy(path, codec.encode("w30 w31 w32"), 6)
+    assert main(["generate", str(plans[2].root), "--prompt", "w30 w31 w32", "--ids", "30,31,32", "--max-tokens", "6",
+                 "--cpus-per-stage", "0.5", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["token_ids"] for line in lines] == [want, want]
+    assert lines[0]["text"] == codec.decode(want) and lines[0]["finish_reason"] == "length"
+    assert main(["generate", str(plans[2].root), "--prompt", "w30 w31 w32", "--max-tokens", "6", "--cpus-per-stage",
+                 "0.5", "--stop", codec.decode(want[2:4])]) == 0
+    assert capsys.readouterr().out == codec.decode(want).split(codec.decode(want[2:4]))[0] + "\n"
+    assert main(["generate", str(plans[2].root), "--ids", "1,x"]) == 2
+    assert "--ids" in capsys.readouterr().err

@@ -14,7 +14,7 @@ def __getattr__(name: str):
 
         return generator.Generator
     if name == "SamplingParams":
-        from onnxshard.distributed import sampling
+        from onnxshard import sampling
 
         return sampling.SamplingParams
     if name in ("RunStats", "StageStats"):

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxshard.runtime.kv_cache import mask_and_positions
+
 
 @dataclass(frozen=True)
 class Ready:
@@ -45,15 +47,11 @@ def next_step(ready: list[Ready], running: int, stages: int, max_rows: int, max_
 
 def step_inputs(tokens: list[list[int]], rows: list[Ready]) -> dict[str, np.ndarray]:
     """``input_ids``, ``attention_mask`` and ``position_ids`` for ``rows`` (their sequences' tokens so far in
-    ``tokens``): the last ``new`` tokens of each, the mask over its padded cache and them, their positions."""
+    ``tokens``): the last ``new`` tokens of each, the mask over its padded cache and them, their positions. Only
+    the ids travel: each stage makes the mask and positions from the cached lengths itself."""
     new = rows[0].new
-    longest = max(r.cached for r in rows)
     ids = np.array([t[r.cached:r.cached + new] for t, r in zip(tokens, rows)], np.int64)
-    mask = np.zeros((len(rows), longest + new), np.int64)
-    for i, r in enumerate(rows):
-        mask[i, longest - r.cached:] = 1
-    positions = np.array([np.arange(r.cached, r.cached + new) for r in rows], np.int64)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    return {"input_ids": ids, **mask_and_positions([r.cached for r in rows], new)}
 
 
 @dataclass(frozen=True)

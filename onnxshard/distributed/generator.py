@@ -12,86 +12,28 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from onnxshard.distributed import cluster
 from onnxshard.distributed.config import PipelineConfig, check_config
 from onnxshard.distributed.decoding import Ready, admit, next_step, step_inputs
-from onnxshard.distributed.placement import Placement, cause_of
-from onnxshard.distributed.sampling import SamplingParams, choose
-from onnxshard.errors import InputError, OnnxShardError, PlanError, ResourceError, WorkerError
+from onnxshard.distributed.gen_steps import LinkedSteps, RaySteps, StepFailed, StepLost
+from onnxshard.distributed.placement import Placement
+from onnxshard.distributed.sequences import Sequence, SequenceState
+from onnxshard.errors import InputError, PlanError, WorkerError
 from onnxshard.plans import Plan
 from onnxshard.runtime import arrow
-from onnxshard.runtime.kv_cache import CacheMiss
+from onnxshard.sampling import SamplingParams, draw
 
 log = logging.getLogger(__name__)
 FILLED = ("input_ids", "attention_mask", "position_ids")  # the inputs the generator makes for each step
 LOGITS = "logits"
-
-
-@dataclass
-class Sequence:
-    """One prompt being generated. Iterate it for tokens as they come, or call :meth:`result`."""
-
-    id: str
-    prompt: list[int]
-    params: SamplingParams
-    tokens: list[int] = field(default_factory=list)  # generated so far
-    finish_reason: str | None = None  # "length", "stop" (EOS or a stop token), "abort" or "error"
-    error: Exception | None = None
-    _queue: queue.Queue = field(default_factory=queue.Queue, repr=False)
-    _done: threading.Event = field(default_factory=threading.Event, repr=False)
-
-    def result(self, timeout: float | None = 600.0) -> list[int]:
-        """The generated tokens once finished; raises what failed it, or TimeoutError after ``timeout`` s."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"sequence {self.id} not finished within {timeout} s")
-        if self.error is not None:
-            raise self.error
-        return list(self.tokens)
-
-    def stream(self, timeout: float | None = 600.0):
-        """Yield each token as it is generated; ``timeout``: at most this long between two tokens."""
-        while True:
-            try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                raise TimeoutError(f"sequence {self.id}: no token within {timeout} s") from None
-            if item is None:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield item
-
-    __iter__ = stream
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-
-@dataclass
-class _State:
-    seq: Sequence
-    rng: object
-    arrived: int
-    cached: int = 0  # tokens held in every stage's cache
-    busy: bool = False  # a step of it is in flight
-
-    @property
-    def all_tokens(self) -> list[int]:
-        return self.seq.prompt + self.seq.tokens
-
-    @property
-    def need(self) -> int:  # cache tokens it may come to hold
-        return len(self.seq.prompt) + self.seq.params.max_tokens
 
 
 class Generator:
@@ -120,14 +62,16 @@ class Generator:
         self._owns_ray = cluster.connect(address, self.config.connect_timeout_s)
         self.placement: Placement | None = None
         self._lock = threading.Condition()
-        self._waiting: collections.deque[_State] = collections.deque()
-        self._running: dict[str, _State] = {}
-        self._in_flight: dict = {}  # final ObjectRef -> (rows, deadline)
-        self._ids = itertools.count()
+        self._waiting: collections.deque[SequenceState] = collections.deque()
+        self._running: dict[str, SequenceState] = {}
+        self._in_flight: dict[int, tuple] = {}  # step id -> (rows, deadline)
+        self._ids, self._step_ids = itertools.count(), itertools.count()
+        self._steps: RaySteps | LinkedSteps | None = None
         self._closed = False
         self.recoveries: collections.deque[str] = collections.deque(maxlen=100)
         self.step_rows: collections.Counter[int] = collections.Counter()  # steps launched, by rows in them
         self.peak_running = 0
+        self.finished: collections.Counter[str] = collections.Counter()  # sequences ended, by finish reason
         self._losses: collections.deque[float] = collections.deque(maxlen=64)
         try:
             self.placement = Placement(self.plan, self.config, owns_ray=self._owns_ray)
@@ -135,6 +79,9 @@ class Generator:
             self.kv_cache_memory = kv_cache_memory
             self.capacity_tokens = None if kv_cache_memory is None else \
                 min(kv_cache_memory // b for b in self.token_bytes if b) if any(self.token_bytes) else None
+            self.transport = self.placement.transport(self.config.transport)
+            self._steps = LinkedSteps(self.placement, self.config.worker_start_timeout_s, 2 * self.plan.num_stages) \
+                if self.transport == "direct" else RaySteps(self.placement)
         except BaseException:
             self.close()
             raise
@@ -160,7 +107,6 @@ class Generator:
             if len(at) != 1 or at != made:
                 raise PlanError(f"cache pair {pair.past} -> {pair.present} is read in stage(s) {at} and written in "
                                 f"{made}; each layer's pair must live in one stage (re-plan with other cuts)")
-        self._inputs = [t.name for t in plan.inputs if t.name in FILLED]
 
     def _open_caches(self, capacity: int | None) -> list[int]:
         workers = [ranks[0] for ranks in self.placement.workers[0]]
@@ -181,10 +127,10 @@ class Generator:
         if self.max_model_len is not None:
             params = replace(params, max_tokens=min(params.max_tokens, self.max_model_len - len(prompt)))
         seq = Sequence(f"seq-{next(self._ids)}", prompt, params)
-        state = _State(seq, params.generator(), arrived=time.monotonic_ns())
+        state = SequenceState(seq, params.generator(), arrived=time.monotonic_ns())
         verdict = admit(state.need, 0, self.capacity_tokens)
         if verdict.verdict == "refuse":
-            raise ResourceError(f"the sequence cannot start: {verdict.why}")
+            raise InputError(f"the sequence cannot start: {verdict.why}")
         with self._lock:
             if self._closed:
                 raise WorkerError("the generator is closed")
@@ -210,8 +156,9 @@ class Generator:
     def stats(self) -> dict:
         with self._lock:
             return {"waiting": len(self._waiting), "running": len(self._running), "in_flight": len(self._in_flight),
-                    "peak_running": self.peak_running, "steps": sum(self.step_rows.values()),
-                    "rows": sum(k * v for k, v in self.step_rows.items()), "recoveries": len(self.recoveries)}
+                    "peak_running": self.peak_running, "aborted": self.finished["abort"], "ended": dict(self.finished),
+                    "steps": sum(self.step_rows.values()), "rows": sum(k * v for k, v in self.step_rows.items()),
+                    "recoveries": len(self.recoveries)}
 
     def close(self) -> None:
         with self._lock:
@@ -222,6 +169,8 @@ class Generator:
         thread = getattr(self, "_thread", None)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=10)
+        if self._steps is not None:
+            self._steps.close()
         if self.placement is not None:
             self.placement.close()
             self.placement = None
@@ -257,11 +206,12 @@ class Generator:
                 if not self._in_flight:
                     self._lock.wait(timeout=0.5)
                     continue
-                refs = list(self._in_flight)
-            done, _ = ray.wait(refs, num_returns=1, timeout=0.05)
+                steps = list(self._in_flight)
+            done = self._steps.ready(steps, timeout=0.05)
             with self._lock:
-                for ref in done:
-                    self._land(ref)
+                for step_id in done:
+                    if step_id in self._in_flight:
+                        self._land(step_id)
                 self._check_deadlines()
 
     def _admit(self) -> None:
@@ -283,41 +233,53 @@ class Generator:
             return False
         states = [self._running[r.seq] for r in rows]
         feeds = step_inputs([s.all_tokens for s in states], rows)
-        batch = arrow.encode({name: feeds[name] for name in self._inputs})
-        ids, lengths = [r.seq for r in rows], [r.cached for r in rows]
-        ref = batch
-        for ranks in self.placement.workers[0]:
-            ref = ranks[0].generate_step.remote(ref, ids, lengths, (LOGITS,))
+        batch = arrow.encode({"input_ids": feeds["input_ids"]})  # the stages make the mask and positions
         for s in states:
+            s.draw = draw(s.seq.params, s.rng) if s.draw is None else s.draw
             s.busy = True
+        step = {"seqs": [r.seq for r in rows], "lengths": [r.cached for r in rows], "new": rows[0].new,
+                "sample": [[s.seq.params.to_json(), s.draw] for s in states]}  # the last stage samples
+        step_id = next(self._step_ids)
         self.step_rows[len(rows)] += 1
-        self._in_flight[ref] = (rows, time.monotonic() + self.step_timeout_s)
+        self._in_flight[step_id] = (rows, time.monotonic() + self.step_timeout_s)
+        try:
+            self._steps.send(step_id, batch, step)
+        except StepLost as e:
+            self._recover(e)
         return True
 
-    def _land(self, ref) -> None:
-        rows, _ = self._in_flight.pop(ref)
+    def _land(self, step_id: int) -> None:
+        rows, _ = self._in_flight.pop(step_id)
         states = [self._running.get(r.seq) for r in rows]
         try:
-            out = ray.get(ref, timeout=self.step_timeout_s)
-            logits = arrow.decode(out, [LOGITS])[LOGITS]
-        except (RayActorError, RayTaskError, GetTimeoutError) as e:
-            self._recover(states, e)
+            tokens = self._steps.result(step_id, self.step_timeout_s)
+        except StepLost as e:
+            self._recover(e)
             return
-        for row, (r, state) in enumerate(zip(rows, states)):
+        except StepFailed as e:
+            if e.kind == "CacheMiss":  # a worker lost its cache: prefill again
+                self._recover(e)
+                return
+            error = InputError(str(e)) if e.kind == "InputError" else WorkerError(str(e))
+            for state in states:
+                if state is not None:
+                    self._fail(state, error)
+            return
+        for token, r, state in zip(tokens.tolist(), rows, states):
             if state is None:  # aborted while in flight: its caches are already freed
                 continue
-            state.busy = False
+            state.busy, state.draw = False, None
             state.cached += r.new
-            if state.seq.done:
-                continue
-            token = choose(logits[row, -1], state.seq.params, state.rng)
-            self._emit(state, token)
+            if not state.seq.done:
+                self._emit(state, token)
 
-    def _emit(self, state: _State, token: int) -> None:
+    def _emit(self, state: SequenceState, token: int) -> None:
         seq, params = state.seq, state.seq.params
         if params.eos_token_id is not None and token == params.eos_token_id and not params.ignore_eos:
             self._finish(state, "stop")
             return
+        if not seq.tokens:
+            seq.first_token_s = time.monotonic() - seq.submitted
         seq.tokens.append(token)
         seq._queue.put(token)
         if token in params.stop_token_ids:
@@ -325,9 +287,10 @@ class Generator:
         elif len(seq.tokens) >= params.max_tokens:
             self._finish(state, "length")
 
-    def _finish(self, state: _State, reason: str, error: Exception | None = None) -> None:
+    def _finish(self, state: SequenceState, reason: str, error: Exception | None = None) -> None:
         seq = state.seq
         seq.finish_reason, seq.error = reason, error
+        self.finished[reason] += 1
         self._running.pop(seq.id, None)
         if state in self._waiting:
             self._waiting.remove(state)
@@ -336,35 +299,24 @@ class Generator:
         seq._done.set()
         self._lock.notify_all()
 
-    def _fail(self, state: _State, error: Exception) -> None:
+    def _fail(self, state: SequenceState, error: Exception) -> None:
         if not state.seq.done:
             self._finish(state, "error", error)
 
     def _free(self, ids: list[str]) -> None:
-        if self.placement is None:
-            return
-        for ranks in self.placement.workers[0]:
-            ranks[0].free_cache.remote(ids)
+        if self._steps is not None:
+            self._steps.free(ids)
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
-        late = [ref for ref, (_, deadline) in self._in_flight.items() if deadline < now]
-        for ref in late:
-            rows, _ = self._in_flight.pop(ref)
-            self._recover([self._running.get(r.seq) for r in rows],
-                          GetTimeoutError(f"a step did not finish within step_timeout_s={self.step_timeout_s:g} s"))
+        if any(deadline < now for _, deadline in self._in_flight.values()):
+            self._recover(StepLost(f"a step did not finish within step_timeout_s={self.step_timeout_s:g} s"))
 
-    def _recover(self, states: list, error: Exception) -> None:
-        """A step failed. Data errors fail its sequences; a lost cache or worker makes every running sequence
-        prefill again (after the dead workers are replaced, within the restart budget)."""
-        cause = error.cause if isinstance(error, RayTaskError) else None
-        if isinstance(cause, OnnxShardError) and not isinstance(cause, CacheMiss):
-            for state in states:
-                if state is not None:
-                    self._fail(state, cause)
-            return
+    def _recover(self, error: Exception) -> None:
+        """A worker, its link or its cache was lost: replace the dead workers (within the restart budget), and
+        let every running sequence prefill again from its tokens so far."""
         replaced = self._replace_dead()
-        what = f"{type(error).__name__}: {cause_of(error)}"
+        what = f"{type(error).__name__}: {error}"
         self.recoveries.append(f"{what}; replaced stage(s) {replaced}; every running sequence prefills again")
         log.warning("generation step failed (%s); replaced stage(s) %s", what, replaced)
         now = time.monotonic()
@@ -378,8 +330,9 @@ class Generator:
             return
         # Steps still in flight read caches that are being dropped: forget them (their results are ignored).
         self._in_flight.clear()
-        ids = list(self._running)
-        self._free(ids)
+        self._steps.forget()
+        self._steps.relink()
+        self._free(list(self._running))
         for state in self._running.values():
             state.cached, state.busy = 0, False
 

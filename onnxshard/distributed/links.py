@@ -137,17 +137,36 @@ class DirectLinks:
 
     def send(self, replica: int, micro_batch: int, packet: tuple) -> None:
         """Write a micro-batch into the replica's chain; raises :class:`LinkBroken` if the chain is down."""
+        self.send_frame(replica, micro_batch, *packet_to_frame(packet))
+
+    def send_frame(self, replica: int, micro_batch: int, batch, meta: dict, *, want: bool = True) -> None:
+        """Write a frame (a batch and its JSON-able metadata) into the replica's chain; with ``want`` False, what
+        comes back of it is dropped."""
         with self._cond:
-            self._wanted.add(micro_batch)
+            if want:
+                self._wanted.add(micro_batch)
             chain = self._chains.get(replica)
             broken = self._broken.get(replica)
         if chain is None or broken:
             raise LinkBroken(broken or f"replica {replica} is not linked")
         try:
-            chain.sender.send(micro_batch, *packet_to_frame(packet))
+            chain.sender.send(micro_batch, batch, meta)
         except OSError as e:
             self._break(chain, f"sending micro-batch {micro_batch}: {type(e).__name__}: {e}")
             raise LinkBroken(self._broken.get(replica, str(e))) from None
+
+    def wait_any(self, micro_batches, timeout: float) -> list[int]:
+        """Those of ``micro_batches`` whose results are here, waiting up to ``timeout`` s for one (a broken chain
+        or closed links end the wait: ``take`` then raises)."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                here = [mb for mb in micro_batches if mb in self._results]
+                left = end - time.monotonic()
+                if here or left <= 0 or self._closed or self._broken:
+                    return here or ([next(iter(micro_batches))] if (self._closed or self._broken) and micro_batches
+                                    else [])
+                self._cond.wait(left)
 
     def has(self, micro_batch: int) -> bool:
         with self._cond:

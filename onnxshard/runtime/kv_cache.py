@@ -16,6 +16,17 @@ from onnxshard.plans import KvPair, TensorSpec
 from onnxshard.units import human_bytes
 
 
+def mask_and_positions(lengths: list[int], new: int) -> dict[str, np.ndarray]:
+    """``attention_mask`` [rows, longest + new] and ``position_ids`` [rows, new] for rows with ``lengths`` tokens
+    cached and ``new`` tokens each this call: each row's cache padded on the left to the longest, the mask 0 there."""
+    longest = max(lengths)
+    mask = np.zeros((len(lengths), longest + new), np.int64)
+    for i, n in enumerate(lengths):
+        mask[i, longest - n:] = 1
+    positions = np.array([np.arange(n, n + new) for n in lengths], np.int64).reshape(len(lengths), new)
+    return {"attention_mask": mask, "position_ids": positions}
+
+
 class CacheMiss(InputError):
     """A sequence's cache is not here (a new worker after a loss, or a sequence never prefilled here)."""
 

@@ -44,8 +44,12 @@ class ServeArgs(BaseModel):
     run_timeout_s: float | None = Field(None, gt=0)
     api_key_env: str | None = Field(None, description="environment variable holding the API key")
     max_body_size: int = Field(64 << 20, ge=1, description="largest request body in bytes, or '64MiB' (413 past it)")
+    kv_cache_memory: int | None = Field(None, ge=1, description="decoders: KV cache bytes per stage worker, or "
+                                        "'2GB' (sequences that would not fit wait)")
+    max_model_len: int | None = Field(None, ge=2, description="decoders: the longest sequence, prompt and "
+                                      "generated (a longer prompt gets 400)")
 
-    @field_validator("max_body_size", mode="before")
+    @field_validator("max_body_size", "kv_cache_memory", mode="before")
     @classmethod
     def _size(cls, value):
         return parse_bytes(value) if isinstance(value, str) else value
@@ -70,6 +74,10 @@ class ServeArgs(BaseModel):
                        run_timeout_s=self.run_timeout_s)
         check_config(PipelineConfig(**options))
         return options
+
+    def generation_options(self) -> dict:
+        """A decoder's generator options (other models ignore them)."""
+        return dict(kv_cache_memory=self.kv_cache_memory, max_model_len=self.max_model_len)
 
 
 def api_key_digest(env: str | None) -> str | None:
@@ -112,7 +120,7 @@ def model_deployment(source: Source, args: ServeArgs):
     deployment = serve.deployment(ShardedModel, name=f"model-{source.name}")
     return deployment.options(**_replica_options(source, args), max_ongoing_requests=2 * args.max_queue_size,
                               max_queued_requests=args.max_queue_size).bind(
-        source.name, str(source.path), args.stages, args.pipeline_options())
+        source.name, str(source.path), args.stages, args.pipeline_options(), args.generation_options())
 
 
 def cpus_needed(sources: list[Source], args: ServeArgs) -> float:
@@ -142,7 +150,8 @@ def build_app(args: ServeArgs | dict, sources: list[Source] | None = None):
         model_args = _model_args(source, args)
         return ingress.options(**_replica_options(source, model_args),
                                max_ongoing_requests=2 * model_args.max_queue_size).bind(
-            local=(source.name, str(source.path), args.stages, model_args.pipeline_options()), **settings)
+            local=(source.name, str(source.path), args.stages, model_args.pipeline_options(),
+                   model_args.generation_options()), **settings)
     models = {s.name: model_deployment(s, args) for s in sources}
     return ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4 * args.max_queue_size).bind(
         models, **settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def add_parser(sub, *, positive_int, positive_float, non_negative_float) -> None:
     p = sub.add_parser("serve", help="serve a plan, a model or a repository of them (KServe v2 over HTTP and "
-                       "gRPC) on Ray Serve")
+                       "gRPC; decoders: the OpenAI API) on Ray Serve")
     p.add_argument("target", help="a plan folder, an .onnx file, or a repository folder (one model per subfolder, "
                    "served under its name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
@@ -30,6 +30,10 @@ def add_parser(sub, *, positive_int, positive_float, non_negative_float) -> None
                    help="a stage call longer than S seconds counts as a hung worker (default: from measured times)")
     p.add_argument("--run-timeout", type=positive_float, metavar="S", help="a request not done after S seconds "
                    "fails with 504")
+    p.add_argument("--kv-cache-memory", metavar="SIZE", help="decoders: KV cache each stage worker may hold, e.g. "
+                   "2GB (sequences that would not fit wait)")
+    p.add_argument("--max-model-len", type=positive_int, metavar="N", help="decoders: the longest sequence, prompt "
+                   "and generated together (a longer prompt gets 400)")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     p.set_defaults(handler=run)
 
@@ -51,7 +55,7 @@ def run(args) -> int:
         max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size,
         cpus_per_stage=args.cpus_per_stage, gpus_per_stage=args.gpus_per_stage, transport=args.transport,
         call_timeout_s=args.call_timeout, run_timeout_s=args.run_timeout, api_key_env=args.api_key_env,
-        max_body_size=args.max_body_size))
+        max_body_size=args.max_body_size, kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len))
     serve_forever(serve_args, host=args.host, port=args.port, grpc_port=args.grpc_port or None,
                   address=args.address)
     return 0

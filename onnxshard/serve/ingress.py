@@ -12,16 +12,17 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import time
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi import Request
+from fastapi.responses import Response
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from onnxshard.errors import InputError, OnnxShardError, OverloadedError, WorkerError
 from onnxshard.serve import kserve
 from onnxshard.serve.grpc_stubs import pb
+from onnxshard.serve.http import app
+from onnxshard.serve.openai import OpenAIRoutes
 from onnxshard.serve.tensors import ProtocolError
 
 log = logging.getLogger("ray.serve")
@@ -29,25 +30,6 @@ SERVER = "onnxshard"
 HEALTH_TIMEOUT_S = 10.0
 GRPC_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED",
               500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
-
-app = FastAPI(title="onnxshard", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-@app.exception_handler(ProtocolError)
-async def _protocol_error(_, exc: ProtocolError):
-    return JSONResponse({"error": str(exc)}, status_code=exc.status)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(_, exc: StarletteHTTPException):
-    message = exc.detail if isinstance(exc.detail, str) else "not found"
-    return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_, exc: RequestValidationError):
-    return JSONResponse({"error": f"bad request: {exc.errors()[:1]}"}, status_code=400)
-
 
 def status_of(error: BaseException) -> tuple[int, str]:
     """The HTTP status and message for an error raised while running a request."""
@@ -91,6 +73,13 @@ class RemoteModel:
     async def infer(self, feeds: dict) -> dict:
         return await self.handle.infer.remote(feeds)
 
+    async def decoder_info(self) -> dict:
+        return await self.handle.decoder_info.remote()
+
+    def generate(self, request):
+        """The model's generation events, streamed from its replica."""
+        return self.handle.options(stream=True).generate.remote(request)
+
     def check_health(self) -> None:
         """Serve checks the model deployment's own replicas."""
 
@@ -110,10 +99,11 @@ def _first_line(error: BaseException) -> str:
     return cause_of(error) if isinstance(error, OnnxShardError) else str(error).strip().splitlines()[-1]
 
 
-class KServeIngress:
+class KServeIngress(OpenAIRoutes):
     """The protocol's routes for ``models``: name -> the model deployment's handle, each replica of which owns a
-    pipeline. With ``local`` (one model: ``(name, path, stages, pipeline options)``) this replica owns that
-    model's pipeline itself, a Serve hop less per request. ``api_key_sha256``: the SHA-256 of the API key every
+    pipeline. With ``local`` (one model: ``(name, path, stages, pipeline options, generation options)``) this replica owns that
+    model's pipeline itself, a Serve hop less per request. A decoder model (a plan with a KV cache) answers the
+    OpenAI routes (``openai.py``) instead of inference. ``api_key_sha256``: the SHA-256 of the API key every
     route but the server's health checks requires (``None``: no key)."""
 
     def __init__(self, models: dict | None = None, api_key_sha256: str | None = None, max_body_bytes: int = 64 << 20,
@@ -127,6 +117,8 @@ class KServeIngress:
         self.key = api_key_sha256
         self.max_body_bytes = max_body_bytes
         self.specs: dict[str, kserve.ModelSpec] = {}
+        self.decoders: dict[str, dict] = {}
+        self.started = int(time.time())
 
     def check_health(self) -> None:
         for model in self.models.values():
@@ -151,6 +143,12 @@ class KServeIngress:
         if model not in self.specs:
             self.specs[model] = await self._call(model, self._handle(model).metadata())
         return self.specs[model]
+
+    async def _decoder_info(self, model: str) -> dict:
+        """Whether ``model`` generates (a decoder plan) and takes text and chat (its tokenizer files)."""
+        if model not in self.decoders:
+            self.decoders[model] = await self._call(model, self._handle(model).decoder_info())
+        return self.decoders[model]
 
     async def _model_ready(self, model: str) -> bool:
         try:

@@ -62,7 +62,8 @@ def serve_forever(args: ServeArgs, *, host: str, port: int, grpc_port: int | Non
 
     owns, names = start(args, host=host, port=port, grpc_port=grpc_port, address=address)
     print(f"serving {', '.join(names)} (KServe v2) on http://{host}:{port}/v2"
-          + (f" and gRPC {host}:{grpc_port}" if grpc_port else "") + "; Ctrl-C stops", flush=True)
+          + (f" and gRPC {host}:{grpc_port}" if grpc_port else "")
+          + f" (decoders: the OpenAI API on http://{host}:{port}/v1); Ctrl-C stops", flush=True)
     signal.signal(signal.SIGTERM, _stop)  # `kill`, `docker stop`, Kubernetes: shut down cleanly as on Ctrl-C
     try:
         while True:

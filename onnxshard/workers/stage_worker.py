@@ -20,8 +20,9 @@ from onnxshard import dtypes
 from onnxshard.errors import OnnxShardError, WorkerError
 from onnxshard.plans import Plan
 from onnxshard.runtime import RuntimeConfig, ShardSession, arrow
-from onnxshard.runtime.kv_cache import KvCache
+from onnxshard.runtime.kv_cache import KvCache, mask_and_positions
 from onnxshard.runtime.rank_shard import RankShard
+from onnxshard.sampling import SamplingParams, choose
 from onnxshard.workers.link import Link
 
 
@@ -62,6 +63,7 @@ class StageWorker:
         plan = Plan.load(plan_dir)  # checks the stage files' hashes before ORT sees them
         self.stage = plan.stages[stage_index]
         self._kv_pairs = plan.kv_cache
+        self._last_stage = stage_index == plan.num_stages - 1
         self.cache: KvCache | None = None
         self.index, self.rank = stage_index, rank
         config = config or RuntimeConfig()
@@ -168,18 +170,43 @@ class StageWorker:
                              capacity_bytes)
         return self.cache.token_bytes
 
-    def generate_step(self, batch, seqs: list[str], lengths: list[int], last: tuple[str, ...] = ()):
-        """One generation step for rows ``seqs`` (``lengths`` tokens cached each): the received batch plus this
-        stage's cache in, the batch for the next stage out (``last`` outputs cut to their last position). The
-        presents stay here; the pasts of later stages and presents of earlier ones are not carried."""
+    def generate_step(self, batch, step: dict):
+        """One generation step: ``step`` names its rows (``seqs``), the tokens each has cached (``lengths``), the
+        tokens each feeds (``new``) and, per row, the sampling parameters and the uniform number drawn for its
+        next token (``sample``). The received batch plus this stage's cache in, the batch for the next stage out:
+        the presents stay here, the attention mask and positions are made here from the lengths, the pasts of
+        later stages and presents of earlier ones are not carried. The last stage sends only each row's next
+        token (``next_token``), sampled from the logits made here or carried here."""
+        seqs, lengths = step["seqs"], step["lengths"]
         kv_names = {n for p in self._kv_pairs for n in (p.past, p.present)}
-        feeds = arrow.decode(batch, [n for n in self.stage.input_names if n not in kv_names])
+        local = mask_and_positions(lengths, step["new"])
+        feeds = arrow.decode(batch, [n for n in self.stage.input_names if n not in kv_names and n not in local])
+        feeds.update({n: local[n] for n in self.stage.input_names if n in local})
         feeds.update(self.cache.feeds(seqs, lengths))
         outputs = self.session.run(feeds, stage=self.index)
         self.cache.keep(seqs, lengths, outputs)
-        columns = [arrow.tensor_to_column(n, v[:, -1:] if n in last else v, self._types.get(n))
-                   for n, v in outputs.items() if n not in kv_names]
-        return arrow.assemble(columns + arrow.select(batch, [c for c in self.stage.carry if c not in kv_names]))
+        if self._last_stage:
+            logits = (outputs["logits"] if "logits" in outputs else arrow.decode(batch, ["logits"])["logits"])[:, -1]
+            tokens = [choose(row, SamplingParams.from_json(p), u) for row, (p, u) in zip(logits, step["sample"])]
+            return arrow.assemble([arrow.tensor_to_column("next_token", np.array(tokens, np.int64))])
+        columns = [arrow.tensor_to_column(n, v, self._types.get(n)) for n, v in outputs.items() if n not in kv_names]
+        carry = [c for c in self.stage.carry if c not in kv_names and c not in local]
+        return arrow.assemble(columns + arrow.select(batch, carry))
+
+    def _serve_generation(self, step_id: int, batch, meta: dict):
+        """A generation step over the direct links; an error goes on down the chain as a failure. A ``free``
+        frame drops sequences' caches (in order with the steps before it) and goes on."""
+        if "free" in meta:
+            self.cache.free(meta["free"])
+            return None, meta
+        if "failure" in meta:
+            return None, meta
+        try:
+            return self.generate_step(batch, meta["gen"]), {"gen": meta["gen"]}
+        except Exception as e:  # noqa: BLE001 - reported to the coordinator, which decides
+            kind = type(e).__name__ if isinstance(e, OnnxShardError) else "WorkerError"
+            failure = Failure(self.index, step_id, f"stage {self.index}: {e}", kind)
+            return None, {"gen": meta["gen"], "failure": dataclasses.asdict(failure)}
 
     def free_cache(self, seqs: list[str]) -> int:
         """Drop these sequences' caches; returns the bytes still held."""
@@ -220,6 +247,8 @@ class StageWorker:
         return 0.0 if self._link is None else self._link.busy_seconds()
 
     def _serve_frame(self, micro_batch: int, batch, meta: dict):
+        if "gen" in meta or "free" in meta:
+            return self._serve_generation(micro_batch, batch, meta)
         out, meta = packet_to_frame(self.run(packet_from_frame(batch, meta), micro_batch))
         if self._hold_over is None or out is None or out.nbytes < self._hold_over:
             return out, meta
@@ -321,8 +350,8 @@ def _merged_calls(packets) -> tuple[CallStats, ...]:
 def _assigned(config: RuntimeConfig) -> tuple[int, int, str]:
     """Threads from the CPUs Ray gave this actor; CUDA device from its GPU, if it has one."""
     threads, device_id, provider = config.intra_op_threads, config.device_id, config.provider
-    if not ray.is_initialized():
-        return threads, device_id, provider
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return threads, device_id, provider  # a plain instance (tests, in-process runs), even beside a Ray driver
     ctx = ray.get_runtime_context()
     cpus = ctx.get_assigned_resources().get("CPU", 0)
     if not threads:

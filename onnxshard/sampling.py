@@ -1,9 +1,11 @@
 """Choosing the next token from a row of logits: greedy, or temperature / top-k / top-p sampling with a seed.
-Pure numpy: each sequence owns its random generator, so its tokens do not depend on what it was batched with."""
+Pure numpy. Each sequence owns its random generator (on the coordinator), which draws one uniform number per
+sampled token; whoever holds the logits (the last stage's worker) turns the number into the token. So a sequence's
+tokens depend on neither what it was batched with nor which worker sampled them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -39,12 +41,24 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
+    def to_json(self) -> dict:
+        return {**asdict(self), "stop_token_ids": list(self.stop_token_ids)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> SamplingParams:
+        return cls(**{**d, "stop_token_ids": tuple(d.get("stop_token_ids", ()))})
+
     def generator(self) -> np.random.Generator:
         return np.random.default_rng(self.seed)
 
 
-def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """The next token for one row of ``logits`` [vocab]."""
+def draw(params: SamplingParams, rng: np.random.Generator) -> float:
+    """The uniform number the next token is sampled with (none is drawn for greedy decoding)."""
+    return 0.0 if params.temperature == 0 else float(rng.random())
+
+
+def choose(logits: np.ndarray, params: SamplingParams, u: float) -> int:
+    """The next token for one row of ``logits`` [vocab], ``u`` from :func:`draw`."""
     logits = np.asarray(logits, np.float64).reshape(-1)
     if params.temperature == 0:
         return int(np.argmax(logits))
@@ -59,4 +73,4 @@ def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
         keep = int(np.searchsorted(np.cumsum(p), params.top_p) + 1)
         p = p[:keep] / p[:keep].sum()
         order = order[:keep]
-    return int(order[rng.choice(len(p), p=p)])
+    return int(order[min(int(np.searchsorted(np.cumsum(p), u, side="right")), len(p) - 1)])
