@@ -54,33 +54,35 @@ class OrtEngine:
         self.pasts = {i.name: (i.shape[1], i.shape[3]) for i in self.session.get_inputs()
                       if i.name.startswith("past_key_values")}
 
-    def _run(self, tokens, rows, caches):
+    def _run(self, tokens, rows, caches=None, past=None):
+        """One step; ``past`` the batch's padded caches, else gathered from each row's ``caches``."""
         feeds = step_inputs(tokens, rows)
-        longest = max(r.cached for r in rows)
-        for name, (heads, hd) in self.pasts.items():
-            past = np.zeros((len(rows), heads, longest, hd), np.float32)
-            for i, r in enumerate(rows):
-                if r.cached:
-                    past[i, :, longest - r.cached:] = caches[i][name]
-            feeds[name] = past
-        out = dict(zip(self.outputs, self.session.run(None, feeds)))
-        new = [{name: out[name.replace("past_key_values", "present")][i:i + 1, :, longest - r.cached:][0]
-                for name in self.pasts} for i, r in enumerate(rows)]
-        return out["logits"][:, -1], new
+        if past is None:
+            longest = max(r.cached for r in rows)
+            past = {}
+            for name, (heads, hd) in self.pasts.items():
+                past[name] = np.zeros((len(rows), heads, longest, hd), np.float32)
+                for i, r in enumerate(rows):
+                    if r.cached:
+                        past[name][i, :, longest - r.cached:] = caches[i][name]
+        out = dict(zip(self.outputs, self.session.run(None, {**feeds, **past})))
+        return out["logits"][:, -1], {name: out[name.replace("past_key_values", "present")] for name in self.pasts}
 
     def generate(self, prompts: list[list[int]], max_tokens: int, cache: bool = True):
         start = time.perf_counter()
         tokens = [list(p) for p in prompts]
-        caches: list[dict | None] = [None] * len(prompts)
+        caches: list[dict] = [{}] * len(prompts)
         first: list[float] = [0.0] * len(prompts)
         for i, p in enumerate(prompts):  # prefill each as it arrives
-            logits, (caches[i],) = self._run([tokens[i]], [Ready(str(i), len(p), 0)], [None])
+            logits, present = self._run([tokens[i]], [Ready(str(i), len(p), 0)])
+            caches[i] = {name: value[0] for name, value in present.items()}
             tokens[i].append(int(np.argmax(logits[0])))
             first[i] = time.perf_counter() - start
+        past = None
         for _ in range(max_tokens - 1):
-            if cache:
+            if cache:  # the same rows every step: the presents are the next past as they are, padding included
                 rows = [Ready(str(i), 1, len(t) - 1) for i, t in enumerate(tokens)]
-                logits, caches = self._run(tokens, rows, caches)
+                logits, past = self._run(tokens, rows, caches, past)
             else:  # no cache: each sequence's whole text again, padded on the left to the longest
                 longest = max(len(t) for t in tokens)
                 padded = [[0] * (longest - len(t)) + t for t in tokens]

@@ -184,6 +184,9 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
                    help="size of a symbolic dim, for costs and random inputs (repeatable)")
     p.add_argument("--allow-domain", action="append", default=[], metavar="DOMAIN",
                    help="accept ops of this custom domain (your ORT has a custom-op library for it)")
+    p.add_argument("--kv-pair", action="append", default=[], metavar="PAST=PRESENT",
+                   help="a decoder's cache input and the output that extends it, where the names are not "
+                   "past_key_values.{i}.key / present.{i}.key (repeatable; found by name otherwise)")
 
 
 def micro_batch_size_arg(text: str) -> int | str:
@@ -238,10 +241,21 @@ def _dims(args) -> dict[str, int]:
     return dims
 
 
+def _kv_pairs(args) -> dict[str, str] | None:
+    pairs = {}
+    for item in args.kv_pair:
+        past, _, present = item.partition("=")
+        if not past or not present:
+            raise InputError(f"--kv-pair {item!r} must look like PAST_INPUT=PRESENT_OUTPUT")
+        pairs[past] = present
+    return pairs or None
+
+
 def _plan_kwargs(args) -> dict:
     return dict(stages=args.stages, cuts=args.cut, max_stage_memory=args.max_stage_memory, profile=args.profile,
                 optimize=args.optimize, copy_weights=args.copy_weights, dims=_dims(args),
-                allow_domains=args.allow_domain, tensor_parallel=args.tensor_parallel, hash_weights=args.hash_weights)
+                allow_domains=args.allow_domain, tensor_parallel=args.tensor_parallel, hash_weights=args.hash_weights,
+                kv_pairs=_kv_pairs(args))
 
 
 def cmd_plan(args) -> int:

@@ -84,6 +84,11 @@ def test_the_cache_pads_rows_on_the_left_and_keeps_them_without_the_padding():
     present = np.concatenate([past["past.k"], rng.standard_normal((2, 2, 1, 4)).astype(np.float32)], axis=2)
     cache.keep(["a", "b"], [3, 1], {"present.k": present, "present.v": present})
     assert cache.length("a") == 4 and cache.length("b") == 2
+    again = cache.feeds(["a", "b"], [4, 2])  # the same rows in the same order: last step's presents as they are
+    assert again["past.k"] is present
+    swapped = cache.feeds(["b", "a"], [2, 4])  # another order: gathered, the same values
+    assert np.array_equal(swapped["past.k"][0, :, 2:], present[1, :, 2:]) and not swapped["past.k"][0, :, :2].any()
+    assert np.array_equal(swapped["past.k"][1], present[0])
     assert np.array_equal(cache.feeds(["b"], [2])["past.k"][0], present[1, :, 2:])
     assert cache.used_bytes == 6 * cache.token_bytes
     with pytest.raises(CacheMiss, match="holds 2 cached tokens, the call expects 5"):
@@ -199,3 +204,25 @@ def test_the_zoo_decoders_cache_equals_recomputing_the_whole_sequence(save_model
     last = run(ids[:, 3:], {k: first[k.replace("past_key_values", "present")] for k in empty}, 3)["logits"]
     assert np.abs(whole[:, 3:] - last).max() < 1e-4 and np.abs(whole[:, :3] - first["logits"]).max() < 1e-4
     assert len(set(np.argmax(whole[0], -1).tolist())) > 1  # not a degenerate model
+
+
+def test_cache_pairs_named_otherwise_are_given_on_the_command_line(save_model, tmp_path, capsys):
+    from onnxshard.cli import main
+    from onnxshard.plans import Plan
+
+    model = dm.llama_cached(layers=1)
+    names = {"past_key_values.0.key": "k_in", "past_key_values.0.value": "v_in", "present.0.key": "k_out",
+             "present.0.value": "v_out"}
+    for node in model.graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+    for value in list(model.graph.input) + list(model.graph.output):
+        value.name = names.get(value.name, value.name)
+    path = save_model(model)
+    assert main(["plan", str(path), "--out", str(tmp_path / "plain"), "--stages", "2"]) == 0
+    assert Plan.load(tmp_path / "plain").kv_cache == ()  # nothing to match by name: not a decoder to onnxshard
+    assert main(["plan", str(path), "--out", str(tmp_path / "p"), "--stages", "2", "--kv-pair", "k_in=k_out",
+                 "--kv-pair", "v_in=v_out"]) == 0
+    assert [(p.past, p.present) for p in Plan.load(tmp_path / "p").kv_cache] == [("k_in", "k_out"), ("v_in", "v_out")]
+    assert main(["plan", str(path), "--out", str(tmp_path / "bad"), "--kv-pair", "k_in"]) == 2
+    assert "--kv-pair" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def served(ray_session, tmp_path_factory):
     serve.run(build_app({"repository": str(repo), "cpus_per_stage": 0.5, "api_key_env": "ONNXSHARD_TEST_KEY",
                          "max_model_len": 512, "max_body_size": 4096}), name="onnxshard", route_prefix="/")
     yield {"url": f"http://127.0.0.1:{port}", "path": path, "codec": TextCodec.load(repo / "llama")}
-    serve.delete("onnxshard")
+    serve.shutdown()  # the next module starts Serve on ports of its own
 
 
 def _client(served, key=KEY):

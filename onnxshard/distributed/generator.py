@@ -1,10 +1,11 @@
 """Generation over a split decoder: each stage worker keeps its own layers' KV cache, only the hidden state and the
-small inputs (ids, mask, positions) cross the cuts, and many sequences share the pipeline (continuous batching).
+token ids cross the cuts, and many sequences share the pipeline (continuous batching).
 
 One engine thread owns the schedule (see :mod:`.decoding` for the rules): it admits waiting sequences while the
-cache has room, keeps up to one step per stage in flight, samples each finished step's next tokens and hands them
-to the callers. A lost worker is replaced and every sequence is prefilled again from its tokens so far, so the
-tokens are the ones an undisturbed run gives.
+cache has room, keeps up to one step per stage in flight (over the direct links or actor calls: ``gen_steps``),
+and hands each finished step's next tokens to the callers. The last stage samples them, with uniform numbers this
+thread draws from each sequence's seeded generator. A lost worker is replaced and every sequence is prefilled
+again from its tokens so far, so the tokens are the ones an undisturbed run gives.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ class Generator:
             self.placement = Placement(self.plan, self.config, owns_ray=self._owns_ray)
             self.token_bytes = self._open_caches(kv_cache_memory)
             self.kv_cache_memory = kv_cache_memory
-            self.capacity_tokens = None if kv_cache_memory is None else \
-                min(kv_cache_memory // b for b in self.token_bytes if b) if any(self.token_bytes) else None
+            per_token = [b for b in self.token_bytes if b]
+            self.capacity_tokens = min(kv_cache_memory // b for b in per_token) \
+                if kv_cache_memory is not None and per_token else None
             self.transport = self.placement.transport(self.config.transport)
             self._steps = LinkedSteps(self.placement, self.config.worker_start_timeout_s, 2 * self.plan.num_stages) \
                 if self.transport == "direct" else RaySteps(self.placement)
@@ -95,6 +97,9 @@ class Generator:
                             "needs a decoder exported with its cache")
         if any(s.steps for s in plan.stages):
             raise PlanError("generation does not run tensor-parallel stages yet; plan with tensor_parallel=1")
+        if self.config.replicas != 1:
+            raise PlanError("a Generator runs one copy of the stages (replicas=1); for more, run more Generators "
+                            "(Serve replicas do)")
         pasts = {p.past for p in plan.kv_cache}
         other = [t.name for t in plan.inputs if t.name not in pasts and t.name not in FILLED]
         if other or "input_ids" not in {t.name for t in plan.inputs} or LOGITS not in plan.output_names:

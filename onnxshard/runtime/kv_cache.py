@@ -27,6 +27,9 @@ def mask_and_positions(lengths: list[int], new: int) -> dict[str, np.ndarray]:
     return {"attention_mask": mask, "position_ids": positions}
 
 
+GROUPS_KEPT = 16
+
+
 class CacheMiss(InputError):
     """A sequence's cache is not here (a new worker after a loss, or a sequence never prefilled here)."""
 
@@ -51,6 +54,9 @@ class KvCache:
         self.token_bytes = sum(e.shape[1] * e.shape[3] * e.itemsize for e in self._empty.values())
         self._rows: dict[str, dict[str, np.ndarray]] = {}  # sequence -> past name -> [1, heads, length, head_dim]
         self._lengths: dict[str, int] = {}
+        # the last presents of each group of rows, with the lengths they hold: when the same rows come back in the
+        # same order, they are the next past as they are, padding included (no gathering)
+        self._groups: dict[tuple[str, ...], tuple[tuple[int, ...], dict[str, np.ndarray]]] = {}
 
     @property
     def used_bytes(self) -> int:
@@ -69,6 +75,9 @@ class KvCache:
             if want and have != want:
                 raise CacheMiss(f"sequence {seq!r}: this worker holds {have or 0} cached tokens, the call expects "
                                 f"{want}; the cache was lost with a worker, prefill the sequence again")
+        group = self._groups.get(tuple(seqs))
+        if group is not None and group[0] == tuple(lengths):
+            return dict(group[1])
         longest = max(lengths)
         out = {}
         for pair in self.pairs:
@@ -96,11 +105,22 @@ class KvCache:
             start = longest - n
             self._rows[seq] = {pair.past: outputs[pair.present][row:row + 1, :, start:] for pair in self.pairs}
             self._lengths[seq] = n + new
+        self._forget_groups(seqs)
+        self._groups[tuple(seqs)] = (tuple(n + new for n in lengths), {p.past: outputs[p.present] for p in self.pairs})
+        while len(self._groups) > GROUPS_KEPT:
+            self._groups.pop(next(iter(self._groups)))
 
     def free(self, seqs) -> None:
         for seq in seqs:
             self._rows.pop(seq, None)
             self._lengths.pop(seq, None)
+        self._forget_groups(seqs)
+
+    def _forget_groups(self, seqs) -> None:
+        """Drop the groups holding any of ``seqs``, whose caches just changed."""
+        changed = set(seqs)
+        for key in [k for k in self._groups if changed.intersection(k)]:
+            del self._groups[key]
 
     def __len__(self) -> int:
         return len(self._lengths)

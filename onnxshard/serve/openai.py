@@ -244,9 +244,20 @@ class OpenAIRoutes:
                 err = as_openai(e)
                 yield _sse({"error": {"message": str(err), "type": ERROR_TYPES.get(err.status, "server_error"),
                                       "param": err.param, "code": err.code}})
+            finally:  # the client went away (or the stream ended): stop generating, free the caches
+                await _close(events)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _close(events) -> None:
+    """End a generation's event stream: a local async generator's ``aclose`` (its ``finally`` aborts the
+    sequence), a Serve handle's stream's ``cancel`` (the replica's generator is closed the same way)."""
+    if hasattr(events, "aclose"):
+        await events.aclose()
+    elif hasattr(events, "cancel"):
+        events.cancel()
 
 
 def _sse(payload: dict) -> str:
