@@ -21,7 +21,7 @@ import ray
 
 from onnxshard import models
 from onnxshard.bench import run_bench, start_local_ray
-from onnxshard.cli import micro_batch_size_arg
+from onnxshard.cli_options import micro_batch_size_arg
 
 
 def main() -> None:

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import traceback
 from pathlib import Path
 
+from onnxshard.cli_options import (
+    dims_of,
+    micro_batch_size_arg,
+    non_negative_float,
+    pipeline_options,
+    plan_kwargs,
+    plan_options,
+    positive_float,
+    positive_int,
+    transport_option,
+)
 from onnxshard.errors import InputError, OnnxShardError
 from onnxshard.files import check_writable, load_npz, save_npz
 from onnxshard.plans import Plan, is_plan_dir
@@ -73,60 +83,60 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="split a model into pipeline stages and write a plan folder")
     p.add_argument("model", help="the .onnx file (its external weights stay where they are)")
     p.add_argument("--out", required=True, help="plan folder to write (created; replaced if it holds a plan)")
-    _plan_options(p)
+    plan_options(p)
     p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("inspect", help="print the stage table of a plan folder, or a model's summary")
     p.add_argument("target", help="a plan folder or an .onnx file")
     p.add_argument("--tensors", action="store_true", help="list a model's tensors (candidates for --cut)")
-    _plan_options(p)
+    plan_options(p)
     p.set_defaults(handler=cmd_inspect)
 
     p = sub.add_parser("verify", help="run the stages one after another in ORT and compare with the whole model")
     p.add_argument("target", help="a plan folder or an .onnx file (planned on the fly)")
     p.add_argument("--inputs", help=".npz file of inputs (default: random inputs that fit the model)")
-    p.add_argument("--tolerance", type=_tolerance, default=1e-5,
+    p.add_argument("--tolerance", type=non_negative_float, default=1e-5,
                    help="max absolute difference allowed (default 1e-5)")
-    p.add_argument("--micro-batch-size", type=_positive_int, metavar="M", help="run the stages and ORT per "
+    p.add_argument("--micro-batch-size", type=positive_int, metavar="M", help="run the stages and ORT per "
                    "micro-batch of M samples, as the pipeline does (for models whose samples depend on each other)")
     p.add_argument("--weights", action="store_true", help="also hash every byte of the plan's weight files against "
                    "the digests recorded at plan time (loading checks sizes and a sample)")
-    _plan_options(p)
+    plan_options(p)
     p.set_defaults(handler=cmd_verify)
 
     p = sub.add_parser("run", help="run a plan (or a model, planned on the fly) as a pipeline on Ray")
     p.add_argument("target", help="a plan folder or an .onnx file")
     p.add_argument("--inputs", required=True, help=".npz file of model inputs")
     p.add_argument("--outputs", required=True, help=".npz file to write the model outputs to")
-    p.add_argument("--stages", type=_positive_int, help="stages, when TARGET is a model (default 2)")
+    p.add_argument("--stages", type=positive_int, help="stages, when TARGET is a model (default 2)")
     p.add_argument("--timeline", metavar="FILE", help="draw the run as a Gantt chart (.html or .png) and write a "
                    "Chrome/Perfetto trace beside it (.trace.json)")
-    _pipeline_options(p)
+    pipeline_options(p)
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("bench", help="time the pipeline against plain ONNX Runtime on the same model and inputs")
     p.add_argument("target", help="a plan folder or an .onnx file")
-    p.add_argument("--stages", type=_positive_int, default=2, help="stages, when TARGET is a model (default 2)")
+    p.add_argument("--stages", type=positive_int, default=2, help="stages, when TARGET is a model (default 2)")
     p.add_argument("--inputs", help=".npz file of inputs (default: random, sized by --batch and --dim)")
-    p.add_argument("--batch", type=_positive_int, default=16, help="batch size of random inputs (default 16)")
+    p.add_argument("--batch", type=positive_int, default=16, help="batch size of random inputs (default 16)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
                    help="size of a symbolic dim in the random inputs (a model is cut for the inputs' sizes)")
     p.add_argument("--micro-batch-size", type=micro_batch_size_arg, default="auto",
                    help="samples per micro-batch, or 'auto' (default)")
-    p.add_argument("--repeats", type=_positive_int, default=5)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--batch-dim", help="the symbolic dim name of the batch")
     p.add_argument("--address", help="Ray address (default: a local embedded Ray)")
     p.add_argument("--profile", action="store_true", help="when TARGET is a model, cut it where ORT's measured "
                    "per-node times on the inputs balance (not analytic FLOPs)")
-    _transport_option(p)
+    transport_option(p)
     p.set_defaults(handler=cmd_bench)
 
     p = sub.add_parser("demo", help="plan a small transformer, run it as a pipeline on local Ray, check it")
-    p.add_argument("--stages", type=_positive_int, default=2)
-    p.add_argument("--batch", type=_positive_int, default=32)
-    p.add_argument("--seq", type=_positive_int, default=64)
-    p.add_argument("--layers", type=_positive_int, default=6)
-    p.add_argument("--micro-batch-size", type=_positive_int, default=4)
+    p.add_argument("--stages", type=positive_int, default=2)
+    p.add_argument("--batch", type=positive_int, default=32)
+    p.add_argument("--seq", type=positive_int, default=64)
+    p.add_argument("--layers", type=positive_int, default=6)
+    p.add_argument("--micro-batch-size", type=positive_int, default=4)
     p.add_argument("--address", help="Ray address (default: a local embedded Ray)")
     p.set_defaults(handler=cmd_demo)
 
@@ -135,133 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     from onnxshard.serve.cli import add_parser as add_serve_parser
 
     for add in (add_batch_parser, add_serve_parser, add_generate_parser):
-        add(sub, positive_int=_positive_int, positive_float=_positive_float, non_negative_float=_non_negative_float)
+        add(sub, positive_int=positive_int, positive_float=positive_float, non_negative_float=non_negative_float)
     for command in sub.choices.values():  # --verbose after the command too
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="print whole error messages and tracebacks")
     return parser
 
 
-def _pipeline_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--micro-batch-size", type=micro_batch_size_arg, default="auto",
-                   help="samples per micro-batch, or 'auto' (default: sized from measured stage costs; the first "
-                   "batch is split into ~4 x stages x replicas micro-batches)")
-    p.add_argument("--replicas", type=_positive_int, default=1, help="data-parallel copies of the pipeline")
-    p.add_argument("--cpus-per-stage", type=_positive_float, default=1.0, help="CPUs per stage worker (= ORT threads)")
-    p.add_argument("--gpus-per-stage", type=_non_negative_float, default=0.0,
-                   help="GPUs per stage worker (fractions share one)")
-    p.add_argument("--batch-axis", action="append", default=[], metavar="TENSOR=AXIS",
-                   help="batch axis of an input or output (repeatable; AXIS 'none' for no batch axis)")
-    p.add_argument("--batch-dim", help="the symbolic dim name of the batch, e.g. batch_size")
-    p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local embedded Ray)")
-    p.add_argument("--call-timeout", type=_positive_float, metavar="S", help="a stage call running longer counts "
-                   "as a hung worker, replaced (default: 20 x the slowest call measured, at least 30 s)")
-    p.add_argument("--run-timeout", type=_positive_float, metavar="S",
-                   help="fail the run if it is not done after S seconds (default: no limit beyond the call deadline)")
-    _transport_option(p)
-
-
-def _transport_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--transport", choices=["auto", "direct", "ray"], default="auto",
-                   help="how micro-batches travel between stages: direct (Unix sockets, one node), ray (actor "
-                   "calls, any cluster), auto (default: direct where it applies)")
-
-
-def _plan_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stages", type=_positive_int, help="number of pipeline stages")
-    p.add_argument("--cut", action="append", default=[], metavar="TENSOR",
-                   help="start a new stage after the node making TENSOR (repeatable)")
-    p.add_argument("--max-stage-memory", metavar="SIZE", help="weight bytes per worker, e.g. 2GB; "
-                   "without --stages, the fewest stages that fit; without --tensor-parallel, the degree too")
-    p.add_argument("--tensor-parallel", type=_positive_int, metavar="T",
-                   help="split each stage's layers over T rank workers (Megatron-style column/row splits)")
-    p.add_argument("--profile", action="store_true", help="balance measured ORT per-node times, not FLOPs")
-    p.add_argument("--optimize", action="store_true", help="apply ORT's extended fusions before cutting")
-    p.add_argument("--copy-weights", action="store_true", help="write a self-contained copy of each stage's weights")
-    p.add_argument("--hash-weights", action="store_true", help="record a sha256 of every weight byte (seconds per GB) "
-                   "for `verify --weights`; files over 64 MiB otherwise get a sampled digest")
-    p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
-                   help="size of a symbolic dim, for costs and random inputs (repeatable)")
-    p.add_argument("--allow-domain", action="append", default=[], metavar="DOMAIN",
-                   help="accept ops of this custom domain (your ORT has a custom-op library for it)")
-    p.add_argument("--kv-pair", action="append", default=[], metavar="PAST=PRESENT",
-                   help="a decoder's cache input and the output that extends it, where the names are not "
-                   "past_key_values.{i}.key / present.{i}.key (repeatable; found by name otherwise)")
-
-
-def micro_batch_size_arg(text: str) -> int | str:
-    """An argparse type: a positive number of samples, or ``auto``."""
-    if text == "auto":
-        return text
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer or 'auto'")
-    return int(text)
-
-
-def _positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return int(text)
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return value
-
-
-_tolerance = _non_negative_float
-
-
-def _dims(args) -> dict[str, int]:
-    dims = {}
-    for item in args.dim:
-        name, _, size = item.partition("=")
-        if not name or not size.isdigit() or int(size) < 1:
-            raise InputError(f"--dim {item!r} must look like NAME=SIZE with SIZE at least 1, e.g. --dim seq=128")
-        dims[name] = int(size)
-    return dims
-
-
-def _kv_pairs(args) -> dict[str, str] | None:
-    pairs = {}
-    for item in args.kv_pair:
-        past, _, present = item.partition("=")
-        if not past or not present:
-            raise InputError(f"--kv-pair {item!r} must look like PAST_INPUT=PRESENT_OUTPUT")
-        pairs[past] = present
-    return pairs or None
-
-
-def _plan_kwargs(args) -> dict:
-    return dict(stages=args.stages, cuts=args.cut, max_stage_memory=args.max_stage_memory, profile=args.profile,
-                optimize=args.optimize, copy_weights=args.copy_weights, dims=_dims(args),
-                allow_domains=args.allow_domain, tensor_parallel=args.tensor_parallel, hash_weights=args.hash_weights,
-                kv_pairs=_kv_pairs(args))
-
-
 def cmd_plan(args) -> int:
     from onnxshard.api import plan
 
-    result = plan(args.model, args.out, **_plan_kwargs(args))
+    result = plan(args.model, args.out, **plan_kwargs(args))
     print(result.table())
     print(f"wrote {len(result.stages)} stage(s) to {args.out}")
     return 0
@@ -280,12 +174,12 @@ def cmd_inspect(args) -> int:
         return 0
     if args.stages or args.cut or args.max_stage_memory or args.tensor_parallel:
         with tempfile.TemporaryDirectory(prefix="onnxshard-inspect-") as tmp:
-            result = plan(args.target, Path(tmp) / "plan", **_plan_kwargs(args))
+            result = plan(args.target, Path(tmp) / "plan", **plan_kwargs(args))
             print(result.table())
             if result.num_stages > 1:
                 print(result.boundaries())
         return 0
-    analysis = partitioner.analyse_model(args.target, dims=_dims(args), type_oracle=probe_types,
+    analysis = partitioner.analyse_model(args.target, dims=dims_of(args), type_oracle=probe_types,
                                          allow_domains=args.allow_domain)
     costs = analysis.costs
     g = analysis.graph
@@ -312,13 +206,13 @@ def cmd_verify(args) -> int:
 
     feeds = load_npz(args.inputs) if args.inputs else None
     target = args.target if is_plan_dir(args.target) else Path(args.target)
-    options = {} if is_plan_dir(args.target) else {k: v for k, v in _plan_kwargs(args).items() if k not in ("dims",)}
+    options = {} if is_plan_dir(args.target) else {k: v for k, v in plan_kwargs(args).items() if k not in ("dims",)}
     if args.weights:
         if not is_plan_dir(args.target):
             raise InputError("--weights checks a plan folder's weight files; give a plan folder")
         target = Plan.load(args.target, full_check=True)
         print(f"weights: every byte of {len(target.weights.files)} file(s) matches the digests recorded at plan time")
-    result = verify(target, feeds=feeds, dims=_dims(args), tolerance=args.tolerance,
+    result = verify(target, feeds=feeds, dims=dims_of(args), tolerance=args.tolerance,
                     micro_batch_size=args.micro_batch_size, **options)
     print(result.plan.table())
     print(result.report())
@@ -406,7 +300,7 @@ def cmd_bench(args) -> int:
             from onnxshard.partitioner import input_specs
 
             plan_inputs = input_specs(target)
-        dims = _dims(args)
+        dims = dims_of(args)
         batch_dim = args.batch_dim or next((d for t in plan_inputs for d in (t.shape or ())[:1] if isinstance(d, str)),
                                            None)
         if batch_dim:
