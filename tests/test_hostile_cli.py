@@ -380,9 +380,11 @@ def test_ctrl_c_to_the_process_group_mid_run_leaves_no_socket_folder(tmp_path):
     while time.monotonic() < end and not [n for n in _links_folders() - before if n.startswith("onnxshard-links-")]:
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1]  # linked, and still running
+    linked = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in err, err
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err, \
+        f"rc {proc.returncode} {time.monotonic() - linked:.1f} s after the interrupt\n{out}\n{err}"
     assert _links_folders() - before == set()
     assert not (tmp_path / "o.npz").exists()
     _none_left(mark)  # let Ray's processes go before the next test

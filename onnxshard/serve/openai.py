@@ -146,7 +146,11 @@ def as_openai(error: BaseException) -> OpenAIError:
         param, code = "prompt", "context_length_exceeded" if "at most" in message else None
     if status == 400 and "max_tokens" in message:
         param = "max_tokens"
-    return OpenAIError(message, status, param, code if status != 404 else "model_not_found")
+    if status == 404:
+        param, code = "model", "model_not_found"
+    if status == 401:
+        code = "invalid_api_key"
+    return OpenAIError(message, status, param, code)
 
 
 class OpenAIRoutes:
@@ -171,9 +175,6 @@ class OpenAIRoutes:
                                   param="prompt")
             events = model.generate(req)
             first = await events.__anext__()
-        except ProtocolError as e:
-            code = "model_not_found" if e.status == 404 else "invalid_api_key" if e.status == 401 else None
-            raise OpenAIError(str(e), e.status, "model" if e.status == 404 else None, code) from None
         except Exception as e:  # noqa: BLE001 - answered in OpenAI's shape; the server stays up
             raise as_openai(e) from None
         return req, events, first
@@ -183,7 +184,7 @@ class OpenAIRoutes:
         try:
             self._authorize(request.headers.get("authorization"))
         except ProtocolError as e:
-            raise OpenAIError(str(e), e.status, code="invalid_api_key") from None
+            raise as_openai(e) from None
         names = [m for m in self.models if (await self._decoder_info(m))["decoder"]]
         return {"object": "list", "data": [{"id": m, "object": "model", "created": self.started,
                                             "owned_by": "onnxshard"} for m in names]}
