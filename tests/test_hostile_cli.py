@@ -367,6 +367,13 @@ def test_ctrl_c_during_ray_start_up_leaves_no_process(chain, tmp_path):
     assert not (tmp_path / "o.npz").exists()
 
 
+def _as_from_a_terminal():
+    """In the child, before exec: SIGINT as a shell leaves it (default, unblocked), whatever this test process
+    inherited or set (an ignored SIGINT is inherited across exec, and Python then installs no handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_to_the_process_group_mid_run_leaves_no_socket_folder(tmp_path):
     model = zoo.save(zoo.mlp(layers=6, width=256), tmp_path / "m")
     np.savez(tmp_path / "in.npz", x=np.ones((20000, 256), np.float32))
@@ -375,7 +382,7 @@ def test_ctrl_c_to_the_process_group_mid_run_leaves_no_socket_folder(tmp_path):
     proc = subprocess.Popen([*CLI, "run", str(model), "--inputs", str(tmp_path / "in.npz"), "--outputs",
                              str(tmp_path / "o.npz"), "--micro-batch-size", "8", "--cpus-per-stage", "0.5"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_from_a_terminal)
     end = time.monotonic() + 90
     while time.monotonic() < end and not [n for n in _links_folders() - before if n.startswith("onnxshard-links-")]:
         time.sleep(0.05)
@@ -384,7 +391,8 @@ def test_ctrl_c_to_the_process_group_mid_run_leaves_no_socket_folder(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" not in err, \
-        f"rc {proc.returncode} {time.monotonic() - linked:.1f} s after the interrupt\n{out}\n{err}"
+        f"rc {proc.returncode} {time.monotonic() - linked:.1f} s after the interrupt; the test process's SIGINT " \
+        f"handler {signal.getsignal(signal.SIGINT)}\n{out}\n{err}"
     assert _links_folders() - before == set()
     assert not (tmp_path / "o.npz").exists()
     _none_left(mark)  # let Ray's processes go before the next test
