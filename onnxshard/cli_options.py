@@ -107,14 +107,19 @@ def dims_of(args) -> dict[str, int]:
     return dims
 
 
-def kv_pairs_of(args) -> dict[str, str] | None:
+def name_pairs(items: list[str], option: str, form: str) -> dict[str, str]:
+    """``KEY=VALUE`` items of a repeatable option as a dict; an item of another form is refused naming ``form``."""
     pairs = {}
-    for item in args.kv_pair:
-        past, _, present = item.partition("=")
-        if not past or not present:
-            raise InputError(f"--kv-pair {item!r} must look like PAST_INPUT=PRESENT_OUTPUT")
-        pairs[past] = present
-    return pairs or None
+    for item in items:
+        key, _, value = item.partition("=")
+        if not key or not value:
+            raise InputError(f"{option} {item!r} must look like {form}")
+        pairs[key] = value
+    return pairs
+
+
+def kv_pairs_of(args) -> dict[str, str] | None:
+    return name_pairs(args.kv_pair, "--kv-pair", "PAST_INPUT=PRESENT_OUTPUT") or None
 
 
 def plan_kwargs(args) -> dict:

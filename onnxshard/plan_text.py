@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from onnxshard.plans import MADE_PER_STAGE, Plan, spec_bytes
+from onnxshard.kv_pairs import MADE_PER_STAGE
+from onnxshard.plans import Plan, spec_bytes
 from onnxshard.units import human_bytes
 
 

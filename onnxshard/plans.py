@@ -16,6 +16,7 @@ from pathlib import Path
 from onnxshard import dtypes
 from onnxshard.digests import FULL_CHECK_BYTES, sample_digest, sha256_file
 from onnxshard.errors import PlanError
+from onnxshard.kv_pairs import KvPair
 from onnxshard.units import human_bytes
 
 FORMAT = "onnxshard.plan"
@@ -47,28 +48,6 @@ class TensorSpec:
             raise PlanError(f"tensor {d.get('name')!r} has unknown dtype {d.get('dtype')!r}")
         shape = d.get("shape")
         return cls(str(d["name"]), d["dtype"], None if shape is None else tuple(shape))
-
-
-# When generating, every stage makes these inputs from its cached lengths; none receives them across a cut.
-MADE_PER_STAGE = ("attention_mask", "position_ids")
-
-
-@dataclass(frozen=True)
-class KvPair:
-    """A decoder's cache input ``past`` and the output ``present`` that is the past with this call's keys or
-    values appended, for one layer (``kind`` is ``key`` or ``value``)."""
-
-    layer: int
-    kind: str
-    past: str
-    present: str
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> KvPair:
-        return cls(int(d["layer"]), str(d["kind"]), str(d["past"]), str(d["present"]))
 
 
 @dataclass(frozen=True)

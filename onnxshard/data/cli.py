@@ -32,15 +32,11 @@ def run(args) -> int:
     import os
     from pathlib import Path
 
+    from onnxshard.cli_options import name_pairs
     from onnxshard.errors import InputError
     from onnxshard.plans import Plan, is_plan_dir
 
-    columns = {}
-    for item in args.columns:
-        name, _, column = item.partition("=")
-        if not name or not column:
-            raise InputError(f"--columns {item!r} must look like INPUT=COLUMN")
-        columns[name] = column
+    columns = name_pairs(args.columns, "--columns", "INPUT=COLUMN")
     keep = tuple(k for k in args.keep.split(",") if k)
     out = Path(os.path.abspath(args.output))
     if out.exists() and not out.is_dir():

@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 
 from onnxshard.errors import ModelError
+from onnxshard.kv_pairs import KvPair
 from onnxshard.partitioner.graph import Graph
 from onnxshard.partitioner.model import node_tensors, subgraphs, tensor_nbytes
-from onnxshard.plans import KvPair
 
 PAST = re.compile(r"^(?:past_key_values|past)[._](\d+)[._](key|value)$")
 PRESENT = re.compile(r"^(?:present|present_key_values)[._](\d+)[._](key|value)$")

@@ -12,7 +12,8 @@ import numpy as np
 
 from onnxshard import dtypes
 from onnxshard.errors import InputError, ResourceError
-from onnxshard.plans import KvPair, TensorSpec
+from onnxshard.kv_pairs import KvPair
+from onnxshard.plans import TensorSpec
 from onnxshard.units import human_bytes
 
 

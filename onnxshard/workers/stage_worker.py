@@ -63,6 +63,7 @@ class StageWorker:
         plan = Plan.load(plan_dir)  # checks the stage files' hashes before ORT sees them
         self.stage = plan.stages[stage_index]
         self._kv_pairs = plan.kv_cache
+        self._kv_names = {n for p in plan.kv_cache for n in (p.past, p.present)}  # never sent on when generating
         self._last_stage = stage_index == plan.num_stages - 1
         self.cache: KvCache | None = None
         self.index, self.rank = stage_index, rank
@@ -178,7 +179,7 @@ class StageWorker:
         later stages and presents of earlier ones are not carried. The last stage sends only each row's next
         token (``next_token``), sampled from the logits made here or carried here."""
         seqs, lengths = step["seqs"], step["lengths"]
-        kv_names = {n for p in self._kv_pairs for n in (p.past, p.present)}
+        kv_names = self._kv_names
         local = mask_and_positions(lengths, step["new"])
         feeds = arrow.decode(batch, [n for n in self.stage.input_names if n not in kv_names and n not in local])
         feeds.update({n: local[n] for n in self.stage.input_names if n in local})
