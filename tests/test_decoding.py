@@ -7,9 +7,10 @@ import pytest
 
 import onnxshard
 from onnxshard import decoder_models as dm
+from onnxshard import partitioner
 from onnxshard.distributed.decoding import Ready, admit, next_step, step_inputs
-from onnxshard.errors import InputError, ModelError, ResourceError
-from onnxshard.partitioner.kv import find_pairs
+from onnxshard.errors import InputError, ModelError, PlanError, ResourceError
+from onnxshard.partitioner.kv import find_pairs, uncuttable
 from onnxshard.plans import TensorSpec
 from onnxshard.runtime import arrow, tools
 from onnxshard.runtime.kv_cache import CacheMiss, KvCache
@@ -57,6 +58,37 @@ def test_later_stages_make_the_mask_and_rope_again_and_receive_only_the_hidden_s
     feeds.update({p.past: rng.standard_normal((2, heads, 2, hd)).astype(np.float32) for p in plan.kv_cache})
     differences = tools.max_differences(tools.run_model(path, feeds), tools.run_stages(plan, feeds))
     assert max(differences.values()) < 1e-4 and len(differences) == 7
+
+
+@pytest.mark.parametrize("build", [dm.gpt2_cached, dm.llama_cached])
+def test_no_stage_ends_between_a_layers_cache_and_the_attention_over_it(save_model, tmp_path, build):
+    path = save_model(build(layers=3), external=True)
+    analysis = partitioner.analyse_model(path)
+    graph = analysis.graph
+    spans = uncuttable(graph, find_pairs(graph.inputs, graph.outputs))
+    assert sorted(present for _, _, present in spans) == sorted(f"present.{i}.{k}" for i in range(3)
+                                                                 for k in ("key", "value"))
+    for first, last, present in spans:  # from the present's concat to the attention's output projection
+        assert graph.nodes[first - 1].op_type == "Concat" and present in graph.nodes[first - 1].output
+        assert graph.nodes[last].op_type in ("MatMul", "Gemm") and any(r in graph.initializers
+                                                                       for r in graph.reads[last])
+    # costs whose one balance point lies in the middle of layer 1's attention (every node costs 1, and the first or
+    # the last node more, to move that point there): the cut moves out of the span, never into it
+    first, last, present = next(s for s in spans if s[2] == "present.1.value")
+    middle, n = (first + last) // 2, len(graph.nodes)
+    times = {node.name: 1.0 for node in graph.nodes}
+    times[graph.nodes[0].name] += max(0, n - 2 * middle)
+    times[graph.nodes[-1].name] += max(0, 2 * middle - n)
+    plan = partitioner.partition(analysis, tmp_path / "steered", stages=2, node_times=times)
+    kv_names = {n for p in plan.kv_cache for n in (p.past, p.present)}
+    assert not {p.present for p in plan.kv_cache} & set(plan.stages[1].input_names)
+    received = set(plan.stages[1].input_names) - kv_names - {"input_ids", "attention_mask", "position_ids"}
+    assert received and all(graph.producer[n] < first - 1 or graph.producer[n] >= last for n in received), received
+    # a cut given by hand inside it is refused, naming the cache; one right after the projection is taken
+    with pytest.raises(PlanError, match=r"falls inside the attention over 'present\.1\.(key|value)'"):
+        onnxshard.plan(path, tmp_path / "inside", cuts=[graph.nodes[middle].output[0]])
+    after = onnxshard.plan(path, tmp_path / "after", cuts=[graph.nodes[last].output[0]])
+    assert after.num_stages == 2
 
 
 def _specs(heads=2, hd=4):

@@ -48,7 +48,7 @@ def partition(
     out = Path(os.path.abspath(out))
     check_out(out, [analysis.path, Path(source or analysis.path)])
     decision = decide(analysis, stages=stages, cuts=cuts, max_stage_memory=max_stage_memory, node_times=node_times,
-                      tensor_parallel=tensor_parallel)
+                      tensor_parallel=tensor_parallel, kv_pairs=kv_pairs)
     return write(decision, out, copy_weights=copy_weights, model_path=Path(source or analysis.path),
                  hash_weights=hash_weights, kv_pairs=kv_pairs)
 

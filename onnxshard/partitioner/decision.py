@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxshard.errors import PlanError
+from onnxshard.partitioner import kv
 from onnxshard.partitioner import tensor_parallel as tp
 from onnxshard.partitioner.analysis import Analysis, ordered_by_pins
 from onnxshard.partitioner.boundaries import (
@@ -42,7 +43,7 @@ class Decision:
 
 def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str] = (),
            max_stage_memory: int | None = None, node_times: dict[str, float] | None = None,
-           tensor_parallel: int | None = None) -> Decision:
+           tensor_parallel: int | None = None, kv_pairs: dict[str, str] | None = None) -> Decision:
     """Choose the stage bounds (and the tensor-parallel layout): see :func:`onnxshard.partitioner.partition`."""
     pins = analysis.graph.pinned_stages()
     if pins and all(p is not None for p in pins):  # the caller's analysis stays as it was
@@ -55,6 +56,9 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
     if node_times:
         balance = [node_times.get(node.name, 0.0) for node in graph.nodes]
     cut_bytes = cut_bytes_of(graph, analysis.specs, analysis.dims)
+    caches = kv.uncuttable(graph, kv.find_pairs(graph.inputs, graph.outputs, kv_pairs))
+    for first, last, _ in caches:  # a decoder's layer keeps its cache and the attention over it in one stage
+        cut_bytes[first:last + 1] = np.inf
     cap = float(max_stage_memory) if max_stage_memory else np.inf
     pin_stages = 1 + max((p for p in pins if p is not None), default=-1)
     if tensor_parallel is not None and tensor_parallel < 1:
@@ -77,6 +81,13 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
     shared = shared_weights(graph) if layout is None else ()  # a rank's weights are counted by its layout
     if cuts:
         bounds = manual_bounds(graph, cuts, stages)
+        for first, last, present in caches:
+            inside = [b for b in bounds[1:-1] if first <= b <= last]
+            if inside:
+                raise PlanError(f"a --cut at {graph.nodes[inside[0] - 1].output[0]!r} falls inside the attention "
+                                f"over {present!r}: each layer's KV cache and the attention reading it stay in one "
+                                f"stage; cut after {graph.nodes[first - 2].output[0]!r} or after "
+                                f"{graph.nodes[last].output[0]!r}")
     else:
         if stages is None:
             stages = pin_stages or (fewest(graph, balance, params, cut_bytes, cap, pins, shared) if np.isfinite(cap)

@@ -45,6 +45,40 @@ def find_pairs(inputs: list[str], outputs: list[str], explicit: dict[str, str] |
     return tuple(KvPair(layer, kind, pasts[(layer, kind)], presents[(layer, kind)]) for layer, kind in sorted(pasts))
 
 
+WEIGHTED_OPS = frozenset({"MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "MatMulNBits", "FusedMatMul"})
+ATTENTION_NODES = 512  # a layer's attention past its cache's concat: a bound on the walk below
+
+
+def uncuttable(graph: Graph, pairs: tuple[KvPair, ...]) -> list[tuple[int, int, str]]:
+    """Where no stage may end: ``(first, last, present)``, cuts ``first..last`` (a cut at ``p`` ends a stage
+    before node ``p``) fall between where a layer's ``present`` is made and where its attention is done with it
+    (the first product with a weight, the output projection). Cut there, the present, or what the attention makes
+    of it, would cross: every step, and growing with the context, where the stage's own cache should have served."""
+    consumers: dict[str, list[int]] = {}
+    for i, reads in enumerate(graph.reads):
+        for r in reads:
+            consumers.setdefault(r, []).append(i)
+    spans = []
+    for pair in pairs:
+        if pair.present not in graph.producer:
+            continue
+        made = graph.producer[pair.present]
+        last, seen, stack = made, set(), [pair.present]
+        while stack and len(seen) < ATTENTION_NODES:
+            for i in consumers.get(stack.pop(), ()):
+                if i in seen:
+                    continue
+                seen.add(i)
+                last = max(last, i)
+                node = graph.nodes[i]
+                if node.op_type in WEIGHTED_OPS and any(r in graph.initializers for r in graph.reads[i]):
+                    continue  # the attention's output projection: past it, only the hidden state goes on
+                stack.extend(o for o in node.output if o)
+        if last > made:
+            spans.append((made + 1, last, pair.present))
+    return spans
+
+
 def with_prelude(graph: Graph, spans: list[list[int]], pairs: tuple[KvPair, ...]) -> list[list[int]]:
     """Each stage's node positions, with the prelude nodes that make what it would otherwise receive added to
     it, where that is cheap (see :data:`HEAVY_OPS`) and needs no cache input."""
