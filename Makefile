@@ -17,7 +17,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check onnxshard tests benchmarks
-	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu and not multinode" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "multinode and not slow" $(PYTEST_ARGS)
 
 # The ONNX conformance suite's model and multi-node tests through a Ray pipeline (slow: about 6 minutes); CI runs it.
 conformance: $(STAMP)

@@ -8,11 +8,13 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from onnxshard import plan_store
 from onnxshard.cli_options import (
     dims_of,
     micro_batch_size_arg,
     non_negative_float,
     pipeline_options,
+    placement_of,
     plan_kwargs,
     plan_options,
     positive_float,
@@ -105,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_verify)
 
     p = sub.add_parser("run", help="run a plan (or a model, planned on the fly) as a pipeline on Ray")
-    p.add_argument("target", help="a plan folder or an .onnx file")
+    p.add_argument("target", help="a plan folder, a plan's URI (s3://bucket/plan, gs://..., file:///...: each worker "
+                   "copies only its stage's files and weight ranges to its node), or an .onnx file")
     p.add_argument("--inputs", required=True, help=".npz file of model inputs")
     p.add_argument("--outputs", required=True, help=".npz file to write the model outputs to")
     p.add_argument("--stages", type=positive_int, help="stages, when TARGET is a model (default 2)")
@@ -244,7 +247,9 @@ def cmd_run(args) -> int:
     feeds = load_npz(args.inputs)
     batch_axes = _batch_axes(args)
     with tempfile.TemporaryDirectory(prefix="onnxshard-run-") as tmp:
-        if is_plan_dir(args.target):
+        if plan_store.is_uri(args.target):  # a plan on object storage: the workers copy what they need
+            plan = plan_store.read_plan(args.target)
+        elif is_plan_dir(args.target):
             plan = Plan.load(args.target)
         else:
             from onnxshard.api import plan as make_plan
@@ -257,7 +262,8 @@ def cmd_run(args) -> int:
 
         options = dict(micro_batch_size=args.micro_batch_size, replicas=args.replicas,
                        cpus_per_stage=args.cpus_per_stage, gpus_per_stage=args.gpus_per_stage, batch_axes=batch_axes,
-                       transport=args.transport, call_timeout_s=args.call_timeout, run_timeout_s=args.run_timeout)
+                       transport=args.transport, call_timeout_s=args.call_timeout, run_timeout_s=args.run_timeout,
+                       **placement_of(args))
         with Pipeline(plan, address=args.address, **options) as pipe:
             print(pipe.plan.table())
             outputs = pipe.run(feeds, progress=_progress_bar())

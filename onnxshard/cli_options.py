@@ -21,6 +21,10 @@ def pipeline_options(p: argparse.ArgumentParser) -> None:
                    help="batch axis of an input or output (repeatable; AXIS 'none' for no batch axis)")
     p.add_argument("--batch-dim", help="the symbolic dim name of the batch, e.g. batch_size")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local embedded Ray)")
+    p.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"], default="PACK",
+                   help="how the stage workers' placement group spreads over nodes (SPREAD: over several nodes)")
+    p.add_argument("--resource", action="append", default=[], metavar="NAME=AMOUNT",
+                   help="a custom Ray resource each stage worker asks for, e.g. big_node=1 (repeatable)")
     p.add_argument("--call-timeout", type=positive_float, metavar="S", help="a stage call running longer counts "
                    "as a hung worker, replaced (default: 20 x the slowest call measured, at least 30 s)")
     p.add_argument("--run-timeout", type=positive_float, metavar="S",
@@ -30,8 +34,8 @@ def pipeline_options(p: argparse.ArgumentParser) -> None:
 
 def transport_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", choices=["auto", "direct", "ray"], default="auto",
-                   help="how micro-batches travel between stages: direct (Unix sockets, one node), ray (actor "
-                   "calls, any cluster), auto (default: direct where it applies)")
+                   help="how micro-batches travel between stages: direct (sockets: Unix within a node, TCP between "
+                   "nodes), ray (actor calls), auto (default: direct where it applies)")
 
 
 def plan_options(p: argparse.ArgumentParser) -> None:
@@ -116,6 +120,17 @@ def name_pairs(items: list[str], option: str, form: str) -> dict[str, str]:
             raise InputError(f"{option} {item!r} must look like {form}")
         pairs[key] = value
     return pairs
+
+
+def placement_of(args) -> dict:
+    """The Pipeline options of ``--placement-strategy`` and ``--resource``."""
+    resources = {}
+    for name, amount in name_pairs(args.resource, "--resource", "NAME=AMOUNT").items():
+        try:
+            resources[name] = positive_float(amount)
+        except argparse.ArgumentTypeError as e:
+            raise InputError(f"--resource {name}={amount}: {e}") from None
+    return {"placement_strategy": args.placement_strategy, "resources": resources}
 
 
 def kv_pairs_of(args) -> dict[str, str] | None:

@@ -1,4 +1,5 @@
-"""The plan: what a partitioned model is, as frozen data that round-trips through ``plan.json``.
+"""The plan: what a partitioned model is, as frozen data that round-trips through ``plan.json`` (its stages and
+tensor specs are in :mod:`onnxshard.plan_parts`, re-exported here).
 
 A plan folder holds ``plan.json``, one ONNX file per stage and (unless the plan references the model's own
 folder) a ``weights/`` folder. Loading a plan parses JSON only, never pickle, and refuses any path that leaves
@@ -13,158 +14,20 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
-from onnxshard import dtypes
 from onnxshard.digests import FULL_CHECK_BYTES, sample_digest, sha256_file
 from onnxshard.errors import PlanError
 from onnxshard.kv_pairs import KvPair
+from onnxshard.plan_parts import NON_TENSOR, Dim, Reduce, Stage, Step, TensorSpec, spec_bytes, specs_from_json
 from onnxshard.units import human_bytes
+
+__all__ = ["NON_TENSOR", "PLAN_FILE", "Dim", "Plan", "Reduce", "Stage", "Step", "TensorSpec", "Weights",
+           "contained", "is_plan_dir", "read_plan_json", "spec_bytes"]
 
 FORMAT = "onnxshard.plan"
 # 2 added tensor-parallel stages (``steps``); 3 added weight digests, which every plan must now carry
 VERSION = 3
 READS = (3,)
 PLAN_FILE = "plan.json"
-
-Dim = int | str | None
-
-
-NON_TENSOR = "non-tensor"  # the dtype of a sequence, map or optional value (only at a model's own inputs and outputs)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor at a boundary: its name, element type and shape (symbolic dims kept as names; ``None`` unknown)."""
-
-    name: str
-    dtype: str
-    shape: tuple[Dim, ...] | None = None
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": None if self.shape is None else list(self.shape)}
-
-    @classmethod
-    def from_json(cls, d: dict) -> TensorSpec:
-        if d.get("dtype") not in dtypes.NAMES and d.get("dtype") != NON_TENSOR:
-            raise PlanError(f"tensor {d.get('name')!r} has unknown dtype {d.get('dtype')!r}")
-        shape = d.get("shape")
-        return cls(str(d["name"]), d["dtype"], None if shape is None else tuple(shape))
-
-
-@dataclass(frozen=True)
-class Reduce:
-    """Make ``name`` whole from every rank's ``source``: ``sum`` them (all-reduce) or ``concat`` them along
-    ``axis`` (all-gather; with ``blocks``, the axis is a row of blocks of those whole sizes, each cut in T)."""
-
-    name: str
-    source: str
-    op: str
-    axis: int = 0
-    blocks: tuple[int, ...] = ()
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "source": self.source, "op": self.op, "axis": self.axis,
-                "blocks": list(self.blocks)}
-
-    @classmethod
-    def from_json(cls, d: dict) -> Reduce:
-        if d.get("op") not in ("sum", "concat"):
-            raise PlanError(f"reduce of {d.get('name')!r} has unknown op {d.get('op')!r}")
-        return cls(str(d["name"]), str(d["source"]), d["op"], int(d.get("axis", 0)),
-                   tuple(int(b) for b in d.get("blocks", ())))
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step of a tensor-parallel stage: first the ``reduces`` (each rank gathers what it needs whole from
-    every rank's previous packet), then ``files[r]`` runs on rank ``r``. ``ranks`` ranks run it: all T, or rank 0
-    alone for the replicated tail after the last reduce. A step with no files only reduces and hands on."""
-
-    ranks: int
-    files: tuple[str, ...]
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    carry: tuple[str, ...] = ()
-    reduces: tuple[Reduce, ...] = ()
-    sha256: tuple[str, ...] = ()
-
-    @property
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    def to_json(self) -> dict:
-        return {"ranks": self.ranks, "files": list(self.files), "inputs": [t.to_json() for t in self.inputs],
-                "outputs": [t.to_json() for t in self.outputs], "carry": list(self.carry),
-                "reduces": [r.to_json() for r in self.reduces], "sha256": list(self.sha256)}
-
-    @classmethod
-    def from_json(cls, d: dict) -> Step:
-        return cls(int(d["ranks"]), tuple(d["files"]), _specs_from_json(d["inputs"]),
-                   _specs_from_json(d["outputs"]), tuple(d.get("carry", ())),
-                   tuple(Reduce.from_json(r) for r in d.get("reduces", ())), tuple(d.get("sha256", ())))
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One pipeline stage: a standalone ONNX file plus the names it reads, writes and passes through.
-
-    ``carry`` names tensors the stage receives and hands on unchanged (skip connections to later stages and
-    graph outputs made earlier); the batch a stage sends on is its ``outputs`` plus its ``carry``.
-
-    With ``tensor_parallel`` T > 1 the stage runs on T rank workers as ``steps`` (``file`` is empty);
-    ``rank_param_bytes`` is what each rank holds and ``notes`` says which layers stayed whole and why.
-    """
-
-    index: int
-    file: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    carry: tuple[str, ...] = ()
-    nodes: int = 0
-    param_bytes: int = 0
-    flops: float = 0.0
-    sends_bytes: int = 0
-    sha256: str = ""
-    tensor_parallel: int = 1
-    steps: tuple[Step, ...] = ()
-    rank_param_bytes: tuple[int, ...] = ()
-    notes: tuple[str, ...] = ()
-
-    @property
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    def files(self) -> list[tuple[str, str]]:
-        """Every ONNX file of the stage with its recorded sha256."""
-        if not self.steps:
-            return [(self.file, self.sha256)]
-        return [(f, h) for step in self.steps for f, h in zip(step.files, step.sha256 or ("",) * len(step.files))]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["inputs"] = [t.to_json() for t in self.inputs]
-        d["outputs"] = [t.to_json() for t in self.outputs]
-        d["carry"] = list(self.carry)
-        d["steps"] = [step.to_json() for step in self.steps]
-        d["rank_param_bytes"] = list(self.rank_param_bytes)
-        d["notes"] = list(self.notes)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> Stage:
-        return cls(
-            index=int(d["index"]), file=str(d["file"]),
-            inputs=_specs_from_json(d["inputs"]),
-            outputs=_specs_from_json(d["outputs"]),
-            carry=tuple(d.get("carry", ())), nodes=int(d.get("nodes", 0)), param_bytes=int(d.get("param_bytes", 0)),
-            flops=float(d.get("flops", 0.0)), sends_bytes=int(d.get("sends_bytes", 0)), sha256=str(d.get("sha256", "")),
-            tensor_parallel=int(d.get("tensor_parallel", 1)), steps=tuple(Step.from_json(x) for x in d.get("steps", ())),
-            rank_param_bytes=tuple(int(b) for b in d.get("rank_param_bytes", ())), notes=tuple(d.get("notes", ())),
-        )
-
 
 @dataclass(frozen=True)
 class Weights:
@@ -214,6 +77,8 @@ class Plan:
     batch_coupled: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # a decoder's cache pairs (empty for other models): each stage worker keeps its own layers' cache when generating
     kv_cache: tuple[KvPair, ...] = ()
+    # where the plan was read from when that is a URI (``s3://bucket/plan``; see plan_store): what workers are given
+    uri: str | None = field(default=None, compare=False)
 
     @property
     def output_names(self) -> list[str]:
@@ -233,6 +98,13 @@ class Plan:
         if self.root is None:
             raise PlanError("this plan has not been saved; call plan.save(dir) or onnxshard.load_plan(dir) first")
         return self.root / stage.file
+
+    @property
+    def location(self) -> str:
+        """What a stage worker is given to find the plan: its URI, else its folder."""
+        if self.uri is None and self.root is None:
+            raise PlanError("this plan has not been saved; call plan.save(dir) or onnxshard.load_plan(dir) first")
+        return self.uri or str(self.root)
 
     def weights_dir(self) -> Path | None:
         """The folder ONNX Runtime must resolve external-data locations against, or ``None`` for the stage's own."""
@@ -295,8 +167,8 @@ class Plan:
                 raise TypeError("'weights' must be an object whose files, sha256 and sample are objects")
             return cls(
                 model=str(d["model"]), cost_source=str(d.get("cost_source", "analytic")),
-                inputs=_specs_from_json(d["inputs"]),
-                outputs=_specs_from_json(d["outputs"]),
+                inputs=specs_from_json(d["inputs"]),
+                outputs=specs_from_json(d["outputs"]),
                 stages=tuple(Stage.from_json(s) for s in d["stages"]),
                 weights=Weights(**weights), root=root,
                 batch_coupled={str(dim): tuple(map(str, notes)) for dim, notes in d.get("batch_coupled", {}).items()},
@@ -305,10 +177,12 @@ class Plan:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"{path} is malformed ({type(e).__name__}: {e}); re-run `onnxshard plan`") from e
 
-    def check_files(self, *, full: bool = False) -> None:
+    def check_files(self, *, full: bool = False, stages: set[int] | None = None,
+                    weight_files: set[str] | None = None) -> None:
         """Raise :class:`PlanError` unless the stages connect and every stage and weight file is present, inside
         its folder and unaltered. Weight files are checked by size and :func:`sample_digest` (whole files up to
-        ``FULL_CHECK_BYTES``); ``full`` hashes every byte."""
+        ``FULL_CHECK_BYTES``); ``full`` hashes every byte. ``stages`` and ``weight_files``: check only those (a
+        node's copy of one stage of a plan on object storage)."""
         if not self.stages:
             raise PlanError(f"plan in {self.root} has no stages")
         for i, stage in enumerate(self.stages):
@@ -316,7 +190,7 @@ class Plan:
                 raise PlanError(f"plan in {self.root}: stage {i} is listed with index {stage.index}")
             if stage.tensor_parallel > 1 and not stage.steps:
                 raise PlanError(f"plan in {self.root}: stage {i} has tensor_parallel={stage.tensor_parallel} but no steps")
-            for name, digest in stage.files():
+            for name, digest in stage.files() if stages is None or i in stages else ():
                 file = contained(self.root, name, what=f"stage {i} file")
                 if not file.is_file():
                     raise PlanError(f"stage {i} file {file} is missing; re-run `onnxshard plan`")
@@ -326,9 +200,11 @@ class Plan:
                 if sha256_file(file) != digest:
                     raise PlanError(f"stage {i} file {file} was altered after planning (sha256 differs); "
                                     "re-run `onnxshard plan`")
-        self._check_wiring()
+        self.check_wiring()
         wdir = self.weights.folder(self.root)
         for name, size in self.weights.files.items():
+            if weight_files is not None and name not in weight_files:
+                continue
             file = contained(wdir, name, what="weight file")
             if not file.is_file():
                 raise PlanError(f"weight file {file} is missing; restore it or re-plan with --copy-weights")
@@ -346,7 +222,7 @@ class Plan:
                 raise PlanError(f"weight file {file} changed after planning (same size, different bytes); restore "
                                 "it or re-run `onnxshard plan`")
 
-    def _check_wiring(self) -> None:
+    def check_wiring(self) -> None:
         """Every stage reads only what reaches it (graph inputs, or what the stage before sends on), and the last
         stage sends every graph output: a duplicated, dropped or reordered stage entry is refused here."""
         arriving = {t.name for t in self.inputs}
@@ -414,17 +290,3 @@ def contained(root: Path, relative: str, *, what: str) -> Path:
     if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
         raise PlanError(f"{what} path {relative!r} leaves its folder {root}; refusing to read it")
     return path
-
-
-def spec_bytes(spec: TensorSpec, dims: dict[str, int] | None = None) -> int:
-    """Bytes of ``spec`` with symbolic dims sized by ``dims`` (others, and unknown dims, count as 1)."""
-    n = 1
-    for d in spec.shape or ():
-        n *= d if isinstance(d, int) and d > 0 else (dims or {}).get(d, 1) if isinstance(d, str) else 1
-    return n * dtypes.itemsize(spec.dtype)
-
-
-def _specs_from_json(items) -> tuple[TensorSpec, ...]:
-    if not isinstance(items, list) or not all(isinstance(t, dict) for t in items):
-        raise TypeError(f"a tensor list must be a list of objects, got {items!r:.60}")
-    return tuple(TensorSpec.from_json(t) for t in items)

@@ -18,10 +18,8 @@ def save_model(tmp_path):
     return save
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole test session (ray.init takes seconds here). Logical CPUs are oversubscribed
-    so several small pipelines fit on this 2-core machine."""
+def start_local_ray():
+    """The tests' local Ray. Logical CPUs are oversubscribed so several small pipelines fit on this 2-core machine."""
     import os
 
     import ray
@@ -29,5 +27,13 @@ def ray_session():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (ray.init takes seconds here)."""
+    yield start_local_ray()
+    import ray
+
     ray.shutdown()

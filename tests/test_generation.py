@@ -1,6 +1,7 @@
 """Generation on Ray: greedy tokens equal a plain ONNX Runtime loop with its cache on the whole model, sampling is
 reproducible, the cache cap makes sequences wait, and a killed stage worker changes no token."""
 
+import dataclasses
 import threading
 import time
 
@@ -14,6 +15,7 @@ import onnxshard
 from onnxshard import decoder_models as dm
 from onnxshard.distributed.generator import Generator
 from onnxshard.errors import InputError, PlanError
+from onnxshard.plans import TensorSpec
 from onnxshard.sampling import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -178,6 +180,11 @@ def test_bad_prompts_and_plans_are_refused_by_name(decoders, tmp_path, save_mode
     plain = onnxshard.plan(save_model(onnxshard.models.transformer()), tmp_path / "plain", stages=2)
     with pytest.raises(PlanError, match="no KV cache"):
         Generator(plain)
+    plan = plans[2]  # as an older planner could cut it: a present made in stage 0 and sent on to stage 1
+    present = next(p.present for p in plan.kv_cache if p.present in plan.stages[0].output_names)
+    second = dataclasses.replace(plan.stages[1], inputs=(*plan.stages[1].inputs, TensorSpec(present, "float32")))
+    with pytest.raises(PlanError, match=rf"{present}.*sent on to stage\(s\) \[1\]"):
+        Generator(dataclasses.replace(plan, stages=(plan.stages[0], second)))
 
 
 def test_the_generate_command_takes_text_and_token_ids(decoders, capsys):

@@ -1,4 +1,5 @@
-"""The two transports between stages: direct Unix-socket links (Arrow IPC frames) and Ray actor calls."""
+"""The two transports between stages: direct links (Arrow IPC frames over Unix sockets, or TCP between nodes) and
+Ray actor calls."""
 
 import glob
 import os
@@ -49,6 +50,50 @@ def test_frames_round_trip_tensors_failures_and_calls():
         a.close()
         with pytest.raises(frames.LinkClosed):
             frames.recv_frame(b)
+
+
+def test_a_tcp_link_carries_the_same_frames_and_admits_only_the_peer_with_the_token():
+    token = b"t" * 16
+    server = frames.listen("onnxshard-test-", timeout=5.0, host="127.0.0.1")
+    where = frames.address(server)
+    assert where.startswith("tcp://127.0.0.1:") and server.family == socket.AF_INET
+    with server:
+        strangers = [frames.connect(where, token=b"x" * 16), socket.create_connection(server.getsockname()[:2])]
+        strangers[1].sendall(b"GET / HTTP/1.1\r\n\r\n")  # not even a token: dropped too
+        a = frames.connect(where, token=token)
+        b = frames.accept(server, token)  # the strangers came first and were turned away
+        with a, b:
+            for stranger in strangers:  # their connections were closed (or reset, with bytes unread) at once
+                stranger.settimeout(5.0)
+                try:
+                    assert stranger.recv(1) == b""
+                except ConnectionResetError:
+                    pass
+                stranger.close()
+            assert b.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) and a.getsockopt(socket.IPPROTO_TCP,
+                                                                                          socket.TCP_NODELAY)
+            x = np.arange(300_000, dtype=np.float32).reshape(3, 100_000)  # larger than one TCP segment
+            frames.send_frame(a, 5, arrow.encode({"x": x}), {"calls": []})
+            mb, batch, meta = frames.recv_frame(b)
+            assert mb == 5 and meta == {"calls": []} and np.array_equal(arrow.decode(batch)["x"], x)
+        server.settimeout(0.3)
+        with frames.connect(where, token=b"y" * 16), pytest.raises(TimeoutError):
+            frames.accept(server, token)  # nobody with the token: the wait ends with the server's timeout
+
+
+def test_a_unix_link_also_wants_the_token():
+    token = b"u" * 16
+    server = frames.listen("onnxshard-test-", timeout=0.5)
+    path = frames.address(server)
+    assert path == server.getsockname() and server.family == socket.AF_UNIX
+    with server:
+        with frames.connect(frames.address(server), token=b"v" * 16), pytest.raises(TimeoutError):
+            frames.accept(server, token)
+        with frames.connect(frames.address(server), token=token) as a, frames.accept(server, token) as b:
+            frames.send_frame(a, 1, None, {"free": ["s"]})
+            assert frames.recv_frame(b)[2] == {"free": ["s"]}
+    frames.close([], [path])
+    assert not os.path.exists(os.path.dirname(path))
 
 
 @pytest.mark.skipif(frames._SIOCOUTQ is None, reason="the free send buffer is read with Linux's SIOCOUTQ")

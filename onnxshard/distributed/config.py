@@ -40,8 +40,8 @@ class PipelineConfig:
     max_queue_delay_ms: with ``max_batch_size``, how long an idle pipeline waits for more requests to join the
         oldest (default 0: a busy pipeline still joins what piles up meanwhile).
     max_queue_size: requests that may wait; past it a request is refused at once with ``OverloadedError``.
-    transport: how micro-batches travel between stages: ``"direct"`` (Unix sockets between the workers, Arrow IPC
-        frames; every worker on the coordinator's node, no tensor-parallel stage), ``"ray"`` (actor calls chained
+    transport: how micro-batches travel between stages: ``"direct"`` (sockets between the workers, Arrow IPC
+        frames: Unix sockets within a node, TCP between nodes; no tensor-parallel stage), ``"ray"`` (actor calls chained
         by ObjectRef; any cluster) or ``"auto"`` (direct where it applies, else ray).
     run_timeout_s: a request (a ``run``, or each batch of a ``stream``) not back this long after it was queued
         fails (its micro-batches finish and are dropped).

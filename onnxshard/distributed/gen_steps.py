@@ -1,4 +1,4 @@
-"""How generation steps travel through the stage workers: over the direct links (Unix sockets between the workers,
+"""How generation steps travel through the stage workers: over the direct links (sockets between the workers,
 Arrow IPC frames; the step's rows and lengths ride in the frame's metadata) or as Ray actor calls chained by
 ObjectRef (any cluster). Both answer the same way: a step's next tokens, :class:`StepFailed` for an error a stage
 raised, :class:`StepLost` when a worker or link is gone (the generator then replaces workers and prefills again)."""

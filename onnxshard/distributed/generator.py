@@ -21,6 +21,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from onnxshard import plan_store
 from onnxshard.distributed import cluster
 from onnxshard.distributed.config import PipelineConfig, check_config
 from onnxshard.distributed.decoding import Ready, admit, next_step, step_inputs
@@ -56,7 +57,8 @@ class Generator:
                  eos_token_id: int | None = None, address: str | None = None, **options):
         self.config = replace(PipelineConfig(), **options)
         check_config(self.config)
-        self.plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        self.plan = plan if isinstance(plan, Plan) else plan_store.read_plan(plan) if plan_store.is_uri(plan) \
+            else Plan.load(plan)
         self._check_plan()
         self.max_model_len, self.max_rows, self.max_prefill_tokens = max_model_len, max_rows, max_prefill_tokens
         self.step_timeout_s, self.eos_token_id = step_timeout_s, eos_token_id
@@ -109,9 +111,12 @@ class Generator:
         for pair in plan.kv_cache:
             at = [s.index for s in plan.stages if pair.past in s.input_names]
             made = [s.index for s in plan.stages if pair.present in s.output_names]
-            if len(at) != 1 or at != made:
+            later = [s.index for s in plan.stages if pair.present in s.input_names]
+            if len(at) != 1 or at != made or later:
+                where = f", and sent on to stage(s) {later}" if later else ""
                 raise PlanError(f"cache pair {pair.past} -> {pair.present} is read in stage(s) {at} and written in "
-                                f"{made}; each layer's pair must live in one stage (re-plan with other cuts)")
+                                f"{made}{where}; each layer's pair, and the attention over it, must live in one "
+                                "stage (plan it again: the planner no longer cuts there)")
 
     def _open_caches(self, capacity: int | None) -> list[int]:
         workers = [ranks[0] for ranks in self.placement.workers[0]]

@@ -1,4 +1,5 @@
-"""The coordinator's ends of the direct transport: one chain of Unix sockets per replica.
+"""The coordinator's ends of the direct transport: one chain of sockets per replica, each hop a Unix socket
+between processes of one node and TCP between nodes.
 
 Per replica the coordinator writes each micro-batch into stage 0's socket (a frame too large for the socket's
 free buffer through a sender thread, so the coordinator never waits on stage 0) and a reader thread takes finished
@@ -12,6 +13,8 @@ replica and resends what it had not got back.
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -34,12 +37,13 @@ class _Chain:
     """One replica's coordinator-side sockets and reader thread."""
 
     def __init__(self, replica: int, last, paths: list[str], on_frame, on_break, accept_timeout_s: float,
-                 folder: str | None = None):
+                 folder: str | None, host: str | None, token: bytes):
         self.replica = replica
         self.last = last  # the last stage's worker, which holds large results
         self.paths = paths  # the workers' sockets, in stage order
-        self.server = frames.listen("onnxshard-coord-", accept_timeout_s, folder)
-        self.path = self.server.getsockname()
+        self.folder, self.token = folder, token
+        self.server = frames.listen("onnxshard-coord-", accept_timeout_s, folder, host)
+        self.path = frames.address(self.server)
         self.to_first: socket.socket | None = None
         self.back: socket.socket | None = None
         self.sender: frames.FrameSender | None = None
@@ -48,9 +52,8 @@ class _Chain:
     def connect(self) -> None:
         # Stage 0 reads its next frame once it is done with the one before, so a large frame may wait for it: the
         # sender's thread waits then, never the coordinator (which watches the workers for hangs meanwhile).
-        self.to_first = frames.connect(self.paths[0])
-        self.back, _ = self.server.accept()
-        self.back.settimeout(None)
+        self.to_first = frames.connect(self.paths[0], token=self.token)
+        self.back = frames.accept(self.server, self.token)
         self.sender = frames.FrameSender(self.to_first, lambda e: self._on_break(self, _describe(e)),
                                          name=f"onnxshard-chain-{self.replica}-sender")
         threading.Thread(target=self._read, name=f"onnxshard-chain-{self.replica}", daemon=True).start()
@@ -63,8 +66,10 @@ class _Chain:
             self._on_break(self, _describe(e))
 
     def close(self) -> None:
-        # A live worker removes its own link folder when it relinks; a killed one cannot: they are on this node.
-        frames.close([self.to_first, self.back, self.server], [self.path, *self.paths])
+        # A live worker removes its own link folder when it relinks; a killed one cannot: those in the folder are
+        # on this node (a worker on another node keeps its own, which its node's temp cleaning removes).
+        mine = [p for p in [self.path, *self.paths] if self.folder and p.startswith(self.folder + os.sep)]
+        frames.close([self.to_first, self.back, self.server], mine)
         if self.sender is not None:
             self.sender.close()
 
@@ -74,7 +79,8 @@ def _describe(e: Exception) -> str:
 
 
 class DirectLinks:
-    """Per replica, a chain coordinator -> stage 0 -> ... -> stage K-1 -> coordinator over Unix sockets."""
+    """Per replica, a chain coordinator -> stage 0 -> ... -> stage K-1 -> coordinator: each hop a Unix socket when
+    both ends are on one node, else TCP. ``kinds[replica]`` says which, hop by hop."""
 
     def __init__(self, rows: list[list[list]], timeout_s: float, keep: int):
         self.timeout_s = timeout_s
@@ -86,6 +92,8 @@ class DirectLinks:
         self._wanted: set[int] = set()
         self._cond = threading.Condition()
         self._closed = False
+        self.token = secrets.token_bytes(16)  # a link admits only a peer that sends this (TCP is open to the network)
+        self.kinds: dict[int, list[str]] = {}
         try:
             # every socket of these chains lives in one private folder: close() removes it, whatever became of
             # the workers (a killed one cannot remove its own)
@@ -106,8 +114,13 @@ class DirectLinks:
             lost = [mb for mb, (batch, _, chain) in self._results.items() if chain.replica == replica
                     and isinstance(batch, ray.ObjectRef) and chain.last is not workers[-1]]
             fetches = [self._results.pop(mb)[0] for mb in lost]
-        paths = ray.get([w.open_link.remote(self.folder) for w in workers], timeout=self.timeout_s)
-        chain = _Chain(replica, workers[-1], paths, self._arrived, self._break, self.timeout_s, self.folder)
+        here = ray.get_runtime_context().get_node_id()
+        nodes = [info["node"] for info in ray.get([w.ready.remote() for w in workers], timeout=self.timeout_s)]
+        tcp = [a != b for a, b in zip([here, *nodes], [*nodes, here])]  # hop i enters stage i; the last, here
+        paths = ray.get([w.open_link.remote(self.folder if node == here else None, tcp[i], self.token)
+                         for i, (w, node) in enumerate(zip(workers, nodes))], timeout=self.timeout_s)
+        chain = _Chain(replica, workers[-1], paths, self._arrived, self._break, self.timeout_s, self.folder,
+                       ray.util.get_node_ip_address() if tcp[-1] else None, self.token)
         try:
             ray.get([w.start_link.remote(paths[i + 1]) for i, w in enumerate(workers[:-1])] +
                     [workers[-1].start_link.remote(chain.path, HOLD_OVER, self.keep)], timeout=self.timeout_s)
@@ -118,6 +131,7 @@ class DirectLinks:
         with self._cond:
             self._chains[replica] = chain
             self._broken.pop(replica, None)
+            self.kinds[replica] = ["tcp" if t else "unix" for t in tcp]
         return fetches
 
     def drop(self, replica: int) -> None:

@@ -4,7 +4,7 @@ Every call (``run``, ``stream``, ``submit``, ``run_async``; from any thread or a
 one bounded queue (``requests.py``: dynamic batching joins requests that wait together). One coordinator thread
 per pipeline owns the schedule: it takes requests as its in-flight window has room, cuts them into micro-batches
 (``sizing.py``, ``microbatch.py``), deals micro-batch ``i`` to replica ``i % R``, sends them through a transport
-(``transports.py``: Ray actor calls, or direct Unix-socket links on one node), takes the oldest result first (so
+(``transports.py``: Ray actor calls, or direct socket links), takes the oldest result first (so
 memory stays flat) and hands each caller exactly its rows.
 
 Recovery is one procedure for both transports: Ray retries nothing (a retried call can run twice and out of
@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from onnxshard import plan_store
 from onnxshard.distributed import cluster, microbatch
 from onnxshard.distributed.config import PipelineConfig, check_config, check_size_option
 from onnxshard.distributed.coordinator import Coordinator
@@ -88,9 +89,11 @@ class Pipeline:
     # -- lifecycle -------------------------------------------------------------------------------------------
     def _resolve_plan(self, plan, stages) -> Plan:
         if isinstance(plan, Plan):
-            if plan.root is None:
+            if plan.root is None and plan.uri is None:
                 raise PlanError("the plan has not been saved; use onnxshard.plan(model, out_dir) first")
             return plan
+        if plan_store.is_uri(plan):
+            return plan_store.read_plan(plan)
         path = Path(plan)
         if is_plan_dir(path):
             return Plan.load(path)
@@ -126,6 +129,13 @@ class Pipeline:
     def worker_info(self) -> list[list[list[dict]]]:
         """What each worker said when it was ready (node, pid, threads, warm-up seconds)."""
         return self.placement.info if self.placement is not None else []
+
+    @property
+    def hops(self) -> list[list[str]]:
+        """Per replica, how each hop of its direct links goes (``unix`` or ``tcp``): coordinator to stage 0, stage
+        to stage, last stage to the coordinator. Empty on the ray transport."""
+        return [list(kinds) for _, kinds in sorted(self._transport.links.kinds.items())] \
+            if isinstance(self._transport, Links) else []
 
     def _window(self) -> int:
         """Micro-batches in the pipeline at once."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections import deque
 
 import ray
@@ -22,6 +23,10 @@ from onnxshard.workers import StageWorker
 
 log = logging.getLogger(__name__)
 RETIRED = 100  # replaced workers remembered (killed again at close)
+
+
+class _NeverStarted(WorkerError):
+    """A new worker never ran (its node died first): not an error of the worker's own."""
 
 
 class Placement:
@@ -89,13 +94,15 @@ class Placement:
             num_cpus=cfg.cpus_per_stage, num_gpus=cfg.gpus_per_stage, resources=cfg.resources or None,
             max_restarts=0, max_task_retries=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=first + rank),
-        ).remote(str(self.plan.root), stage, cfg.runtime, rank) for rank in range(self.plan.stages[stage].tensor_parallel)]
+        ).remote(self.plan.location, stage, cfg.runtime, rank) for rank in range(self.plan.stages[stage].tensor_parallel)]
 
-    def await_ready(self, workers: list) -> list[dict]:
-        timeout = self.config.worker_start_timeout_s
+    def await_ready(self, workers: list, timeout: float | None = None) -> list[dict]:
+        timeout = self.config.worker_start_timeout_s if timeout is None else timeout
         try:
-            return ray.get([w.ready.remote() for w in workers], timeout=timeout)
+            return ray.get([w.ready.remote() for w in workers], timeout=max(0.0, timeout))
         except RayActorError as e:
+            if not e.actor_init_failed:  # not the worker's own error: its node died, or it was never scheduled
+                raise _NeverStarted(f"a stage worker never started: {cause_of(e)}") from None
             raise WorkerError(f"a stage worker failed to start: {cause_of(e)}") from None
         except GetTimeoutError:
             raise WorkerError(f"stage workers did not load their shards within {timeout:g} s; raise "
@@ -103,14 +110,32 @@ class Placement:
 
     def replace(self, replica: int, stage: int) -> list[dict]:
         """Kill a stage's workers (all its ranks: they run each micro-batch together) and start new ones in their
-        bundles; returns what the new ones said when ready."""
+        bundles; returns what the new ones said when ready. When the bundle's node has died, Ray moves the bundle
+        to a node with room, and the workers started before that never run: wait for the move and start them
+        again, all within ``worker_start_timeout_s``."""
         old = self.workers[replica][stage]
         self.retired.extend(old)
         kill(old)
-        new = self.spawn(replica, stage)
-        self.workers[replica][stage] = new
-        self.info[replica][stage] = self.await_ready(new)
-        return self.info[replica][stage]
+        end = time.monotonic() + self.config.worker_start_timeout_s
+        while True:
+            new = self.spawn(replica, stage)
+            self.workers[replica][stage] = new
+            try:
+                self.info[replica][stage] = self.await_ready(new, end - time.monotonic())
+                return self.info[replica][stage]
+            except _NeverStarted as e:
+                if time.monotonic() >= end:
+                    raise
+                log.warning("stage %d's new worker never started (%s): starting it again once its placement-group "
+                            "bundle is placed", stage, str(e).splitlines()[-1])
+            self.retired.extend(new)
+            kill(new)
+            try:
+                ray.get(self.group.ready(), timeout=max(0.0, end - time.monotonic()))
+            except GetTimeoutError:
+                raise WorkerError(f"stage {stage}'s workers lost their node, and the cluster had no room for "
+                                  f"{self.bundle} elsewhere within worker_start_timeout_s="
+                                  f"{self.config.worker_start_timeout_s:g}") from None
 
     def warm_seconds(self) -> list[float]:
         """Each worker's warm-up run (one sample), where it ran."""
@@ -120,12 +145,9 @@ class Placement:
         """``direct`` where it applies (see PipelineConfig.transport), else ``ray``."""
         if wanted == "ray":
             return "ray"
-        here = ray.get_runtime_context().get_node_id()
         why = None
         if any(s.steps for s in self.plan.stages):
             why = "a tensor-parallel stage exchanges values between its ranks through Ray"
-        elif any(w["node"] != here for row in self.info for ranks in row for w in ranks):
-            why = "some workers run on other nodes than the coordinator (direct links are Unix sockets)"
         elif not hasattr(socket, "AF_UNIX"):
             why = "this platform has no Unix sockets"
         if why is None:

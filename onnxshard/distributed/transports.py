@@ -6,10 +6,10 @@ one hang check (the call deadline) for both.
 - :class:`RayCalls`: per micro-batch a chain of actor calls whose ObjectRefs pass straight from stage to stage, so
   activations never come through the coordinator. Works across nodes and for tensor-parallel stages. A replay
   reissues only the calls from the lost stage on: the stage input made by a live worker still exists.
-- :class:`Links`: each replica's workers linked into a chain of Unix sockets, coordinator -> stage 0 -> ... ->
-  coordinator, carrying Arrow IPC frames (``links.py``); a hop costs a socket copy instead of an actor call. A lost
-  worker breaks its replica's chain: after the replacement the replica is linked again and every micro-batch of it
-  that has not come back is sent again from the start.
+- :class:`Links`: each replica's workers linked into a chain of sockets (Unix within a node, TCP between
+  nodes), coordinator -> stage 0 -> ... -> coordinator, carrying Arrow IPC frames (``links.py``); a hop costs a
+  socket copy instead of an actor call. A lost worker breaks its replica's chain: after the replacement the replica
+  is linked again and every micro-batch of it that has not come back is sent again from the start.
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def _linked(make):
     try:
         return make()
     except (OSError, GetTimeoutError, RayActorError) as e:
-        raise WorkerError(f"could not link the stage workers over Unix sockets ({cause_of(e)}); use "
+        raise WorkerError(f"could not link the stage workers over sockets ({cause_of(e)}); use "
                           "transport='ray'") from None
 
 

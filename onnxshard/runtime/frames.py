@@ -1,4 +1,5 @@
-"""Micro-batches over a socket: the direct transport's wire format (no Ray).
+"""Micro-batches over a socket: the direct transport's wire format (no Ray). A link is a Unix socket between
+processes of one node and TCP between nodes; the same frames go over both.
 
 A frame is a fixed header (magic, micro-batch id, payload length) and an Arrow IPC stream holding one record
 batch; the schema's metadata carries small JSON values beside the tensors (the calls so far, or the failure that
@@ -9,7 +10,9 @@ batch then views. A large activation is copied only by the kernel, into the sock
 
 from __future__ import annotations
 
+import hmac
 import json
+import logging
 import os
 import queue
 import shutil
@@ -18,12 +21,15 @@ import struct
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 
+log = logging.getLogger(__name__)
 MAGIC = b"OSF1"
+TOKEN_TIMEOUT_S = 5.0  # a peer that connects has this long to send the link's token
 # A sender's socket buffer: a frame that fits goes into the kernel in one write, without waiting for the reader
 # to drain it piece by piece (a 1 MiB frame: 0.31 -> 0.15 ms between two processes, benchmarks/RESULTS.md). Linux
 # caps it at net.core.wmem_max (often 208 KiB; raise it for full effect).
@@ -43,25 +49,73 @@ class LinkClosed(ConnectionError):
     """The other end of a link closed it (cleanly, or by dying)."""
 
 
-def listen(prefix: str, timeout: float | None = None, folder: str | None = None) -> socket.socket:
-    """A Unix socket listening in a new private folder (mode 0700: only this user's processes can connect) inside
-    ``folder`` (default: the temp folder); its path is ``sock.getsockname()``. ``timeout`` bounds ``accept``."""
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(os.path.join(tempfile.mkdtemp(prefix=prefix, dir=folder), "socket"))
-    server.listen(1)
+def listen(prefix: str, timeout: float | None = None, folder: str | None = None, host: str | None = None
+           ) -> socket.socket:
+    """A socket to accept one link on; :func:`address` says where to connect. Without ``host``, a Unix socket in a
+    new private folder (mode 0700: only this user's processes can connect) inside ``folder`` (default: the temp
+    folder), for peers on this node; with ``host`` (this node's IP), TCP on a free port there, for peers on other
+    nodes. Either way :func:`accept` admits only a peer that knows the link's token. ``timeout`` bounds accepting."""
+    if host is None:
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(os.path.join(tempfile.mkdtemp(prefix=prefix, dir=folder), "socket"))
+    else:
+        server = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        server.bind((host, 0))
+    server.listen(4)
     server.settimeout(timeout)
     return server
 
 
-def connect(path: str, timeout: float | None = None) -> socket.socket:
-    """A Unix socket connected to ``path`` to send frames on; ``timeout`` bounds each send and receive."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def address(server: socket.socket) -> str:
+    """Where peers connect to ``server``: a Unix socket's path, or ``tcp://HOST:PORT``."""
+    if server.family == socket.AF_UNIX:
+        return server.getsockname()
+    host, port = server.getsockname()[:2]
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def accept(server: socket.socket, token: bytes) -> socket.socket:
+    """The first peer to connect with ``token`` (sent as its first bytes); others are dropped. A TCP link is open
+    to the network, so the token, made by the coordinator and given only to the pipeline's own workers, is what
+    keeps anyone else from feeding it frames. Raises ``TimeoutError`` once the server's timeout passes."""
+    end = None if server.gettimeout() is None else time.monotonic() + server.gettimeout()
+    while True:
+        if end is not None:
+            server.settimeout(max(0.001, end - time.monotonic()))
+        peer, _ = server.accept()
+        try:
+            peer.settimeout(TOKEN_TIMEOUT_S)
+            got = bytes(_recv_exact(peer, len(token)))
+        except (OSError, ConnectionError):
+            got = b""
+        if hmac.compare_digest(got, token):
+            peer.settimeout(None)
+            if peer.family != socket.AF_UNIX:
+                peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return peer
+        log.warning("a connection to a direct link without its token was refused")
+        peer.close()
+        if end is not None and time.monotonic() >= end:
+            raise TimeoutError("no peer with the link's token connected in time")
+
+
+def connect(path: str, timeout: float | None = None, token: bytes = b"") -> socket.socket:
+    """A socket connected to ``path`` (a Unix socket's path, or ``tcp://HOST:PORT``) to send frames on, having
+    sent ``token``; ``timeout`` bounds each send and receive."""
+    if path.startswith("tcp://"):
+        host, port = path[len("tcp://"):].rsplit(":", 1)
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a frame's pieces go out at once
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(path)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
     except OSError:  # a system that refuses the size: its default buffer still works, only slower
         pass
     sock.settimeout(timeout)
-    sock.connect(path)
+    sock.sendall(token)
     return sock
 
 
@@ -77,7 +131,8 @@ def close(sockets, paths=()) -> None:
             pass
         sock.close()
     for path in paths:
-        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        if path and not path.startswith("tcp://"):
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
 def send_frame(sock: socket.socket, micro_batch: int, batch: pa.RecordBatch | None, meta: dict) -> int:

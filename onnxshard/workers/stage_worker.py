@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from onnxshard import dtypes
+from onnxshard import dtypes, plan_store
 from onnxshard.errors import OnnxShardError, WorkerError
 from onnxshard.plans import Plan
 from onnxshard.runtime import RuntimeConfig, ShardSession, arrow
@@ -60,7 +60,8 @@ class StageWorker:
     coordinator; a plain instance works too, for tests and in-process runs."""
 
     def __init__(self, plan_dir: str, stage_index: int, config: RuntimeConfig | None = None, rank: int = 0):
-        plan = Plan.load(plan_dir)  # checks the stage files' hashes before ORT sees them
+        # checks the stage files' hashes before ORT sees them; a plan on object storage is copied to this node first
+        plan = plan_store.load_stage(plan_dir, stage_index) if plan_store.is_uri(plan_dir) else Plan.load(plan_dir)
         self.stage = plan.stages[stage_index]
         self._kv_pairs = plan.kv_cache
         self._kv_names = {n for p in plan.kv_cache for n in (p.past, p.present)}  # never sent on when generating
@@ -215,13 +216,20 @@ class StageWorker:
         return self.cache.used_bytes
 
     # -- direct transport (see workers/link.py) --------------------------------------------------------------
-    def open_link(self, folder: str | None = None) -> str:
-        """Close any link this worker serves and listen for a new one, its socket inside ``folder`` (the
-        coordinator's, which it removes at close even if this worker was killed); returns the path to send to."""
+    def open_link(self, folder: str | None = None, tcp: bool = False, token: bytes = b"") -> str:
+        """Close any link this worker serves and listen for a new one: a Unix socket inside ``folder`` (the
+        coordinator's, which it removes at close even if this worker was killed; ``None`` on another node), or
+        with ``tcp`` (the stage before runs on another node) TCP on this node's address. Only a peer that sends
+        ``token`` is let in. Returns the address to send to."""
         if self._link is not None:
             self._link.close()
-        self._link = Link(self._serve_frame, folder)
+        host = ray.util.get_node_ip_address() if tcp else None
+        self._link = Link(self._serve_frame, folder, host, token)
         return self._link.path
+
+    def link_kinds(self) -> dict[str, str]:
+        """How this worker's link reaches the stage before (``up``) and after (``down``): ``unix`` or ``tcp``."""
+        return {} if self._link is None else dict(self._link.kinds)
 
     def start_link(self, downstream: str, hold_over: int | None = None, keep: int = 0) -> None:
         """Serve the link opened last: results go to the socket at ``downstream``. ``hold_over`` (the last stage):
