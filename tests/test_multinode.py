@@ -94,6 +94,16 @@ def test_hops_within_a_node_stay_unix_sockets(cluster, model):
         _exact(references[:6], list(pipe.stream(batches[:6])))
 
 
+def test_a_plan_given_by_uri_runs_over_three_nodes(cluster, model):
+    """Each worker copies its own stage from the URI into its node's cache (here the nodes share one machine's
+    temp folder, so they share the cache too; each still copies only its stage's files)."""
+    _, plan, batches, references = model
+    uri = "file://" + str(plan.root)
+    with Pipeline(uri, cpus_per_stage=1, resources={"single": 1}, placement_strategy="STRICT_SPREAD") as pipe:
+        assert pipe.plan.uri == uri and len(set(_node_of(cluster, pipe.worker_info))) == 3
+        _exact(references[:8], list(pipe.stream(batches[:8])))
+
+
 def test_the_run_command_spreads_stages_over_nodes(cluster, model, tmp_path, capsys):
     """What ``ray job submit -- onnxshard run ...`` does on a cluster: the strategy and a node resource from flags."""
     from onnxshard.cli import main
@@ -113,9 +123,9 @@ def test_the_run_command_spreads_stages_over_nodes(cluster, model, tmp_path, cap
 
 @pytest.mark.parametrize("how", ["removed", "crashed"])
 def test_a_node_lost_mid_run_loses_no_result(cluster, model, how):
-    """``removed``: its raylet stops and says so (a drained node, a deleted pod); ``crashed``: its raylet and the
-    stage worker on it are SIGKILLed (a machine gone at once), and Ray moves the placement-group bundle only once
-    its health check gives the node up."""
+    """``removed``: its raylet stops and says so (a drained node, a deleted pod), and Ray moves the stage's bundle;
+    ``crashed``: its raylet and the stage worker on it are SIGKILLed (a machine gone at once), which Ray's health
+    check notices only many seconds later: the refused connection to the raylet says so at once."""
     nodes, workers = cluster
     _, plan, batches, references = model
     with Pipeline(plan, cpus_per_stage=1, resources={"single": 1}, placement_strategy="SPREAD",
@@ -133,3 +143,5 @@ def test_a_node_lost_mid_run_loses_no_result(cluster, model, how):
         where = _node_of(cluster, pipe.worker_info)
         assert where[1] != victim and len(set(where)) == 3
         assert pipe.stats.delivered == pipe.stats.micro_batches and pipe.hops == [["tcp"] * 4]
+        # a crashed node's stage is not left waiting for Ray's health check: it gets a placement group of its own
+        assert list(pipe.placement.moved) == ([(0, 1)] if how == "crashed" else [])

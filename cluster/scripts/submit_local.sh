@@ -8,5 +8,19 @@ export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 trap '"$bin/ray" stop >/dev/null 2>&1 || true' EXIT
 plan=$(realpath "$1") inputs=$(realpath "$2") outputs=$(realpath -m "$3")
 shift 3
-"$bin/ray" job submit --address http://127.0.0.1:8265 -- \
-    "$bin/onnxshard" run "$plan" --inputs "$inputs" --outputs "$outputs" "$@"
+# The head's job agent may start a few seconds after `ray start` returns (on a busy machine): submit again while
+# Ray says it has none yet, up to 30 s; any other failure ends the script at once.
+for _ in $(seq 15); do
+    if out=$("$bin/ray" job submit --address http://127.0.0.1:8265 -- \
+            "$bin/onnxshard" run "$plan" --inputs "$inputs" --outputs "$outputs" "$@" 2>&1); then
+        echo "$out"
+        exit 0
+    fi
+    if ! grep -q "No available agent" <<<"$out"; then
+        echo "$out" >&2
+        exit 1
+    fi
+    sleep 2
+done
+echo "$out" >&2
+exit 1

@@ -111,6 +111,20 @@ def infeasible(bundles: Sequence[Mapping[str, float]], nodes: Sequence[Mapping[s
     return None
 
 
+def node_state(node_id: str, timeout_s: float = 2.0) -> str:
+    """``dead`` (Ray says so), ``unreachable`` (Ray still counts it alive, but its raylet accepts no connection
+    within ``timeout_s``: a crashed node, which Ray's health check gives up only many seconds later, and only then
+    moves its placement-group bundles) or ``alive``."""
+    node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
+    if node is None or not node.get("Alive"):
+        return "dead"
+    try:
+        socket.create_connection((node["NodeManagerAddress"], int(node["NodeManagerPort"])), timeout=timeout_s).close()
+    except OSError:
+        return "unreachable"
+    return "alive"
+
+
 def node_totals() -> list[dict[str, float]]:
     """Each live node's total resources."""
     return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]

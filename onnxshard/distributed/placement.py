@@ -42,6 +42,7 @@ class Placement:
         self.info: list[list[list[dict]]] = []
         self.owns_group = config.placement_group == "own"
         self.first_bundle = 0
+        self.moved: dict[tuple[int, int], object] = {}  # (replica, stage) -> its own group, after its node crashed
         if self.owns_group:
             self.group = self._reserve(count, owns_ray)
         else:
@@ -90,10 +91,12 @@ class Placement:
         """Start a stage's workers (one per tensor-parallel rank), each in its own placement-group bundle."""
         cfg = self.config
         first = self.first_bundle + replica * self.plan.num_workers + sum(s.tensor_parallel for s in self.plan.stages[:stage])
+        group = self.moved.get((replica, stage))
+        group, first = (self.group, first) if group is None else (group, 0)
         return [ray.remote(StageWorker).options(
             num_cpus=cfg.cpus_per_stage, num_gpus=cfg.gpus_per_stage, resources=cfg.resources or None,
             max_restarts=0, max_task_retries=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=first + rank),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=first + rank),
         ).remote(self.plan.location, stage, cfg.runtime, rank) for rank in range(self.plan.stages[stage].tensor_parallel)]
 
     def await_ready(self, workers: list, timeout: float | None = None) -> list[dict]:
@@ -112,11 +115,16 @@ class Placement:
         """Kill a stage's workers (all its ranks: they run each micro-batch together) and start new ones in their
         bundles; returns what the new ones said when ready. When the bundle's node has died, Ray moves the bundle
         to a node with room, and the workers started before that never run: wait for the move and start them
-        again, all within ``worker_start_timeout_s``."""
+        again. A node that crashed, which Ray gives up only after its health check, is not waited for: the stage
+        gets a placement group of its own on the nodes left. All within ``worker_start_timeout_s``."""
         old = self.workers[replica][stage]
+        nodes = {w.get("node") for w in self.info[replica][stage]} if len(self.info) > replica else set()
         self.retired.extend(old)
         kill(old)
         end = time.monotonic() + self.config.worker_start_timeout_s
+        crashed = [n for n in nodes if n and cluster.node_state(n) == "unreachable"]
+        if crashed:
+            self._move(replica, stage, crashed[0], end)
         while True:
             new = self.spawn(replica, stage)
             self.workers[replica][stage] = new
@@ -131,11 +139,30 @@ class Placement:
             self.retired.extend(new)
             kill(new)
             try:
-                ray.get(self.group.ready(), timeout=max(0.0, end - time.monotonic()))
+                ray.get(self.moved.get((replica, stage), self.group).ready(), timeout=max(0.0, end - time.monotonic()))
             except GetTimeoutError:
-                raise WorkerError(f"stage {stage}'s workers lost their node, and the cluster had no room for "
+                raise WorkerError(f"stage {stage}'s workers lost their node {', '.join(sorted(map(str, nodes)))}, "
+                                  f"and the cluster had no room for "
                                   f"{self.bundle} elsewhere within worker_start_timeout_s="
                                   f"{self.config.worker_start_timeout_s:g}") from None
+
+    def _move(self, replica: int, stage: int, node: str, end: float) -> None:
+        """Give a stage whose node crashed a placement group of its own (its bundle in the pipeline's group stays
+        reserved: Ray moves it once it gives the node up, if there is room, and it is freed at close)."""
+        count = self.plan.stages[stage].tensor_parallel
+        log.warning("stage %d's node %s does not answer: placing its workers on the nodes left", stage, node)
+        group = placement_group([dict(self.bundle) for _ in range(count)], strategy="PACK")
+        try:
+            ray.get(group.ready(), timeout=max(0.0, end - time.monotonic()))
+        except GetTimeoutError:
+            remove_placement_group(group)
+            raise WorkerError(f"stage {stage}'s node {node} is gone, and the nodes left had no room for {count} x "
+                              f"{self.bundle} within worker_start_timeout_s={self.config.worker_start_timeout_s:g}; "
+                              "add a node or free resources") from None
+        earlier = self.moved.pop((replica, stage), None)
+        if earlier is not None:
+            remove_placement_group(earlier)
+        self.moved[(replica, stage)] = group
 
     def warm_seconds(self) -> list[float]:
         """Each worker's warm-up run (one sample), where it ran."""
@@ -157,16 +184,17 @@ class Placement:
         return "ray"
 
     def close(self) -> None:
-        """Kill every worker, replaced ones included, and free the placement group."""
+        """Kill every worker, replaced ones included, and free the placement group (and those of moved stages)."""
         kill([w for row in self.workers for ranks in row for w in ranks] + list(self.retired))
         self.workers = []
         self.retired.clear()
-        if not self.owns_group:
-            return  # the caller's (a Serve replica's): Serve frees it
-        try:
-            remove_placement_group(self.group)
-        except Exception:  # noqa: BLE001 - already gone with the cluster
-            pass
+        # the pipeline's own group; the caller's (a Serve replica's) is Serve's to free
+        for group in list(self.moved.values()) + ([self.group] if self.owns_group else []):
+            try:
+                remove_placement_group(group)
+            except Exception:  # noqa: BLE001 - already gone with the cluster
+                pass
+        self.moved.clear()
 
     def _unsatisfiable(self, count: int) -> str:
         total = ray.cluster_resources()
