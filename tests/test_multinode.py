@@ -145,3 +145,20 @@ def test_a_node_lost_mid_run_loses_no_result(cluster, model, how):
         assert pipe.stats.delivered == pipe.stats.micro_batches and pipe.hops == [["tcp"] * 4]
         # a crashed node's stage is not left waiting for Ray's health check: it gets a placement group of its own
         assert list(pipe.placement.moved) == ([(0, 1)] if how == "crashed" else [])
+
+
+def test_a_crashed_node_with_no_room_left_fails_the_run_in_time_naming_the_node_and_resources(cluster, model):
+    """After the two losses above, three "single" nodes are left for three stages: nowhere to go."""
+    from onnxshard.errors import WorkerError
+
+    nodes, workers = cluster
+    _, plan, batches, _ = model
+    with Pipeline(plan, cpus_per_stage=1, resources={"single": 1}, placement_strategy="STRICT_SPREAD",
+                  micro_batch_size=1, worker_start_timeout_s=5) as pipe:
+        victim = _node_of(cluster, pipe.worker_info)[1]
+        node_id = workers[victim].node_id
+        pipe.run(batches[0])
+        os.kill(pipe.worker_info[0][1][0]["pid"], signal.SIGKILL)
+        nodes.remove_node(workers.pop(victim), allow_graceful=False)
+        with pytest.raises(WorkerError, match=rf"node {node_id} is gone.*'single': 1"):
+            pipe.run(batches[1])
