@@ -116,17 +116,18 @@ def direct_link_ms(batch, median_ms) -> float:
 
     @ray.remote(num_cpus=1)
     class EchoLink:
-        def open_link(self, folder=None):
+        def open_link(self, folder=None, tcp=False, token=b""):  # on the driver's node: a Unix socket
             from onnxshard.workers.link import Link
 
-            self.link = Link(lambda micro_batch, b, meta: (b, meta), folder)
+            self.link = Link(lambda micro_batch, b, meta: (b, meta), folder, None, token)
             return self.link.path
 
         def start_link(self, downstream, hold_over=None, keep=0):  # the echo holds nothing back
             self.link.start(downstream)
 
     actors = [EchoLink.remote(), EchoLink.remote()]
-    links = DirectLinks([[[a] for a in actors]], 30.0, keep=4)
+    here = ray.get_runtime_context().get_node_id()
+    links = DirectLinks([[[a] for a in actors]], [[here, here]], 30.0, keep=4)
     ids = itertools.count()
 
     def round_trip():

@@ -247,10 +247,8 @@ def cmd_run(args) -> int:
     feeds = load_npz(args.inputs)
     batch_axes = _batch_axes(args)
     with tempfile.TemporaryDirectory(prefix="onnxshard-run-") as tmp:
-        if plan_store.is_uri(args.target):  # a plan on object storage: the workers copy what they need
-            plan = plan_store.read_plan(args.target)
-        elif is_plan_dir(args.target):
-            plan = Plan.load(args.target)
+        if plan_store.is_uri(args.target) or is_plan_dir(args.target):  # by URI, the workers copy what they need
+            plan = plan_store.open_plan(args.target)
         else:
             from onnxshard.api import plan as make_plan
 

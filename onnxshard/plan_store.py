@@ -37,6 +37,11 @@ def is_uri(target) -> bool:
     return isinstance(target, str) and "://" in target.split("?", 1)[0]
 
 
+def open_plan(target: str | os.PathLike) -> Plan:
+    """The plan at ``target``: a URI as :func:`read_plan` reads it, a folder as :meth:`Plan.load` does."""
+    return read_plan(target) if is_uri(target) else Plan.load(target)
+
+
 def read_plan(uri: str) -> Plan:
     """The plan at ``uri`` as the driver needs it: ``plan.json`` read and its wiring checked; no other file read."""
     fs, root = _open(uri)
@@ -65,8 +70,7 @@ def load_stage(uri: str, stage: int, cache: str | os.PathLike | None = None) -> 
         for name, digest in plan.stages[stage].files():
             target = contained(local, name, what=f"stage {stage} file")
             if not (target.is_file() and sha256_file(target) == digest):
-                size = _size(fs, f"{root}/{name}", uri)
-                _fill(fs, root, local, name, size, [(0, size)], whole=True)
+                _fill(fs, root, local, name, None, None)
         checked = set()
         for name, ranges in weight_ranges(plan, stage).items():
             size = plan.weights.files[name]
@@ -134,22 +138,29 @@ def _missing(want: list[tuple[int, int]], have: list[tuple[int, int]]) -> list[t
     return out
 
 
-def _fill(fs, root: str, local: Path, name: str, size: int, ranges, whole: bool = False) -> None:
+def _fill(fs, root: str, local: Path, name: str, size: int | None, ranges) -> None:
     """Copy ``ranges`` of the remote ``root/name`` into the local sparse file of ``size`` bytes, skipping what an
-    earlier copy (recorded beside it) already holds."""
+    earlier copy (recorded beside it) already holds; ``ranges`` ``None``: the whole file, whatever its size."""
     target = contained(local, name, what="plan file")
     record = target.with_name(target.name + ".ranges.json")
-    have = json.loads(record.read_text()) if record.is_file() and target.is_file() else []
-    have = [tuple(r) for r in have]
-    todo = _missing(merged(list(ranges)), merged(have, 0))
-    if not todo:
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
+    have = [tuple(r) for r in json.loads(record.read_text())] if record.is_file() and target.is_file() else []
+    if ranges is not None:
+        todo = _missing(merged(list(ranges)), merged(have, 0))
+        if not todo:
+            return  # all here: not even the remote file is opened
     source = f"{root}/{name}"
-    with fs.open_input_file(source) as remote:
-        if remote.size() != size:
+    try:
+        remote = fs.open_input_file(source)
+    except FileNotFoundError:
+        raise PlanError(f"{source} is missing; upload the whole plan folder") from None
+    with remote:
+        if size is None:
+            size = remote.size()
+            todo = [(0, size)]
+        elif remote.size() != size:
             raise PlanError(f"{source} is {remote.size()} bytes, the plan expects {size}; it changed after "
                             "planning: re-run `onnxshard plan`")
+        target.parent.mkdir(parents=True, exist_ok=True)
         mode = "r+b" if target.is_file() and target.stat().st_size == size else "w+b"
         with open(target, mode) as out:
             out.truncate(size)  # a sparse file: what is not copied takes no disk
@@ -157,7 +168,7 @@ def _fill(fs, root: str, local: Path, name: str, size: int, ranges, whole: bool 
                 for start in range(offset, offset + length, READ_BLOCK):
                     out.seek(start)
                     out.write(remote.read_at(min(READ_BLOCK, offset + length - start), start))
-    if not whole:
+    if ranges is not None:
         _write_atomic(record, json.dumps(merged(have + todo, 0)).encode())
 
 
@@ -187,13 +198,6 @@ def _read(fs, path: str, uri: str) -> bytes:
                         "`onnxshard plan`") from None
     except OSError as e:
         raise PlanError(f"cannot read {path} of plan {uri}: {e}") from None
-
-
-def _size(fs, path: str, uri: str) -> int:
-    info = fs.get_file_info(path)
-    if info.size is None:
-        raise PlanError(f"{path} of plan {uri} is missing; upload the whole plan folder")
-    return info.size
 
 
 def _json(raw: bytes) -> dict:

@@ -74,7 +74,7 @@ class LinkedSteps:
 
     def __init__(self, placement: Placement, timeout_s: float, window: int):
         self.placement = placement
-        self.links = DirectLinks(placement.workers, timeout_s, window)
+        self.links = DirectLinks(placement.workers, [placement.nodes(0)], timeout_s, window)
         self._frees = 0
 
     def send(self, step_id: int, batch, step: dict) -> None:
@@ -104,7 +104,7 @@ class LinkedSteps:
         return _tokens(data)
 
     def relink(self) -> None:
-        self.links.connect(0, self.placement.workers[0])
+        self.links.connect(0, self.placement.workers[0], self.placement.nodes(0))
 
     def forget(self) -> None:
         self.links.forget()

@@ -57,8 +57,7 @@ class Generator:
                  eos_token_id: int | None = None, address: str | None = None, **options):
         self.config = replace(PipelineConfig(), **options)
         check_config(self.config)
-        self.plan = plan if isinstance(plan, Plan) else plan_store.read_plan(plan) if plan_store.is_uri(plan) \
-            else Plan.load(plan)
+        self.plan = plan if isinstance(plan, Plan) else plan_store.open_plan(plan)
         self._check_plan()
         self.max_model_len, self.max_rows, self.max_prefill_tokens = max_model_len, max_rows, max_prefill_tokens
         self.step_timeout_s, self.eos_token_id = step_timeout_s, eos_token_id

@@ -82,7 +82,7 @@ class DirectLinks:
     """Per replica, a chain coordinator -> stage 0 -> ... -> stage K-1 -> coordinator: each hop a Unix socket when
     both ends are on one node, else TCP. ``kinds[replica]`` says which, hop by hop."""
 
-    def __init__(self, rows: list[list[list]], timeout_s: float, keep: int):
+    def __init__(self, rows: list[list[list]], nodes: list[list[str]], timeout_s: float, keep: int):
         self.timeout_s = timeout_s
         self.folder: str | None = None
         self.keep = keep  # results a last stage may hold at once: the coordinator's in-flight window
@@ -98,16 +98,16 @@ class DirectLinks:
             # every socket of these chains lives in one private folder: close() removes it, whatever became of
             # the workers (a killed one cannot remove its own)
             self.folder = tempfile.mkdtemp(prefix="onnxshard-links-")
-            for replica, row in enumerate(rows):
-                self.connect(replica, row)
+            for replica, (row, where) in enumerate(zip(rows, nodes)):
+                self.connect(replica, row, where)
         except BaseException:
             self.close()
             raise
 
-    def connect(self, replica: int, row: list[list]) -> list:
-        """(Re)link ``replica``'s stage workers ``row`` (one worker per stage) into a chain. Results held by a last
-        stage that has been replaced are forgotten (their micro-batches count as not back, to be resent); returns
-        the fetches of them that were under way, which fail with the old worker."""
+    def connect(self, replica: int, row: list[list], nodes: list[str]) -> list:
+        """(Re)link ``replica``'s stage workers ``row`` (one worker per stage, running on ``nodes``) into a chain.
+        Results held by a last stage that has been replaced are forgotten (their micro-batches count as not back,
+        to be resent); returns the fetches of them that were under way, which fail with the old worker."""
         self.drop(replica)
         workers = [ranks[0] for ranks in row]
         with self._cond:
@@ -115,7 +115,6 @@ class DirectLinks:
                     and isinstance(batch, ray.ObjectRef) and chain.last is not workers[-1]]
             fetches = [self._results.pop(mb)[0] for mb in lost]
         here = ray.get_runtime_context().get_node_id()
-        nodes = [info["node"] for info in ray.get([w.ready.remote() for w in workers], timeout=self.timeout_s)]
         tcp = [a != b for a, b in zip([here, *nodes], [*nodes, here])]  # hop i enters stage i; the last, here
         paths = ray.get([w.open_link.remote(self.folder if node == here else None, tcp[i], self.token)
                          for i, (w, node) in enumerate(zip(workers, nodes))], timeout=self.timeout_s)

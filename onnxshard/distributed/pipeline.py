@@ -92,11 +92,9 @@ class Pipeline:
             if plan.root is None and plan.uri is None:
                 raise PlanError("the plan has not been saved; use onnxshard.plan(model, out_dir) first")
             return plan
-        if plan_store.is_uri(plan):
-            return plan_store.read_plan(plan)
         path = Path(plan)
-        if is_plan_dir(path):
-            return Plan.load(path)
+        if plan_store.is_uri(plan) or is_plan_dir(path):
+            return plan_store.open_plan(plan)
         if path.is_file():
             from onnxshard.api import plan as make_plan
 

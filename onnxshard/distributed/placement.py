@@ -118,11 +118,11 @@ class Placement:
         again. A node that crashed, which Ray gives up only after its health check, is not waited for: the stage
         gets a placement group of its own on the nodes left. All within ``worker_start_timeout_s``."""
         old = self.workers[replica][stage]
-        nodes = {w.get("node") for w in self.info[replica][stage]} if len(self.info) > replica else set()
+        nodes = {w["node"] for w in self.info[replica][stage]}
         self.retired.extend(old)
         kill(old)
         end = time.monotonic() + self.config.worker_start_timeout_s
-        crashed = [n for n in nodes if n and cluster.node_state(n) == "unreachable"]
+        crashed = [n for n in nodes if cluster.node_state(n) == "unreachable"]
         if crashed:
             self._move(replica, stage, crashed[0], end)
         while True:
@@ -163,6 +163,10 @@ class Placement:
         if earlier is not None:
             remove_placement_group(earlier)
         self.moved[(replica, stage)] = group
+
+    def nodes(self, replica: int) -> list[str]:
+        """The node of each stage's (first) worker of ``replica``."""
+        return [ranks[0]["node"] for ranks in self.info[replica]]
 
     def warm_seconds(self) -> list[float]:
         """Each worker's warm-up run (one sample), where it ran."""

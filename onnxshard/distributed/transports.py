@@ -178,7 +178,8 @@ class Links(Transport):
 
     def __init__(self, placement: Placement, timeout_s: float, keep: int):
         self.placement = placement
-        self.links = _linked(lambda: DirectLinks(placement.workers, timeout_s, keep))
+        nodes = [placement.nodes(replica) for replica in range(len(placement.workers))]
+        self.links = _linked(lambda: DirectLinks(placement.workers, nodes, timeout_s, keep))
         self._doomed: list = []  # fetches of held results lost with a replaced last stage
 
     def send(self, flight: Flight) -> None:
@@ -198,7 +199,8 @@ class Links(Transport):
         return self._unresponsive(flight.replica, busy_over=limit)
 
     def relink(self, replica: int) -> None:
-        self._doomed = _drain(self._doomed) + _linked(lambda: self.links.connect(replica, self.placement.workers[replica]))
+        workers, nodes = self.placement.workers[replica], self.placement.nodes(replica)
+        self._doomed = _drain(self._doomed) + _linked(lambda: self.links.connect(replica, workers, nodes))
 
     def lost(self, replica: int, stage: int | None, window: Iterable[Flight], force: Flight | None) -> list[Flight]:
         return [f for f in window if f.replica == replica and not self.links.has(f.id)]

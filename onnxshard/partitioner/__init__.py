@@ -50,7 +50,7 @@ def partition(
     decision = decide(analysis, stages=stages, cuts=cuts, max_stage_memory=max_stage_memory, node_times=node_times,
                       tensor_parallel=tensor_parallel, kv_pairs=kv_pairs)
     return write(decision, out, copy_weights=copy_weights, model_path=Path(source or analysis.path),
-                 hash_weights=hash_weights, kv_pairs=kv_pairs)
+                 hash_weights=hash_weights)
 
 
 def most_stages(analysis: Analysis) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxshard.errors import PlanError
+from onnxshard.kv_pairs import KvPair
 from onnxshard.partitioner import kv
 from onnxshard.partitioner import tensor_parallel as tp
 from onnxshard.partitioner.analysis import Analysis, ordered_by_pins
@@ -39,6 +40,7 @@ class Decision:
     cap: float  # weight bytes per worker (inf: no cap)
     flops: tuple[float, ...]  # per node
     cost_source: str  # "analytic" or "profile"
+    kv_pairs: tuple[KvPair, ...] = ()  # a decoder's cache pairs (found by name, or given)
 
 
 def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str] = (),
@@ -56,7 +58,8 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
     if node_times:
         balance = [node_times.get(node.name, 0.0) for node in graph.nodes]
     cut_bytes = cut_bytes_of(graph, analysis.specs, analysis.dims)
-    caches = kv.uncuttable(graph, kv.find_pairs(graph.inputs, graph.outputs, kv_pairs))
+    pairs = kv.find_pairs(graph.inputs, graph.outputs, kv_pairs)
+    caches = kv.uncuttable(graph, pairs)
     for first, last, _ in caches:  # a decoder's layer keeps its cache and the attention over it in one stage
         cut_bytes[first:last + 1] = np.inf
     cap = float(max_stage_memory) if max_stage_memory else np.inf
@@ -116,4 +119,4 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
     if layout is not None:
         check_tp_cuts(graph, layout, bounds)
     return Decision(analysis, tuple(bounds), layout, cap, tuple(c.flops for c in costs),
-                    "profile" if node_times else "analytic")
+                    "profile" if node_times else "analytic", pairs)

@@ -71,14 +71,12 @@ def _spec(specs, name, edge: bool = False) -> TensorSpec:
     return spec
 
 
-def write(decision: Decision, out: Path, *, copy_weights: bool, model_path: Path, hash_weights: bool,
-          kv_pairs: dict[str, str] | None = None) -> Plan:
-    """Write the plan ``decision`` describes into the folder ``out``. A decoder's cache pairs (``kv_pairs``:
-    past -> present, else found by name) are recorded in the plan."""
+def write(decision: Decision, out: Path, *, copy_weights: bool, model_path: Path, hash_weights: bool) -> Plan:
+    """Write the plan ``decision`` describes into the folder ``out``, a decoder's cache pairs recorded in it."""
     analysis, bounds, layout, cap = decision.analysis, list(decision.bounds), decision.layout, decision.cap
     flops, cost_source = decision.flops, decision.cost_source
     graph, specs, dims = analysis.graph, analysis.specs, analysis.dims
-    pairs = kv.find_pairs(graph.inputs, graph.outputs, kv_pairs)
+    pairs = decision.kv_pairs
     pieces = stage_graphs(graph, specs, bounds, pairs if layout is None else ())
     tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
     try:
