@@ -133,7 +133,8 @@ def test_a_client_that_goes_away_mid_stream_frees_its_sequence(served):
     model = serve.get_deployment_handle("model-llama", app_name="onnxshard")
     headers = {"Authorization": f"Bearer {KEY}"}
     with requests.post(served["url"] + "/v1/completions", headers=headers, stream=True, timeout=30,
-                       json={"model": "llama", "prompt": "w5 w6", "max_tokens": 500, "stream": True}) as r:
+                       json={"model": "llama", "prompt": "w5 w6", "max_tokens": 500, "stream": True,
+                             "ignore_eos": True}) as r:  # sampled, an early EOS would end it before the check
         lines = r.iter_lines()  # kept: a dropped line iterator closes the response
         first = next(lines)
         assert first.startswith(b'data: {"id":'), first

@@ -83,7 +83,7 @@ def parse_request(body: bytes, *, chat: bool) -> GenerateRequest:
                     "temperature": _number(data, "temperature", 1.0, float, low=0.0, high=2.0),
                     "top_p": _number(data, "top_p", 1.0, float, low=0.0, high=1.0, open_low=True),
                     "top_k": _number(data, "top_k", 0, int, low=0),
-                    "seed": _number(data, "seed", None, int)}
+                    "seed": _number(data, "seed", None, int), "ignore_eos": _flag(data, "ignore_eos")}
     stop = data.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
