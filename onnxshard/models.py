@@ -90,6 +90,40 @@ def transformer(layers=2, d=32, heads=4, ffn=64, seed=0, vocab=None, gelu_contri
     return make_model(nodes, inputs, [h.make_tensor_value_info("y", T.FLOAT, ["batch", "seq", d])], inits, opsets=opsets)
 
 
+def bert_mlm(layers=2, d=64, heads=4, ffn=256, vocab=5003, tied=True, seed=0):
+    """A BERT-style encoder with its masked-LM head: word embeddings, the transformer blocks of ``transformer``,
+    then the head's transform (dense, erf-GELU, LayerNorm) and the decoder over the vocabulary with its bias. With
+    ``tied`` the decoder is the word embedding transposed (as BERT exports it), else a weight of its own. Inputs
+    ``ids[batch, seq]`` and ``mask[batch, seq]``; output ``logits[batch, seq, vocab]``. The default vocabulary is
+    odd, like BERT's 30,522 and GPT-2's 50,257 over most degrees."""
+    model = transformer(layers, d, heads, ffn, seed, vocab=vocab)
+    rng = np.random.default_rng(seed + 1)
+    g = model.graph
+    inits = [weight(rng, "mlm.dense", d, d, scale=0.1), weight(rng, "mlm.dense_b", d, scale=0.1),
+             nh.from_array(np.ones(d, np.float32), "mlm.ln_g"), nh.from_array(np.zeros(d, np.float32), "mlm.ln_b"),
+             weight(rng, "mlm.bias", vocab, scale=0.1), nh.from_array(np.array(np.sqrt(2.0), np.float32), "mlm.sqrt2"),
+             nh.from_array(np.array(0.5, np.float32), "mlm.half")]
+    nodes = [h.make_node("MatMul", ["y", "mlm.dense"], ["mlm.dm"]),
+             h.make_node("Add", ["mlm.dm", "mlm.dense_b"], ["mlm.da"]),
+             h.make_node("Div", ["mlm.da", "mlm.sqrt2"], ["mlm.g0"]),
+             h.make_node("Erf", ["mlm.g0"], ["mlm.g1"]),
+             h.make_node("Add", ["mlm.g1", "one"], ["mlm.g2"]),
+             h.make_node("Mul", ["mlm.da", "mlm.g2"], ["mlm.g3"]),
+             h.make_node("Mul", ["mlm.g3", "mlm.half"], ["mlm.g"]),
+             h.make_node("LayerNormalization", ["mlm.g", "mlm.ln_g", "mlm.ln_b"], ["mlm.n"], axis=-1)]
+    if tied:
+        nodes.append(h.make_node("Transpose", ["embed"], ["mlm.decoder"], perm=[1, 0]))
+    else:
+        inits.append(weight(rng, "mlm.decoder", d, vocab, scale=0.2))
+    nodes += [h.make_node("MatMul", ["mlm.n", "mlm.decoder"], ["mlm.scores"]),
+              h.make_node("Add", ["mlm.scores", "mlm.bias"], ["logits"])]
+    g.node.extend(nodes)
+    g.initializer.extend(inits)
+    del g.output[:]
+    g.output.append(h.make_tensor_value_info("logits", T.FLOAT, ["batch", "seq", vocab]))
+    return model
+
+
 def _attention(p: str, mask: str) -> list[onnx.NodeProto]:
     """Scaled dot-product attention over per-head ``{p}qr/kr/vr`` [batch, seq, heads, hd] with an additive
     ``mask``, merged back to ``{p}cm`` [batch, seq, d] (initializers ``scale`` and ``merge_heads``)."""

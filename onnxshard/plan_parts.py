@@ -33,27 +33,42 @@ class TensorSpec:
         return cls(str(d["name"]), d["dtype"], None if shape is None else tuple(shape))
 
 
+def shares(size: int, degree: int, unit: int = 1) -> tuple[int, ...]:
+    """Each tensor-parallel rank's part of ``size``, in whole ``unit``s, as even as they go: the first ranks take one unit more
+    when ``degree`` does not divide the count (no padding, as the vocabulary of GPT-2 or BERT needs)."""
+    units, extra = divmod(size // unit, degree)
+    return tuple((units + (r < extra)) * unit for r in range(degree))
+
+
+def starts(size: int, degree: int, unit: int = 1) -> tuple[int, ...]:
+    """Where each rank's part of ``size`` begins."""
+    parts = shares(size, degree, unit)
+    return tuple(sum(parts[:r]) for r in range(degree))
+
+
 @dataclass(frozen=True)
 class Reduce:
     """Make ``name`` whole from every rank's ``source``: ``sum`` them (all-reduce) or ``concat`` them along
-    ``axis`` (all-gather; with ``blocks``, the axis is a row of blocks of those whole sizes, each cut in T)."""
+    ``axis`` (all-gather; with ``blocks``, the axis is a row of blocks of those whole sizes, each cut in T, in
+    whole ``unit``s when T does not divide them evenly)."""
 
     name: str
     source: str
     op: str
     axis: int = 0
     blocks: tuple[int, ...] = ()
+    unit: int = 1
 
     def to_json(self) -> dict:
         return {"name": self.name, "source": self.source, "op": self.op, "axis": self.axis,
-                "blocks": list(self.blocks)}
+                "blocks": list(self.blocks), "unit": self.unit}
 
     @classmethod
     def from_json(cls, d: dict) -> Reduce:
         if d.get("op") not in ("sum", "concat"):
             raise PlanError(f"reduce of {d.get('name')!r} has unknown op {d.get('op')!r}")
         return cls(str(d["name"]), str(d["source"]), d["op"], int(d.get("axis", 0)),
-                   tuple(int(b) for b in d.get("blocks", ())))
+                   tuple(int(b) for b in d.get("blocks", ())), int(d.get("unit", 1)))
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,22 @@ from pathlib import Path
 from onnxshard.digests import FULL_CHECK_BYTES, sample_digest, sha256_file
 from onnxshard.errors import PlanError
 from onnxshard.kv_pairs import KvPair
-from onnxshard.plan_parts import NON_TENSOR, Dim, Reduce, Stage, Step, TensorSpec, spec_bytes, specs_from_json
+from onnxshard.plan_parts import (
+    NON_TENSOR,
+    Dim,
+    Reduce,
+    Stage,
+    Step,
+    TensorSpec,
+    shares,
+    spec_bytes,
+    specs_from_json,
+    starts,
+)
 from onnxshard.units import human_bytes
 
 __all__ = ["NON_TENSOR", "PLAN_FILE", "Dim", "Plan", "Reduce", "Stage", "Step", "TensorSpec", "Weights",
-           "contained", "is_plan_dir", "read_plan_json", "spec_bytes"]
+           "contained", "is_plan_dir", "read_plan_json", "shares", "spec_bytes", "starts"]
 
 FORMAT = "onnxshard.plan"
 # 2 added tensor-parallel stages (``steps``); 3 added weight digests, which every plan must now carry

@@ -42,7 +42,7 @@ def _total_weights(path, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(TP_MODELS))
-@pytest.mark.parametrize("stages,degree", [(1, 2), (2, 2), (1, 4)])
+@pytest.mark.parametrize("stages,degree", [(1, 2), (2, 2), (1, 3), (1, 4)])
 def test_sharded_stages_match_the_unsplit_model(name, stages, degree, save_model, tmp_path):
     build, dims = TP_MODELS[name]
     path = save_model(build(), external=True)
@@ -108,11 +108,12 @@ def test_fused_qkv_split_and_vocab_split_and_lm_head_gather(save_model, tmp_path
     assert not stage.notes
 
 
-def test_a_degree_that_does_not_divide_falls_back_and_says_so(save_model, tmp_path):
+def test_too_few_heads_for_the_degree_falls_back_and_says_so(save_model, tmp_path):
     path = save_model(models.llama(heads=8, kv_heads=2), external=True)
     plan = onnxshard.plan(path, tmp_path / "plan", tensor_parallel=4)
     notes = plan.stages[0].notes
-    assert notes and all("not divisible by tensor_parallel=4" in n and "valid degrees: 1, 2" in n for n in notes)
+    assert notes and all("head count 2 cannot be split over tensor_parallel=4" in n and "valid degrees: 1 to 2" in n
+                         for n in notes), notes
     assert "stays replicated" in plan.table()
     rel = _relative(tools.run_model(path, feeds := tools.random_feeds(plan.inputs, dims={"batch": 2, "seq": 3})),
                     tools.run_stages(plan, feeds))
@@ -122,7 +123,7 @@ def test_a_degree_that_does_not_divide_falls_back_and_says_so(save_model, tmp_pa
 def test_a_degree_that_splits_nothing_is_refused_and_nothing_is_written(save_model, tmp_path):
     path = save_model(zoo.transformer(d=32, heads=4, ffn=64), external=True)
     with pytest.raises(PlanError, match=r"splits no layer.*valid degrees"):
-        onnxshard.plan(path, tmp_path / "plan", tensor_parallel=7)
+        onnxshard.plan(path, tmp_path / "plan", tensor_parallel=65)  # 4 heads, 64 hidden: 65 parts of neither
     assert not (tmp_path / "plan").exists()
     with pytest.raises(PlanError, match="at least 1"):
         onnxshard.plan(path, tmp_path / "plan", tensor_parallel=0)
@@ -161,7 +162,10 @@ def test_cli_plan_and_inspect_show_ranks(save_model, tmp_path):
     out = subprocess.run(cli + ["inspect", str(tmp_path / "plan")], capture_output=True, text=True, check=True).stdout
     assert "weights per rank" in out
     run = subprocess.run(cli + ["verify", str(path), "--stages", "1", "--tensor-parallel", "3"], capture_output=True,
-                         text=True)
+                         text=True)  # 4 heads and a vocabulary of 4096 over 3 ranks: uneven splits
+    assert run.returncode == 0 and "OK" in run.stdout, run.stderr
+    run = subprocess.run(cli + ["verify", str(path), "--stages", "1", "--tensor-parallel", "5000"],
+                         capture_output=True, text=True)
     assert run.returncode == 2 and "valid degrees" in run.stderr
 
 
@@ -216,6 +220,69 @@ def test_a_lost_rank_worker_is_replaced_and_nothing_is_lost(save_model, tmp_path
         assert fired and pipe.recoveries and pipe.recoveries[0].stage == 0
         assert pipe.stats.delivered == 48
     assert max(_relative(reference, out).values()) <= 1e-4
+
+
+ODD_VOCAB = {  # odd vocabularies, like GPT-2's 50,257 and BERT's 30,522 over most degrees
+    "gpt2": lambda: models.gpt2(d=128, vocab=5003),
+    "bert_mlm_tied": lambda: models.bert_mlm(d=128, ffn=512, vocab=5003),
+    "bert_mlm": lambda: models.bert_mlm(d=128, ffn=512, vocab=5003, tied=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_VOCAB))
+def test_uneven_splits_give_each_rank_its_share_of_every_large_weight(name, save_model, tmp_path):
+    """A vocabulary (or head count) T does not divide is split unevenly, the masked-LM head's decoder and bias
+    included, and an LM head tied to the embedding is one slice per rank: each rank holds at most 1/T of the
+    weights plus the norms and biases every rank keeps."""
+    path = save_model(ODD_VOCAB[name](), external=True)
+    whole = _total_weights(path, tmp_path)
+    for degree in (2, 3):
+        plan = onnxshard.plan(path, tmp_path / f"tp{degree}", tensor_parallel=degree)
+        (stage,) = plan.stages
+        assert not stage.notes, stage.notes  # nothing of 1 MiB or more left whole
+        assert max(stage.rank_param_bytes) <= whole / degree + 0.05 * whole, (degree, stage.rank_param_bytes, whole)
+        offsets = _row_offsets(plan)
+        assert offsets and all(len(set(v)) == degree for v in offsets.values()), offsets
+        feeds = tools.random_feeds(plan.inputs, dims={"batch": 2, "seq": 5}, seed=3)
+        feeds["ids"] = np.random.default_rng(3).integers(-5003, 5003, feeds["ids"].shape)
+        assert max(_relative(tools.run_model(path, feeds), tools.run_stages(plan, feeds)).values()) <= 1e-4
+
+
+def _row_offsets(plan) -> dict[str, list[int]]:
+    """The vocabulary's per-rank row offsets, read back from the rank files."""
+    (stage,) = plan.stages
+    values: dict[str, list[int]] = {}
+    for step in stage.steps:
+        for file in step.files:
+            for t in onnx.load(str(plan.root / file), load_external_data=False).graph.initializer:
+                if t.name.endswith(".offset@rank"):
+                    values.setdefault(t.name, []).append(int(onnx.numpy_helper.to_array(t)))
+    return values
+
+
+def test_a_large_weight_left_whole_is_named_with_its_bytes_and_why(save_model, tmp_path):
+    # 4 heads over 5 ranks: the attention's 1 MiB Q/K/V projections stay whole, rolled back (the output
+    # projection after them starts a split of its own)
+    path = save_model(zoo.transformer(d=512, heads=4, ffn=1024), external=True)
+    plan = onnxshard.plan(path, tmp_path / "heads", tensor_parallel=5)
+    whole = [n for n in plan.stages[0].notes if n.startswith("weight ")]
+    assert {n.split("'")[1] for n in whole} == {f"l{i}.{w}" for i in range(2) for w in "qkv"}, whole
+    assert all("(1.0 MB) stays whole on every rank" in n and "rolled back" in n for n in whole), whole
+    assert "stays whole on every rank" in plan.table()
+    # a 1 MiB weight on the left of a MatMul: no rule splits it (the MLP after it splits)
+    rng = np.random.default_rng(0)
+    weights = [onnx.numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+               for n, s in (("left", (512, 512)), ("w1", (512, 512)), ("w2", (512, 512)))]
+    nodes = [onnx.helper.make_node("MatMul", ["left", "x"], ["lx"]),
+             onnx.helper.make_node("Transpose", ["lx"], ["t"], perm=[1, 0]),
+             onnx.helper.make_node("MatMul", ["t", "w1"], ["h"]),
+             onnx.helper.make_node("Relu", ["h"], ["r"]),
+             onnx.helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    model = models.make_model(nodes, [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [512, "b"])],
+                              [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 512])], weights)
+    plan = onnxshard.plan(save_model(model, name="left", external=True), tmp_path / "left-plan", tensor_parallel=2)
+    assert plan.stages[0].notes == ("weight 'left' (1.0 MB) stays whole on every rank: node 'MatMul_0' (MatMul) "
+                                    "reads it whole; no tensor-parallel rule splits this use of it",)
 
 
 def test_vocabulary_split_keeps_gather_semantics_for_negative_and_bad_ids(save_model, tmp_path):

@@ -65,8 +65,7 @@ class WeightWriter:
         """Rank ``rank``'s slice ``ws`` of ``source``: a new byte range of the same file when the slice is one
         contiguous range (leading-axis splits), else its elements streamed into ``weights/{key}.bin``."""
         dims = list(source.dims)
-        starts = [sum(ws.blocks[:i]) for i in range(len(ws.blocks))]
-        chunks = [(start + rank * (b // degree), b // degree) for start, b in zip(starts, ws.blocks)]
+        chunks = ws.chunks(rank, degree)
         new_dims = dims.copy()
         new_dims[ws.axis] = sum(n for _, n in chunks)
         if not is_external(source):

@@ -168,7 +168,7 @@ def _write_ranks(graph: Graph, specs, layout: tp.Layout, piece: StageGraph, lo: 
             for r in reads:
                 if r not in counted[rank] and (r in graph.initializers or r in graph.constants or r in layout.weights):
                     counted[rank].add(r)
-                    rank_bytes[rank] += tp.rank_bytes(graph, layout, r)
+                    rank_bytes[rank] += tp.rank_bytes(graph, layout, r, rank)
         written.append(Step(ranks=step.ranks, files=tuple(files),
                             inputs=tuple(_step_spec(specs, layout, x) for x in step.inputs),
                             outputs=tuple(_step_spec(specs, layout, x) for x in step.outputs),

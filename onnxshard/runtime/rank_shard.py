@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from onnxshard.plans import Plan, Reduce, Stage
+from onnxshard.plans import Plan, Reduce, Stage, shares
 from onnxshard.runtime.session import RuntimeConfig, ShardSession
 
 
@@ -22,8 +22,8 @@ def reduce(values: Sequence[np.ndarray], r: Reduce) -> np.ndarray:
     if len(r.blocks) <= 1:
         return np.concatenate(values, axis=r.axis)
     ranks = len(values)
-    cuts = np.cumsum([b // ranks for b in r.blocks])[:-1]
-    per_rank = [np.split(v, cuts, axis=r.axis) for v in values]
+    per_rank = [np.split(v, np.cumsum([shares(b, ranks, r.unit)[k] for b in r.blocks])[:-1], axis=r.axis)
+                for k, v in enumerate(values)]
     return np.concatenate([per_rank[k][b] for b in range(len(r.blocks)) for k in range(ranks)], axis=r.axis)
 
 

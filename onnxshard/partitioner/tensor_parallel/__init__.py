@@ -1,9 +1,9 @@
 """Tensor (Megatron-style) sharding: the same layers on T ranks, each holding a slice of the weights.
 
 Every tensor gets a *state*: ``R`` (replicated: every rank holds all of it), ``S(axis)`` (sharded: rank ``r``
-holds the ``r``-th of T equal chunks along ``axis``; for a fused projection the axis is a row of ``blocks``, each
-cut in T) or ``P`` (partial: the value is the sum of the ranks' addends). One pass over the nodes in
-topological order decides the states (``propagation.py``):
+holds the ``r``-th of T chunks along ``axis``, as equal as whole ``unit``s allow; for a fused projection the axis
+is a row of ``blocks``, each cut in T) or ``P`` (partial: the value is the sum of the ranks' addends). One pass
+over the nodes in topological order decides the states (``propagation.py``):
 
 - a MatMul/Gemm or Conv with a replicated input and a weight initializer is split by output columns/channels
   (``S``); one whose input is sharded along the contracted axis takes the matching weight rows (``P``); a large
@@ -15,8 +15,10 @@ topological order decides the states (``propagation.py``):
 - a consumer that needs the whole tensor reads it *full*: the ranks sum a ``P`` (all-reduce) or concatenate an
   ``S`` (all-gather) first. Row-split biases are added after the sum, once.
 
-A split whose sizes T does not divide is rolled back (its layers stay replicated), and the reason is kept in
-``notes`` for ``onnxshard inspect``. The original name of a tensor always means its full value; a rank's local
+A size T does not divide is cut unevenly: the first ranks take one unit more (a vocabulary row, a channel, or a
+head once a reshape shows the head width, when the split is made again in whole heads). A split too small for T
+parts is rolled back (its layers stay replicated), and the reason is kept in ``notes`` for ``onnxshard
+inspect``. The original name of a tensor always means its full value; a rank's local
 value is ``name@shard`` (S) or ``name@partial`` (P). The types are in ``layout.py``.
 
 The stage writer then cuts each stage's rewritten nodes into *steps* at the reduces (``steps.py``): step ``j``
@@ -32,7 +34,6 @@ from onnxshard.partitioner.tensor_parallel.layout import (
     Rewrite,
     State,
     WeightSlice,
-    divisors,
     rank_bytes,
 )
 from onnxshard.partitioner.tensor_parallel.propagation import shard_graph
@@ -41,4 +42,4 @@ from onnxshard.partitioner.tensor_parallel.steps import StepGraph, split_steps
 from onnxshard.partitioner.tensor_parallel.vocab import VOCAB_MIN_BYTES
 
 __all__ = ["REPLICATED", "RULES", "TP_CONFIG", "VOCAB_MIN_BYTES", "Layout", "RankConst", "Rewrite", "State",
-           "StepGraph", "WeightSlice", "divisors", "node_reads", "rank_bytes", "shard_graph", "split_steps"]
+           "StepGraph", "WeightSlice", "node_reads", "rank_bytes", "shard_graph", "split_steps"]

@@ -3,14 +3,14 @@ rank constants, what each node becomes on a rank, and the reduces that make valu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 
 from onnxshard.partitioner.graph import Graph
 from onnxshard.partitioner.model import node_tensors, tensor_nbytes
-from onnxshard.plans import Reduce, TensorSpec
+from onnxshard.plans import Reduce, TensorSpec, shares, starts
 
 TP_CONFIG = "onnxshard.tp"  # configuration_id of the sharding_spec annotations onnxshard writes
 
@@ -20,9 +20,38 @@ class State:
     kind: str  # "R", "S" or "P"
     axis: int = 0
     blocks: tuple[int, ...] = ()  # S: global sizes of the blocks along ``axis`` (one block if empty)
+    unit: int = 1  # S: each block is cut in whole units of this many (a head's width), as evenly as they go
+
+    @property
+    def split(self) -> tuple[tuple[int, ...], int]:
+        """What two sharded values must share to be combined rank by rank (the axis aside)."""
+        return self.blocks, self.unit
+
+    def at(self, axis: int) -> State:
+        """The same split, moved to ``axis`` (a transpose, a squeeze)."""
+        return replace(self, axis=axis)
 
 
 REPLICATED = State("R")
+
+
+class Regrain(Exception):  # noqa: N818 - a signal to the pass, not an error
+    """Make the splits begun at node positions ``starts`` again in whole units of ``unit`` (a head's width that a
+    reshape downstream showed: an uneven split must not cut a head)."""
+
+    def __init__(self, starts, unit: int):
+        super().__init__(f"split in units of {unit}")
+        self.starts, self.unit = frozenset(starts), unit
+
+
+def splittable(size, degree: int, unit: int = 1) -> bool:
+    """Whether ``size`` cuts into ``degree`` parts of at least one whole unit each."""
+    return isinstance(size, int) and size > 0 and size % unit == 0 and size // unit >= degree
+
+
+def even_unit(sizes, degree: int, unit: int) -> int:
+    """``unit``, or 1 when every size cuts evenly anyway (so equal splits compare equal whatever their unit)."""
+    return 1 if all((b // unit) % degree == 0 for b in sizes) else unit
 
 
 @dataclass(frozen=True)
@@ -32,15 +61,27 @@ class WeightSlice:
     source: str
     axis: int
     blocks: tuple[int, ...]
+    unit: int = 1
 
     @property
     def name(self) -> str:
         suffix = "" if len(self.blocks) == 1 else ".b" + "_".join(map(str, self.blocks))
-        return f"{self.source}@tp{self.axis}{suffix}"
+        return f"{self.source}@tp{self.axis}{suffix}" + (f".u{self.unit}" if self.unit != 1 else "")
 
     def contiguous(self, dims) -> bool:
         """Whether each rank's slice is one byte range of the source (leading axis, one block)."""
         return len(self.blocks) == 1 and all(d == 1 for d in dims[:self.axis])
+
+    def chunks(self, rank: int, degree: int) -> list[tuple[int, int]]:
+        """Rank ``rank``'s (start, length) along the axis, one per block."""
+        at, out = 0, []
+        for b in self.blocks:
+            out.append((at + starts(b, degree, self.unit)[rank], shares(b, degree, self.unit)[rank]))
+            at += b
+        return out
+
+    def even(self, degree: int) -> bool:
+        return all(len(set(shares(b, degree, self.unit))) == 1 for b in self.blocks)
 
 
 @dataclass(frozen=True)
@@ -91,9 +132,12 @@ class Layout:
         if spec is None:
             return None
         shape = spec.shape
-        axis = self.states.get(base, REPLICATED).axis
-        if suffix == "shard" and shape is not None and isinstance(shape[axis], int):
-            shape = shape[:axis] + (shape[axis] // self.degree,) + shape[axis + 1:]
+        s = self.states.get(base, REPLICATED)
+        if suffix == "shard" and shape is not None and isinstance(shape[s.axis], int):
+            per_rank = {sum(shares(b, self.degree, s.unit)[r] for b in s.blocks or (shape[s.axis],))
+                        for r in range(self.degree)}
+            local = per_rank.pop() if len(per_rank) == 1 else None  # uneven: the ranks differ, typed unknown
+            shape = shape[:s.axis] + (local,) + shape[s.axis + 1:]
         return TensorSpec(name, spec.dtype, shape)
 
     def reduce_for(self, name: str) -> Reduce | None:
@@ -104,7 +148,7 @@ class Layout:
         if s.kind == "R":
             return None
         op = "sum" if s.kind == "P" else "concat"
-        return self.reduces.setdefault(name, Reduce(name, self.local(name), op, s.axis, s.blocks))
+        return self.reduces.setdefault(name, Reduce(name, self.local(name), op, s.axis, s.blocks, s.unit))
 
     def node_param_bytes(self, graph: Graph) -> list[int]:
         """Per node, the weight bytes one rank holds for it (a weight counted at its first reader)."""
@@ -124,15 +168,12 @@ class Layout:
 
 
 
-def rank_bytes(graph: Graph, layout: Layout, name: str) -> int:
-    """Bytes one rank holds for the weight (or weight slice) ``name``."""
+def rank_bytes(graph: Graph, layout: Layout, name: str, rank: int = 0) -> int:
+    """Bytes rank ``rank`` holds for the weight (or weight slice) ``name`` (rank 0 holds the most)."""
     if name in layout.weights:
-        return tensor_bytes(graph, layout.weights[name].source) // layout.degree
+        ws = layout.weights[name]
+        return tensor_bytes(graph, ws.source) * sum(n for _, n in ws.chunks(rank, layout.degree)) // sum(ws.blocks)
     return tensor_bytes(graph, name)
-
-
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def tensor_bytes(graph: Graph, name: str) -> int:
@@ -161,7 +202,7 @@ def annotate(nodes: list[onnx.NodeProto], degree: int, weights: dict[str, Weight
     for node in nodes:
         specs = []
         for name in list(node.input) + list(node.output):
-            if name in weights:
+            if name in weights and weights[name].even(degree):  # the spec has no uneven shards
                 specs.append(onnx.ShardingSpecProto(
                     tensor_name=name, device=list(range(degree)),
                     sharded_dim=[onnx.ShardedDimProto(axis=weights[name].axis, simple_sharding=[

@@ -3,6 +3,7 @@ rules of ``rules.py`` for sharded inputs, and rollback of splits T does not divi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -15,18 +16,24 @@ from onnxshard.partitioner.model import is_external, load_inline, tensor_nbytes
 from onnxshard.partitioner.tensor_parallel.layout import (
     REPLICATED,
     Layout,
+    RankConst,
+    Regrain,
     Rewrite,
     State,
     WeightSlice,
     annotate,
     copy_node,
-    divisors,
+    even_unit,
     multi_blocks,
+    splittable,
     tensor_bytes,
 )
 from onnxshard.partitioner.tensor_parallel.rules import RULES, UNARY, Rules
 from onnxshard.partitioner.tensor_parallel.vocab import VOCAB_MIN_BYTES, Vocab
 from onnxshard.plans import TensorSpec
+from onnxshard.units import human_bytes
+
+WHOLE_NOTE_BYTES = 1 << 20  # a weight this big that every rank holds whole gets a note saying why
 
 
 class _Rollback(Exception):
@@ -40,23 +47,30 @@ class _Rollback(Exception):
 def shard_graph(graph: Graph, specs: dict[str, TensorSpec], degree: int) -> Layout:
     """Decide every tensor's state for ``degree`` ranks and rewrite each node for one rank."""
     excluded: set[int] = set()
+    units: dict[int, int] = {}  # split point -> the unit its columns are cut in (1 unless regrained)
     notes: list[tuple[frozenset[int], str]] = []
     while True:
         try:
-            return _Pass(graph, specs, degree, excluded, notes).run()
+            return _Pass(graph, specs, degree, excluded, notes, units).run()
         except _Rollback as e:
             if not e.starts or e.starts <= excluded:
                 raise AssertionError(f"tensor-parallel rollback made no progress: {e}") from None
             excluded |= e.starts
             notes.append((e.starts | {e.at}, str(e)))  # a note belongs to the stages of these nodes
+        except Regrain as e:
+            grown = {i: math.lcm(units.get(i, 1), e.unit) for i in e.starts}
+            if not grown or all(units.get(i, 1) == u for i, u in grown.items()):
+                raise AssertionError(f"tensor-parallel regrain made no progress: {e}") from None
+            units.update(grown)
 
 
 
 class _Pass(Rules, Vocab):
     """One pass over the graph with a fixed set of excluded split points."""
 
-    def __init__(self, graph: Graph, specs, degree: int, excluded: set[int], notes: list[tuple[frozenset[int], str]]):
-        self.g, self.specs, self.t, self.excluded = graph, specs, degree, excluded
+    def __init__(self, graph: Graph, specs, degree: int, excluded: set[int], notes: list[tuple[frozenset[int], str]],
+                 units: dict[int, int]):
+        self.g, self.specs, self.t, self.excluded, self.units = graph, specs, degree, excluded, units
         self.opset = next((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")), 17)
         self.states: dict[str, State] = {}
         self.prov: dict[str, frozenset[int]] = {}
@@ -71,7 +85,25 @@ class _Pass(Rules, Vocab):
         for i, node in enumerate(self.g.nodes):
             self.i = i
             self.layout.rewrites.append(self._node(i, node))
+        self._note_whole_weights()
         return self.layout
+
+    def _note_whole_weights(self) -> None:
+        """A note for each weight of ``WHOLE_NOTE_BYTES`` or more that every rank holds whole, with why."""
+        rolled = {i for starts, _ in self.layout.notes for i in starts}
+        seen: set[str] = set()
+        for i, rw in enumerate(self.layout.rewrites):
+            for n in rw.nodes:
+                for name in n.input:
+                    if name in seen or not self.is_weight(name) or tensor_bytes(self.g, name) < WHOLE_NOTE_BYTES:
+                        continue
+                    seen.add(name)
+                    node = self.g.nodes[i]
+                    why = ("its split was rolled back (see the note on this layer)" if i in rolled else
+                           "no tensor-parallel rule splits this use of it")
+                    self.layout.notes.append((frozenset({i}), (
+                        f"weight {name!r} ({human_bytes(tensor_bytes(self.g, name))}) stays whole on every rank: "
+                        f"node {node.name!r} ({node.op_type}) reads it whole; {why}")))
 
     # -- helpers ------------------------------------------------------------------------------------------
     def shape(self, name: str):
@@ -115,20 +147,39 @@ class _Pass(Rules, Vocab):
         self.layout.consts[name] = numpy_helper.from_array(np.asarray(value), name)
         return name
 
-    def weight(self, name: str, axis: int, blocks: tuple[int, ...]) -> str:
-        ws = WeightSlice(name, axis, tuple(blocks))
+    def rank_const(self, base: str, values: list[np.ndarray]) -> str:
+        """A constant whose value is ``values[r]`` on rank ``r`` (one plain constant when they agree)."""
+        if all(np.array_equal(v, values[0]) for v in values):
+            return self.new_const(base, values[0])
+        name = f"{base}@rank"
+        while name in self.layout.rank_consts:
+            name += "_"
+        self.layout.rank_consts[name] = RankConst(name, tuple(np.asarray(v) for v in values))
+        return name
+
+    def weight(self, name: str, axis: int, blocks: tuple[int, ...], unit: int = 1) -> str:
+        ws = WeightSlice(name, axis, tuple(blocks), unit)
         self.layout.weights.setdefault(ws.name, ws)
         return ws.name
 
-    def divides(self, size, what: str, node) -> None:
-        """Roll back the splits that lead here (or this split itself) unless T divides ``size``."""
-        if isinstance(size, int) and size > 0 and size % self.t == 0:
+    def starts_of(self, node) -> frozenset[int]:
+        """The split points whose sharded values reach ``node`` (or this node, when it is one)."""
+        return frozenset().union(*(self.prov.get(x, frozenset()) for x in node.input if x)) or frozenset({self.i})
+
+    def fits(self, size, what: str, node, unit: int = 1) -> None:
+        """Roll back the splits that lead here (or this split itself) unless ``size`` cuts into T parts of at
+        least one whole ``unit`` each (T need not divide it: the first ranks then take a unit more)."""
+        if splittable(size, self.t, unit):
             return
-        valid = ", ".join(map(str, divisors(size))) if isinstance(size, int) and size > 0 else "unknown"
-        starts = frozenset().union(*(self.prov.get(x, frozenset()) for x in node.input if x)) or {self.i}
-        raise _Rollback(f"node {node.name!r} ({node.op_type}): {what} {size} is not divisible by "
-                        f"tensor_parallel={self.t} (valid degrees: {valid}); its layer stays replicated", starts,
+        count = size // unit if isinstance(size, int) and size > 0 and size % unit == 0 else None
+        valid = f"valid degrees: 1 to {count}" if count else "its size is unknown"
+        raise _Rollback(f"node {node.name!r} ({node.op_type}): {what} {size} cannot be split over "
+                        f"tensor_parallel={self.t} ({valid}); its layer stays replicated", self.starts_of(node),
                         self.i)
+
+    def sharded(self, axis: int, blocks, unit: int = 1) -> State:
+        """A sharded state, its unit dropped when every block cuts evenly anyway."""
+        return State("S", axis, multi_blocks(tuple(blocks)), even_unit(blocks, self.t, unit))
 
     # -- per node ------------------------------------------------------------------------------------------
     def _node(self, i: int, node: onnx.NodeProto) -> Rewrite:
@@ -186,53 +237,80 @@ class _Pass(Rules, Vocab):
     # -- split points ---------------------------------------------------------------------------------------
     def _start(self, node) -> Rewrite | None:
         op = node.op_type if node.domain in ("", "ai.onnx") else None
-        if op == "MatMul" and self.is_weight(node.input[1]):
+        tied = self._transposed_weight(node.input[1]) if op == "MatMul" else None
+        if op == "MatMul" and (self.is_weight(node.input[1]) or tied is not None):
             w = self.shape(node.input[1])
             out = self.shape(node.output[0])
             if not w or len(w) != 2 or not out or len(out) < 2:
                 return None
-            blocks = self._blocks(node.output[0], w[1])
+            blocks, unit = self._blocks(node.output[0], w[1]), self.units.get(self.i, 1)
             for b in blocks:
-                self.divides(b, "output width", node)
-            self._set(node, [State("S", len(out) - 1, multi_blocks(blocks))])
-            return Rewrite([self._renamed(node, {1: self.weight(node.input[1], 1, blocks)})], "col")
+                self.fits(b, "output width", node, unit)
+            s = self.sharded(len(out) - 1, blocks, unit)
+            self._set(node, [s])
+            if tied is None:
+                return Rewrite([self._renamed(node, {1: self.weight(node.input[1], 1, blocks, s.unit)})], "col")
+            # B = Transpose(W): W's rows are B's columns. The rank transposes its own rows, and the whole
+            # transpose goes when this was its only reader (an LM head tied to the embedding: one slice held).
+            transpose, source = tied
+            rows = f"{node.input[1]}@tied"
+            nodes = [helper.make_node("Transpose", [self.weight(source, 0, blocks, s.unit)], [rows],
+                                      name=f"{node.name}@tied", perm=[1, 0]),
+                     self._renamed(node, {1: rows})]
+            if self.consumers.get(node.input[1]) == [self.i]:
+                self.layout.rewrites[transpose] = Rewrite([])
+            return Rewrite(nodes, "col")
         if op == "Gemm" and self.is_weight(node.input[1]) and not self.attr(node, "transA", 0):
             w = self.shape(node.input[1])
             if not w or len(w) != 2:
                 return None
             trans_b = self.attr(node, "transB", 0)
             n = w[0] if trans_b else w[1]
-            blocks = self._blocks(node.output[0], n)
+            blocks, unit = self._blocks(node.output[0], n), self.units.get(self.i, 1)
             for b in blocks:
-                self.divides(b, "output width", node)
-            replace = {1: self.weight(node.input[1], 0 if trans_b else 1, blocks)}
+                self.fits(b, "output width", node, unit)
+            s = self.sharded(1, blocks, unit)
+            replace = {1: self.weight(node.input[1], 0 if trans_b else 1, blocks, s.unit)}
             if len(node.input) > 2 and node.input[2]:
                 c = self.shape(node.input[2])
                 if c is None:
                     return None
                 if c and c[-1] == n and self.is_weight(node.input[2]):
-                    replace[2] = self.weight(node.input[2], len(c) - 1, blocks)
+                    replace[2] = self.weight(node.input[2], len(c) - 1, blocks, s.unit)
                 elif c and c[-1] != 1:
                     return None
-            self._set(node, [State("S", 1, multi_blocks(blocks))])
+            self._set(node, [s])
             return Rewrite([self._renamed(node, replace)], "col")
         if op == "Conv" and self.is_weight(node.input[1]) and self.attr(node, "group", 1) == 1:
             w = self.shape(node.input[1])
             if not w:
                 return None
-            self.divides(w[0], "output channels", node)
-            replace = {1: self.weight(node.input[1], 0, (w[0],))}
+            self.fits(w[0], "output channels", node)
+            s = self.sharded(1, (w[0],))
+            replace = {1: self.weight(node.input[1], 0, (w[0],), s.unit)}
             if len(node.input) > 2 and node.input[2]:
-                replace[2] = self.weight(node.input[2], 0, (w[0],))
-            self._set(node, [State("S", 1)])
+                replace[2] = self.weight(node.input[2], 0, (w[0],), s.unit)
+            self._set(node, [s])
             return Rewrite([self._renamed(node, replace)], "col")
         if op == "Gather" and self.is_weight(node.input[0]) and self.attr(node, "axis", 0) == 0:
             w = self.shape(node.input[0])
             if not w or len(w) != 2 or tensor_bytes(self.g, node.input[0]) < VOCAB_MIN_BYTES:
                 return None
-            self.divides(w[0], "vocabulary size", node)
+            self.fits(w[0], "vocabulary size", node)
             return self._vocab(node, w[0])
         return None
+
+    def _transposed_weight(self, name: str) -> tuple[int, str] | None:
+        """(the Transpose's position, the weight) when ``name`` is a 2-D weight transposed."""
+        at = self.g.producer.get(name)
+        if at is None:
+            return None
+        node = self.g.nodes[at]
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or not self.is_weight(node.input[0]):
+            return None
+        w = self.shape(node.input[0])
+        perm = self.attr(node, "perm")
+        return (at, node.input[0]) if w and len(w) == 2 and (perm is None or list(perm) == [1, 0]) else None
 
     def _blocks(self, out: str, width: int) -> tuple[int, ...]:
         """Fused projections (QKV): if ``out`` (through a bias Add) is Split along its last axis, those sizes."""

@@ -11,12 +11,11 @@ from onnx import helper
 
 from onnxshard.partitioner.tensor_parallel.layout import (
     REPLICATED,
-    RankConst,
     Rewrite,
     State,
 )
 from onnxshard.partitioner.tensor_parallel.shapes import ShapeRules
-from onnxshard.plans import Reduce
+from onnxshard.plans import Reduce, shares, starts
 
 UNARY = frozenset({
     "Relu", "Gelu", "Tanh", "Sigmoid", "Erf", "Exp", "Log", "Neg", "Sqrt", "Abs", "Cast", "Identity", "Softplus",
@@ -72,34 +71,33 @@ class Rules(ShapeRules):
             return None
         pos = s_out.axis - (rout - len(shape))
         if st.kind == "S":
-            return self.layout.local(name) if pos == st.axis and st.blocks == s_out.blocks else None
+            return self.layout.local(name) if pos == st.axis and st.split == s_out.split else None
         if pos < 0 or shape[pos] == 1:
             return name
         if self.is_weight(name):
-            return self.weight(name, pos, s_out.blocks or (shape[pos],))
+            return self.weight(name, pos, s_out.blocks or (shape[pos],), s_out.unit)
         if len(s_out.blocks) > 1 or not isinstance(shape[pos], int):
             return None
-        return self._slice_node(node, k, pos, shape[pos])
+        return self._slice_node(node, k, pos, shape[pos], s_out.unit)
 
-    def _slice_node(self, node, k: int, axis: int, size: int) -> str:
+    def _slice_node(self, node, k: int, axis: int, size: int, unit: int = 1) -> str:
+        """A Slice of input ``k`` to this rank's part of ``axis`` (``size`` long, cut in ``unit``s)."""
         name = node.input[k]
         out = f"{node.name}@in{k}"
-        per = size // self.t
-        starts = RankConst(f"{out}.starts", tuple(np.array([r * per], np.int64) for r in range(self.t)))
-        ends = RankConst(f"{out}.ends", tuple(np.array([(r + 1) * per], np.int64) for r in range(self.t)))
-        self.layout.rank_consts[starts.name] = starts
-        self.layout.rank_consts[ends.name] = ends
+        first, count = starts(size, self.t, unit), shares(size, self.t, unit)
+        begin = self.rank_const(f"{out}.starts", [np.array([a], np.int64) for a in first])
+        end = self.rank_const(f"{out}.ends", [np.array([a + n], np.int64) for a, n in zip(first, count)])
         axes = self.new_const(f"{out}.axes", np.array([axis], np.int64))
-        self._pre.append(helper.make_node("Slice", [name, starts.name, ends.name, axes], [out], name=f"{out}.slice"))
+        self._pre.append(helper.make_node("Slice", [name, begin, end, axes], [out], name=f"{out}.slice"))
         return out
 
     def _elementwise(self, node, ins):
         out = node.output[0]
-        axes = {(self._out_axis(x, st, out), st.blocks) for x, st in zip(node.input, ins) if st.kind == "S"}
+        axes = {(self._out_axis(x, st, out), st.split) for x, st in zip(node.input, ins) if st.kind == "S"}
         if len(axes) != 1 or None in {a for a, _ in axes}:
             return None
-        axis, blocks = axes.pop()
-        return self._aligned(node, State("S", axis, blocks))
+        axis, (blocks, unit) = axes.pop()
+        return self._aligned(node, State("S", axis, blocks, unit))
 
     def _matmul(self, node, ins):
         a, b = node.input[0], node.input[1]
@@ -111,26 +109,26 @@ class Rules(ShapeRules):
         # Role of each sharded axis: contracted (K), rows (M), columns (N) or a batch axis of the output.
         if sa.kind == "S" and sa.axis == ra - 1:  # K
             if sb.kind == "S":
-                if sb.axis != rb - 2 or sb.blocks != sa.blocks:
+                if sb.axis != rb - 2 or sb.split != sa.split:
                     return None
                 return self._partial(node, {})
             if self.is_weight(b) and rb == 2:
-                return self._row(node, {1: (b, 0)}, blocks=sa.blocks)
+                return self._row(node, {1: (b, 0)}, s=sa)
             shape_b = self.shape(b)
             if len(sa.blocks) > 1 or not isinstance(shape_b[-2], int):
                 return None
-            return self._partial(node, {1: self._slice_node(node, 1, rb - 2, shape_b[-2])})
+            return self._partial(node, {1: self._slice_node(node, 1, rb - 2, shape_b[-2], sa.unit)})
         if sb.kind == "S" and sb.axis == rb - 2:
             return None  # B sharded on K but A whole: slicing A to match is possible but not worth a rule
         out_axes = set()  # rows of A, columns of B, or a batch axis of either
         if sa.kind == "S":
-            out_axes.add((rout - 2 if sa.axis == ra - 2 else rout - ra + sa.axis, sa.blocks))
+            out_axes.add((rout - 2 if sa.axis == ra - 2 else rout - ra + sa.axis, sa.split))
         if sb.kind == "S":
-            out_axes.add((rout - 1 if sb.axis == rb - 1 else rout - rb + sb.axis, sb.blocks))
+            out_axes.add((rout - 1 if sb.axis == rb - 1 else rout - rb + sb.axis, sb.split))
         if len(out_axes) != 1:
             return None
-        axis, blocks = out_axes.pop()
-        s_out = State("S", axis, blocks)
+        axis, (blocks, unit) = out_axes.pop()
+        s_out = State("S", axis, blocks, unit)
         replace = {}
         for k, (name, st, r) in enumerate(((a, sa, ra), (b, sb, rb))):
             if st.kind == "S":
@@ -143,7 +141,7 @@ class Rules(ShapeRules):
                 continue
             if len(blocks) > 1 or not isinstance(shape[pos], int):
                 return None
-            replace[k] = self._slice_node(node, k, pos, shape[pos])
+            replace[k] = self._slice_node(node, k, pos, shape[pos], unit)
         return self._keep(node, [s_out], replace)
 
     def _partial(self, node, replace):
@@ -151,13 +149,13 @@ class Rules(ShapeRules):
         self._set(node, [State("P")])
         return Rewrite([self._renamed(node, replace)], "local", local_reads=local)
 
-    def _row(self, node, weights: dict[int, tuple[str, int]], *, bias: int | None = None, blocks=()):
-        """Take the rows (input channels) of each weight matching the sharded input; the output is partial and
-        the bias, if any, is added once after the sum."""
+    def _row(self, node, weights: dict[int, tuple[str, int]], *, s: State, bias: int | None = None):
+        """Take the rows (input channels) of each weight matching the sharded input (state ``s``); the output is
+        partial and the bias, if any, is added once after the sum."""
         replace = {}
         for k, (name, axis) in weights.items():
             shape = self.shape(name)
-            replace[k] = self.weight(name, axis, blocks or (shape[axis],))
+            replace[k] = self.weight(name, axis, s.blocks or (shape[axis],), s.unit)
         has_bias = bias is not None and len(node.input) > bias and node.input[bias]
         if has_bias and node.op_type == "Gemm" and self.attr(node, "beta", 1.0) != 1.0:
             return None
@@ -186,7 +184,7 @@ class Rules(ShapeRules):
             return None
         if ins[0].axis == 1 and self.is_weight(node.input[1]):
             return self._row(node, {1: (node.input[1], 1 if self.attr(node, "transB", 0) else 0)}, bias=2,
-                             blocks=ins[0].blocks)
+                             s=ins[0])
         return None
 
     def _reduce(self, node, s: State) -> Rewrite | None:
@@ -201,7 +199,7 @@ class Rules(ShapeRules):
             return None
         keep = self.attr(node, "keepdims", 1)
         axis = s.axis if keep else s.axis - sum(a < s.axis for a in axes)
-        return self._keep(node, [State("S", axis, s.blocks)])
+        return self._keep(node, [s.at(axis)])
 
 
 # -- the registry: op type -> rule(pass, node, input states, the first sharded input's state) ----------------------
@@ -257,14 +255,14 @@ def _concat(p, node, ins, s):
 def _conv(p, node, ins, s):
     """Input channels sharded: the weight's matching input channels, a partial sum (row split)."""
     if ins[0].axis == 1 and p.attr(node, "group", 1) == 1 and p.is_weight(node.input[1]) and _all_replicated(ins):
-        return p._row(node, {1: (node.input[1], 1)}, bias=2)
+        return p._row(node, {1: (node.input[1], 1)}, bias=2, s=s)
     return None
 
 
 @rule("Transpose", first=True)
 def _transpose(p, node, ins, s):
     perm = list(p.attr(node, "perm") or reversed(range(_rank(p, node.input[0]))))
-    return p._keep(node, [State("S", perm.index(s.axis), s.blocks)])
+    return p._keep(node, [s.at(perm.index(s.axis))])
 
 
 @rule("Reshape", "Expand", first=True)
@@ -296,9 +294,9 @@ def _layer_norm(p, node, ins, s):
 def _batch_norm(p, node, ins, s):
     if s.axis != 1 or len(node.output) != 1:
         return None
-    replace = {k: p.weight(node.input[k], 0, (p.shape(node.input[k])[0],)) for k in range(1, 5)
-               if p.is_weight(node.input[k])}
-    return p._keep(node, [s], replace) if len(replace) == 4 else None
+    sliced = {k: p.weight(node.input[k], 0, (p.shape(node.input[k])[0],), s.unit) for k in range(1, 5)
+              if p.is_weight(node.input[k])}
+    return p._keep(node, [s], sliced) if len(sliced) == 4 else None
 
 
 @rule(*CHANNELWISE, first=True)
@@ -345,4 +343,4 @@ def _gather(p, node, ins, s):
     if axis == s.axis or indices is None:
         return None
     new_axis = s.axis if s.axis < axis else s.axis + len(indices) - 1
-    return p._keep(node, [State("S", new_axis, s.blocks)])
+    return p._keep(node, [s.at(new_axis)])

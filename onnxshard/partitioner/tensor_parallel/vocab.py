@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxshard.partitioner.tensor_parallel.layout import RankConst, Rewrite, State
+from onnxshard.partitioner.tensor_parallel.layout import Rewrite, State
+from onnxshard.plans import shares, starts
 
 VOCAB_MIN_BYTES = 1 << 20  # embeddings at least this big are split by vocabulary rows
 
@@ -15,17 +16,17 @@ class Vocab:
     """Mixin of the propagation pass."""
 
     def _vocab(self, node, vocab: int) -> Rewrite:
-        """Rank r holds rows [r V/T, (r+1) V/T): ids outside it read row 0 and are zeroed, so the ranks' sum is the
-        lookup. Negative ids count from the end, as in ONNX Gather; an id out of [-V, V) gets an index out of the
-        rank's rows, so ONNX Runtime raises as it does on the whole model."""
-        per = vocab // self.t
+        """Rank r holds its share of the rows (``shares``: [start_r, start_r + n_r), the first ranks one row more when
+        T does not divide V): ids outside it read row 0 and are zeroed, so the ranks' sum is the lookup. Negative ids
+        count from the end, as in ONNX Gather; an id out of [-V, V) gets an index out of the rank's rows, so ONNX
+        Runtime raises as it does on the whole model."""
         ids, out = node.input[1], node.output[0]
         p = f"{out}@vocab"
         np_ids = np.dtype(self.specs[ids].dtype if ids in self.specs else "int64")
-        offset = RankConst(f"{p}.offset", tuple(np.array(r * per, np_ids) for r in range(self.t)))
-        self.layout.rank_consts[offset.name] = offset
-        zero, size, whole, beyond = (self.new_const(f"{p}.{n}", np.array(v, np_ids))
-                                     for n, v in (("zero", 0), ("size", per), ("vocab", vocab), ("beyond", per)))
+        rows = [np.array(n, np_ids) for n in shares(vocab, self.t)]
+        offset = self.rank_const(f"{p}.offset", [np.array(a, np_ids) for a in starts(vocab, self.t)])
+        size = beyond = self.rank_const(f"{p}.size", rows)
+        zero, whole = (self.new_const(f"{p}.{n}", np.array(v, np_ids)) for n, v in (("zero", 0), ("vocab", vocab)))
         out_dtype = self.specs[out].dtype if out in self.specs else "float32"
         table = self.weight(node.input[0], 0, (vocab,))
         make = helper.make_node
@@ -33,7 +34,7 @@ class Vocab:
             make("Less", [ids, zero], [f"{p}.neg"], name=f"{p}.neg"),
             make("Add", [ids, whole], [f"{p}.wrapped"], name=f"{p}.wrap"),
             make("Where", [f"{p}.neg", f"{p}.wrapped", ids], [f"{p}.ids"], name=f"{p}.ids"),
-            make("Sub", [f"{p}.ids", offset.name], [f"{p}.local"], name=f"{p}.sub"),
+            make("Sub", [f"{p}.ids", offset], [f"{p}.local"], name=f"{p}.sub"),
             make("GreaterOrEqual", [f"{p}.local", zero], [f"{p}.ge"], name=f"{p}.ge"),
             make("Less", [f"{p}.local", size], [f"{p}.lt"], name=f"{p}.lt"),
             make("And", [f"{p}.ge", f"{p}.lt"], [f"{p}.in"], name=f"{p}.and"),
