@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import zoo
 
+import onnxshard
 from onnxshard.cli import main
 
 
@@ -51,6 +52,19 @@ def test_inspect_a_model_with_stages_prints_a_plan_without_writing(save_model, t
     assert main(["inspect", str(path), "--stages", "3"]) == 0
     assert "stage 1 -> 2:" in capsys.readouterr().out
     assert not list(path.parent.glob("*plan*"))
+
+
+def test_run_names_a_bottleneck_stage_and_the_command_that_replans(save_model, tmp_path, ray_session, capsys):
+    path = save_model(zoo.transformer(layers=4))
+    onnxshard.plan(path, tmp_path / "lopsided", cuts=["l0.n1"])  # stage 0: one LayerNorm; stage 1: the rest
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "in.npz", x=rng.standard_normal((8, 16, 32)).astype(np.float32),
+             mask=np.ones((8, 16), np.float32))
+    assert main(["run", str(tmp_path / "lopsided"), "--inputs", str(tmp_path / "in.npz"), "--outputs",
+                 str(tmp_path / "out.npz"), "--micro-batch-size", "2", "--cpus-per-stage", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1 is the bottleneck" in out, out
+    assert f"onnxshard plan {path} --out NEW_PLAN --stages 2 --profile" in out
 
 
 def test_plan_json_round_trips_through_the_cli(save_model, tmp_path):

@@ -68,3 +68,19 @@ def test_the_cost_meter_keeps_a_bounded_table_of_sizes():
     assert max(meter.by_size[0]) == 499  # the recent ones are kept
     a, b = meter.fit(0)
     assert b == pytest.approx(1e-3, rel=1e-6) and a == pytest.approx(0.0, abs=1e-9)  # the fit still holds
+
+
+def test_the_imbalance_rule_names_the_slowest_stage_only_past_the_threshold():
+    from onnxshard.distributed.stats import imbalance
+
+    assert imbalance([1.0, 1.1]) is None  # 1.05x the mean
+    found = imbalance([3.0, 1.0])
+    assert (found.slowest, round(found.ratio, 2), found.shares) == (0, 1.5, (0.75, 0.25))
+    assert imbalance([1.0, 3.0]).slowest == 1  # the answer moves with the inputs
+    assert imbalance([1.0, 1.0, 1.9]).slowest == 2  # 1.46x the mean of three
+    assert imbalance([1.3, 1.0], threshold=1.2) is None and imbalance([1.3, 1.0], threshold=1.1).slowest == 0
+    assert imbalance([4.0, 2.0], ranks=[2, 1]) is None  # a 2-rank stage's busy time is per rank
+    assert imbalance([5.0]) is None and imbalance([0.0, 0.0]) is None
+    text = found.advice("/m/model.onnx")
+    assert "stage 0 is the bottleneck: 1.50x" in text and "75% / 25%" in text
+    assert "onnxshard plan /m/model.onnx --out NEW_PLAN --stages 2 --profile" in text

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from onnxshard.data import files, provenance
 from onnxshard.data.predictor import ERROR, ROW, predict
+from onnxshard.distributed.stats import imbalance
 from onnxshard.errors import InputError, WorkerError
 from onnxshard.memory import PeakSampler, private_bytes
 
@@ -54,6 +55,8 @@ class Summary:
             idle = max(0.0, self.actor_seconds - busy)
             lines.append(f"  stage {stage}: busy {busy:.1f} s, idle {idle:.1f} s "
                          f"({idle / max(self.actor_seconds, 1e-9):.0%} of the pipelines' time)")
+        if (found := imbalance(self.stage_busy)) is not None:
+            lines.append("  " + found.advice())
         mib = 1 << 20
         lines.append(f"  memory (anonymous RSS): driver {self.driver_memory / mib:.0f} MiB at the start, peak "
                      f"{self.driver_peak / mib:.0f} MiB; pool actor peak {self.actor_peak / mib:.0f} MiB; stage "

@@ -22,6 +22,42 @@ class StageStats:
     reduce_s: float = 0.0  # of busy_s: seconds making values whole across ranks
 
 
+IMBALANCE = 1.2  # a stage busier than this times the mean stage is worth re-planning for
+
+
+@dataclass(frozen=True)
+class Imbalance:
+    """The slowest stage of a run against the mean: what ``stats`` and the CLI report when it is over
+    ``IMBALANCE``."""
+
+    slowest: int
+    ratio: float  # its busy time over the mean stage's
+    shares: tuple[float, ...]  # each stage's share of the busy time (a tensor-parallel stage's per rank)
+
+    def advice(self, model: str | None = None) -> str:
+        shares = " / ".join(f"{x:.0%}" for x in self.shares)
+        command = (f"onnxshard plan {model or 'MODEL'} --out NEW_PLAN --stages {len(self.shares)} --profile "
+                   "[--dim NAME=SIZE ...]")
+        return (f"stage {self.slowest} is the bottleneck: {self.ratio:.2f}x the mean stage's busy time (shares "
+                f"{shares}); cut where ONNX Runtime's measured per-node times balance: {command}")
+
+
+def imbalance(busy: list[float], ranks: list[int] | None = None, threshold: float = IMBALANCE) -> Imbalance | None:
+    """The slowest stage when it is busier than ``threshold`` x the mean (busy seconds per stage; a stage of
+    ``ranks[k]`` tensor-parallel ranks counts its per-rank time); ``None`` when the stages are balanced enough,
+    or there is one stage or no work."""
+    per_worker = [b / r for b, r in zip(busy, ranks or [1] * len(busy))]
+    total = sum(per_worker)
+    if len(per_worker) < 2 or total <= 0:
+        return None
+    mean = total / len(per_worker)
+    slowest = max(range(len(per_worker)), key=per_worker.__getitem__)
+    ratio = per_worker[slowest] / mean
+    if ratio <= threshold:
+        return None
+    return Imbalance(slowest, ratio, tuple(b / total for b in per_worker))
+
+
 @dataclass(frozen=True)
 class RunStats:
     samples: int
@@ -32,6 +68,12 @@ class RunStats:
     calls: tuple[CallStats, ...] = field(default=(), repr=False)  # the most recent (Tally.KEEP_CALLS) calls
     delivered: int = 0  # micro-batch results stored (each id once)
     replayed: int = 0  # micro-batches re-run after a worker was lost
+    model: str | None = None  # the plan's model, for the re-planning advice
+
+    @property
+    def imbalance(self) -> Imbalance | None:
+        """The slowest stage, when it is over ``IMBALANCE`` x the mean (see :func:`imbalance`)."""
+        return imbalance([s.busy_s for s in self.stages], [s.ranks for s in self.stages])
 
     @property
     def throughput(self) -> float:
@@ -55,6 +97,8 @@ class RunStats:
             lines.append(f"{self.replayed} micro-batch(es) replayed after losing a worker")
         lines.append(f"{self.samples} samples in {self.micro_batches} micro-batches, {self.wall_s:.3f} s: "
                      f"{self.throughput:.1f} samples/s; GPipe bound M/(M+K-1) = {self.gpipe_bound:.1%}")
+        if self.imbalance is not None:
+            lines.append(self.imbalance.advice(self.model))
         return "\n".join(lines)
 
 
