@@ -94,6 +94,26 @@ def test_hops_within_a_node_stay_unix_sockets(cluster, model):
         _exact(references[:6], list(pipe.stream(batches[:6])))
 
 
+def test_tensor_parallel_ranks_on_two_nodes_reduce_over_tcp(cluster, model):
+    import ray
+
+    path, plan, batches, references = model
+    tp = onnxshard.plan(path, plan.root.parent / "tp2", tensor_parallel=2)
+    with Pipeline(tp, cpus_per_stage=1, resources={"single": 1}, placement_strategy="STRICT_SPREAD",
+                  micro_batch_size=1) as pipe:
+        assert len(set(_nodes_of_ranks(cluster, pipe.worker_info))) == 2
+        assert pipe.transport == "direct"
+        assert ray.get([w.mesh_kinds.remote() for w in pipe.workers[0][0]]) == [{1: "tcp"}, {0: "tcp"}]
+        for ref, got in zip(references[:6], pipe.stream(batches[:6])):
+            assert tools.max_differences(ref, got)["y"] <= 1e-4
+
+
+def _nodes_of_ranks(cluster, worker_info) -> list[str]:
+    _, workers = cluster
+    ids = {node.node_id: name for name, node in workers.items()}
+    return [ids.get(w["node"], "head") for ranks in worker_info[0] for w in ranks]
+
+
 def test_a_plan_given_by_uri_runs_over_three_nodes(cluster, model):
     """Each worker copies its own stage from the URI into its node's cache (here the nodes share one machine's
     temp folder, so they share the cache too; each still copies only its stage's files)."""

@@ -100,6 +100,10 @@ def test_fused_qkv_split_and_vocab_split_and_lm_head_gather(save_model, tmp_path
     reduces = [r for s in stage.steps for r in s.reduces]
     assert any(r.op == "concat" and r.name == "logits" for r in reduces)  # LM head split by vocabulary columns
     assert any(r.op == "sum" and r.name == "tok" for r in reduces)  # embedding split by vocabulary rows
+    # the causal mask, sliced with computed bounds (shape inference loses its dims), still broadcasts over the heads:
+    # the scores stay split, one all-reduce per attention block and one per MLP, as in Megatron
+    assert [r.name for r in reduces if r.op == "concat"] == ["logits"], reduces
+    assert len(reduces) == 1 + 2 * 2 + 1
     # The fused QKV weight [64, 192] gives each rank its heads of Q, of K and of V: columns from all three blocks.
     dims = [t.dims for step in stage.steps if len(step.files) > 1
             for t in onnx.load(str(plan.root / step.files[1]), load_external_data=False).graph.initializer
@@ -169,13 +173,54 @@ def test_cli_plan_and_inspect_show_ranks(save_model, tmp_path):
     assert run.returncode == 2 and "valid degrees" in run.stderr
 
 
+@pytest.mark.parametrize("degree", [2, 3])
+def test_ranks_linked_each_to_each_reduce_over_sockets(degree, save_model, tmp_path):
+    """The direct transport's tensor-parallel stage, without Ray: plain stage workers of each rank linked by a
+    mesh of Unix sockets; rank 0 hands each micro-batch to the others and returns the stage's result, equal to
+    ORT's. A bad micro-batch fails on every rank, and the next one still runs (the ranks stay in step)."""
+    import threading
+
+    from onnxshard.runtime import arrow
+    from onnxshard.workers.stage_worker import Failure, StageWorker
+
+    path = save_model(models.bert_mlm(d=64, ffn=128, vocab=1001), external=True)
+    plan = onnxshard.plan(path, tmp_path / "plan", tensor_parallel=degree)
+    ranks = [StageWorker(str(plan.root), 0, rank=r) for r in range(degree)]
+    addresses = [w.open_mesh(str(tmp_path), token=b"t" * 16) for w in ranks]
+    joins = [threading.Thread(target=w.join_mesh, args=(addresses,)) for w in ranks]
+    for t in joins:
+        t.start()
+    for t in joins:
+        t.join(30)
+    try:
+        for micro_batch, seq in enumerate((5, 3)):
+            feeds = tools.random_feeds(plan.inputs, dims={"batch": 2, "seq": seq}, seed=micro_batch)
+            feeds["ids"] = np.random.default_rng(micro_batch).integers(0, 1001, feeds["ids"].shape)
+            batch = arrow.assemble([arrow.tensor_to_column(k, v) for k, v in feeds.items()])
+            out, calls = ranks[0].run_ranks(ranks[0].check_mesh(), micro_batch, (batch, ()))
+            got = arrow.decode(out, ["logits"])
+            assert max(_relative(tools.run_model(path, feeds), got).values()) <= 1e-4
+            assert {(c.rank, c.step) for c in calls} >= {(r, 0) for r in range(degree)}  # every rank's stats
+        bad = arrow.assemble([arrow.tensor_to_column("ids", np.full((1, 4), 5000)),
+                              arrow.tensor_to_column("mask", np.ones((1, 4), np.float32))])
+        out, _ = ranks[0].run_ranks(ranks[0].check_mesh(), 2, (bad, ()))
+        assert isinstance(out, Failure) and "out of" in out.message
+        out, _ = ranks[0].run_ranks(ranks[0].check_mesh(), 3, (batch, ()))
+        assert not isinstance(out, Failure)
+    finally:
+        for w in ranks:
+            w._mesh.close()
+
+
 @pytest.mark.usefixtures("ray_session")
-def test_pipeline_runs_rank_workers_on_ray(save_model, tmp_path):
+@pytest.mark.parametrize("transport", ["auto", "ray"])
+def test_pipeline_runs_rank_workers_on_ray(transport, save_model, tmp_path):
     path = save_model(models.gpt2(), external=True)
     plan = onnxshard.plan(path, tmp_path / "plan", stages=2, tensor_parallel=2)
     feeds = {"ids": np.random.default_rng(3).integers(0, 4096, (8, 6))}
     reference = tools.run_model(path, feeds)
-    with Pipeline(plan, micro_batch_size=2) as pipe:
+    with Pipeline(plan, micro_batch_size=2, transport=transport) as pipe:
+        assert pipe.transport == ("ray" if transport == "ray" else "direct")  # ranks reduce over sockets
         assert [len(ranks) for ranks in pipe.workers[0]] == [2, 2]
         assert len({w["pid"] for ranks in pipe.worker_info[0] for w in ranks}) == 4
         for _ in range(2):  # a second run reuses the same workers
@@ -209,6 +254,7 @@ def test_a_lost_rank_worker_is_replaced_and_nothing_is_lost(save_model, tmp_path
     feeds = {"x": rng.standard_normal((48, 4, 64)).astype(np.float32), "mask": np.ones((48, 4), np.float32)}
     reference = tools.run_model(path, feeds)
     with Pipeline(plan, micro_batch_size=1, replicas=2) as pipe:
+        assert pipe.transport == "direct"
         fired = []
 
         def progress(done, submitted):

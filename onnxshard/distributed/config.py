@@ -41,7 +41,8 @@ class PipelineConfig:
         oldest (default 0: a busy pipeline still joins what piles up meanwhile).
     max_queue_size: requests that may wait; past it a request is refused at once with ``OverloadedError``.
     transport: how micro-batches travel between stages: ``"direct"`` (sockets between the workers, Arrow IPC
-        frames: Unix sockets within a node, TCP between nodes; no tensor-parallel stage), ``"ray"`` (actor calls chained
+        frames: Unix sockets within a node, TCP between nodes; a tensor-parallel stage's ranks reduce over a mesh
+        of their own), ``"ray"`` (actor calls chained
         by ObjectRef; any cluster) or ``"auto"`` (direct where it applies, else ray).
     run_timeout_s: a request (a ``run``, or each batch of a ``stream``) not back this long after it was queued
         fails (its micro-batches finish and are dropped).

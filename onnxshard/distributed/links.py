@@ -82,7 +82,7 @@ class DirectLinks:
     """Per replica, a chain coordinator -> stage 0 -> ... -> stage K-1 -> coordinator: each hop a Unix socket when
     both ends are on one node, else TCP. ``kinds[replica]`` says which, hop by hop."""
 
-    def __init__(self, rows: list[list[list]], nodes: list[list[str]], timeout_s: float, keep: int):
+    def __init__(self, rows: list[list[list]], nodes: list[list[list[str]]], timeout_s: float, keep: int):
         self.timeout_s = timeout_s
         self.folder: str | None = None
         self.keep = keep  # results a last stage may hold at once: the coordinator's in-flight window
@@ -104,8 +104,9 @@ class DirectLinks:
             self.close()
             raise
 
-    def connect(self, replica: int, row: list[list], nodes: list[str]) -> list:
-        """(Re)link ``replica``'s stage workers ``row`` (one worker per stage, running on ``nodes``) into a chain.
+    def connect(self, replica: int, row: list[list], nodes: list[list[str]]) -> list:
+        """(Re)link ``replica``'s stage workers ``row`` (per stage, its ranks' workers, running on ``nodes``) into a
+        chain through each stage's rank 0, each tensor-parallel stage's ranks into a mesh.
         Results held by a last stage that has been replaced are forgotten (their micro-batches count as not back,
         to be resent); returns the fetches of them that were under way, which fail with the old worker."""
         self.drop(replica)
@@ -115,6 +116,8 @@ class DirectLinks:
                     and isinstance(batch, ray.ObjectRef) and chain.last is not workers[-1]]
             fetches = [self._results.pop(mb)[0] for mb in lost]
         here = ray.get_runtime_context().get_node_id()
+        self._mesh(row, nodes, here)
+        nodes = [where[0] for where in nodes]  # the chain runs through each stage's rank 0
         tcp = [a != b for a, b in zip([here, *nodes], [*nodes, here])]  # hop i enters stage i; the last, here
         paths = ray.get([w.open_link.remote(self.folder if node == here else None, tcp[i], self.token)
                          for i, (w, node) in enumerate(zip(workers, nodes))], timeout=self.timeout_s)
@@ -132,6 +135,18 @@ class DirectLinks:
             self._broken.pop(replica, None)
             self.kinds[replica] = ["tcp" if t else "unix" for t in tcp]
         return fetches
+
+    def _mesh(self, row: list[list], nodes: list[list[str]], here: str) -> None:
+        """Link the ranks of each tensor-parallel stage of ``row`` each to each (``rank_mesh.py``): Unix sockets
+        when they share a node, else TCP."""
+        for ranks, where in zip(row, nodes):
+            if len(ranks) == 1:
+                continue
+            one = len(set(where)) == 1
+            folder = self.folder if one and where[0] == here else None
+            addresses = ray.get([w.open_mesh.remote(folder, not one, self.token) for w in ranks],
+                                timeout=self.timeout_s)
+            ray.get([w.join_mesh.remote(addresses) for w in ranks], timeout=self.timeout_s)
 
     def drop(self, replica: int) -> None:
         chain = self._chains.pop(replica, None)

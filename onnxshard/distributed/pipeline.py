@@ -289,7 +289,7 @@ class Pipeline:
         return Meter([s.tensor_parallel for s in self.plan.stages], progress)
 
     def _summarise(self, meter: Meter) -> None:
-        stats = meter.summary(self.config.replicas)
+        stats = replace(meter.summary(self.config.replicas), model=self.plan.model)
         with self._tally_lock:
             self.stats = stats
             for s in stats.stages:

@@ -164,9 +164,9 @@ class Placement:
             remove_placement_group(earlier)
         self.moved[(replica, stage)] = group
 
-    def nodes(self, replica: int) -> list[str]:
-        """The node of each stage's (first) worker of ``replica``."""
-        return [ranks[0]["node"] for ranks in self.info[replica]]
+    def nodes(self, replica: int) -> list[list[str]]:
+        """The node of each worker of ``replica``: per stage, per tensor-parallel rank."""
+        return [[w["node"] for w in ranks] for ranks in self.info[replica]]
 
     def warm_seconds(self) -> list[float]:
         """Each worker's warm-up run (one sample), where it ran."""
@@ -177,9 +177,7 @@ class Placement:
         if wanted == "ray":
             return "ray"
         why = None
-        if any(s.steps for s in self.plan.stages):
-            why = "a tensor-parallel stage exchanges values between its ranks through Ray"
-        elif not hasattr(socket, "AF_UNIX"):
+        if not hasattr(socket, "AF_UNIX"):
             why = "this platform has no Unix sockets"
         if why is None:
             return "direct"

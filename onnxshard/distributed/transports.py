@@ -8,8 +8,10 @@ one hang check (the call deadline) for both.
   reissues only the calls from the lost stage on: the stage input made by a live worker still exists.
 - :class:`Links`: each replica's workers linked into a chain of sockets (Unix within a node, TCP between
   nodes), coordinator -> stage 0 -> ... -> coordinator, carrying Arrow IPC frames (``links.py``); a hop costs a
-  socket copy instead of an actor call. A lost worker breaks its replica's chain: after the replacement the replica
-  is linked again and every micro-batch of it that has not come back is sent again from the start.
+  socket copy instead of an actor call. A tensor-parallel stage's rank 0 is its hop; its ranks reduce over a mesh
+  of sockets of their own (``workers/rank_mesh.py``), so a lost rank breaks the chain too. A lost worker breaks
+  its replica's chain: after the replacement the replica is linked again and every micro-batch of it that has not
+  come back is sent again from the start.
 """
 
 from __future__ import annotations
@@ -223,15 +225,16 @@ class Links(Transport):
         """Stages of ``replica`` whose worker is dead, does not answer within ``probe_s``, or (``busy_over``) has
         been computing one micro-batch for longer than that. A live worker on a loaded machine can take seconds
         to answer: a shorter probe would replace healthy workers (seen at 2 s with the CPUs oversubscribed)."""
-        probes = [ranks[0].busy_seconds.remote() for ranks in self.placement.workers[replica]]
-        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=probe_s)
+        probes = [(stage, w.busy_seconds.remote()) for stage, ranks in enumerate(self.placement.workers[replica])
+                  for w in ranks]  # every rank: one that died or hangs stalls its stage's others
+        ready, _ = ray.wait([p for _, p in probes], num_returns=len(probes), timeout=probe_s)
         lost = []
-        for stage, probe in enumerate(probes):
+        for stage, probe in probes:
             try:
                 busy = ray.get(probe) if probe in ready else None
             except CALL_ERRORS:
                 busy = None
-            if busy is None or (busy_over is not None and busy > busy_over):
+            if (busy is None or (busy_over is not None and busy > busy_over)) and stage not in lost:
                 lost.append(stage)
         return lost
 

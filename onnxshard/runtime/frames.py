@@ -110,12 +110,18 @@ def connect(path: str, timeout: float | None = None, token: bytes = b"") -> sock
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         sock.connect(path)
+    widen(sock)
+    sock.sendall(token)
+    return sock
+
+
+def widen(sock: socket.socket) -> None:
+    """Give ``sock`` a send buffer of ``SEND_BUFFER`` bytes, so a frame that size goes out without waiting for
+    the reader."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
     except OSError:  # a system that refuses the size: its default buffer still works, only slower
         pass
-    sock.sendall(token)
-    return sock
 
 
 def close(sockets, paths=()) -> None:

@@ -14,10 +14,16 @@ from onnxshard.plans import Plan, Reduce, Stage, shares
 from onnxshard.runtime.session import RuntimeConfig, ShardSession
 
 
-def reduce(values: Sequence[np.ndarray], r: Reduce) -> np.ndarray:
+def reduce(values: Sequence[np.ndarray], r: Reduce, scratch: bool = False) -> np.ndarray:
     """Make a whole tensor from every rank's part: the sum of partial sums, or the concatenation of slices (for a
-    blocked axis, block by block)."""
+    blocked axis, block by block). ``scratch``: the writable parts are this call's alone (frames received for
+    it), so a sum of two may go into one of them instead of a new array."""
     if r.op == "sum":
+        if scratch and len(values) == 2 and values[0].shape == values[1].shape and \
+                values[0].dtype == values[1].dtype:
+            a, b = values if values[0].flags.writeable else values[::-1]
+            if a.flags.writeable:
+                return np.add(a, b, out=a)  # a + b is b + a to the bit
         return functools.reduce(operator.add, values)
     if len(r.blocks) <= 1:
         return np.concatenate(values, axis=r.axis)
@@ -49,14 +55,15 @@ class RankShard:
         return own, list(dict.fromkeys(r.source for r in step.reduces))
 
     def run(self, j: int, own: Mapping[str, np.ndarray], sources: Sequence[Mapping[str, np.ndarray]], *,
-            micro_batch: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
-        """Step ``j``: reduce, run, and return what the session made, what is carried on (reduced values
-        included) and the seconds the reduces took."""
+            micro_batch: int | None = None, scratch: bool = False
+            ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+        """Step ``j``: reduce (``scratch``: see :func:`reduce`), run, and return what the session made, what is
+        carried on (reduced values included) and the seconds the reduces took."""
         step = self.stage.steps[j]
         env = dict(own)
         t0 = time.perf_counter()
         for r in step.reduces:
-            env[r.name] = reduce([s[r.source] for s in sources], r)
+            env[r.name] = reduce([s[r.source] for s in sources], r, scratch)
         reduce_s = time.perf_counter() - t0
         made = self.sessions[j].run(env, micro_batch=micro_batch, stage=self.stage.index) if j in self.sessions else {}
         return made, {c: env[c] for c in step.carry}, reduce_s

@@ -24,6 +24,7 @@ from onnxshard.runtime.kv_cache import KvCache, mask_and_positions
 from onnxshard.runtime.rank_shard import RankShard
 from onnxshard.sampling import SamplingParams, choose
 from onnxshard.workers.link import Link
+from onnxshard.workers.rank_mesh import RankSteps
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class CallStats:
     reduce_s: float = 0.0  # seconds spent making values whole from every rank's packet (in compute_s)
 
 
-class StageWorker:
+class StageWorker(RankSteps):
     """Holds one stage's session. Made with ``ray.remote(StageWorker).options(...).remote(...)`` by the
     coordinator; a plain instance works too, for tests and in-process runs."""
 
@@ -86,6 +87,7 @@ class StageWorker:
         self._types = {t.name: t.dtype for t in self.stage.outputs}
         self._metrics = _StageMetrics(stage_index) if ray.is_initialized() else None
         self._link: Link | None = None
+        self._mesh = None  # a tensor-parallel rank's sockets to the other ranks (direct transport)
         self._hold_over: int | None = None
         self._held: collections.OrderedDict = collections.OrderedDict()
         self._held_lock = threading.Lock()
@@ -137,29 +139,34 @@ class StageWorker:
         refs = [b for b, _ in packets if isinstance(b, ray.ObjectRef)]
         fetched = dict(zip(refs, ray.get(refs))) if refs else {}
         batches = [fetched.get(b, b) if isinstance(b, ray.ObjectRef) else b for b, _ in packets]
-
-        def work():
-            own_names, source_names = self.shard.wants(step)
-            own_batch = batches[self.rank if len(batches) > 1 else 0]
-            own = arrow.decode(own_batch, own_names)
-            r0 = time.perf_counter()
-            sources = [arrow.decode(b, source_names) for b in batches] if source_names else []
-            decode_s = time.perf_counter() - r0
-            made, carried, reduce_s = self.shard.run(step, own, sources, micro_batch=micro_batch)
-            types = self._step_types[step]
-            columns = [arrow.tensor_to_column(n, v, types.get(n, self._types.get(n))) for n, v in made.items()]
-            present = set(own_batch.schema.names)
-            columns += arrow.select(own_batch, [c for c in carried if c in present])
-            columns += [arrow.tensor_to_column(c, v, types.get(c, self._types.get(c))) for c, v in carried.items()
-                        if c not in present]
-            return arrow.assemble(columns), decode_s + reduce_s
-
-        result, calls = self._call(micro_batch, calls, batches, work, step=step)
+        result, calls = self._call(micro_batch, calls, batches, lambda: self._step(step, micro_batch, batches),
+                                   step=step)
         if not isinstance(result, Failure) and step < len(self.stage.steps) - 1 and ray.is_initialized():
             # Every rank reads this batch: put it in the shared-memory store and send the ref, so it goes from
             # worker to worker even when Ray would return it inline through the coordinator.
             result = ray.put(result)
         return result, calls
+
+    def _step(self, step: int, micro_batch: int, batches: list, received: bool = False) -> tuple:
+        """Step ``step`` of this rank: its own values from its batch in ``batches`` (every rank's, in rank order,
+        or the stage input alone), the values to make whole from all of them (``received``: the other ranks'
+        batches are frames read off sockets, buffers of their own, which a sum may write into). Returns (the batch
+        it makes, the seconds spent decoding and reducing)."""
+        own_names, source_names = self.shard.wants(step)
+        own_batch = batches[self.rank if len(batches) > 1 else 0]
+        own = arrow.decode(own_batch, own_names)
+        r0 = time.perf_counter()
+        sources = [arrow.decode(b, source_names, writable=received and b is not own_batch) for b in batches] \
+            if source_names else []
+        decode_s = time.perf_counter() - r0
+        made, carried, reduce_s = self.shard.run(step, own, sources, micro_batch=micro_batch, scratch=received)
+        types = self._step_types[step]
+        columns = [arrow.tensor_to_column(n, v, types.get(n, self._types.get(n))) for n, v in made.items()]
+        present = set(own_batch.schema.names)
+        columns += arrow.select(own_batch, [c for c in carried if c in present])
+        columns += [arrow.tensor_to_column(c, v, types.get(c, self._types.get(c))) for c, v in carried.items()
+                    if c not in present]
+        return arrow.assemble(columns), decode_s + reduce_s
 
     # -- generation (see distributed/generator.py) -------------------------------------------------------------
     def open_cache(self, capacity_bytes: int | None = None) -> int:
@@ -252,13 +259,18 @@ class StageWorker:
 
     def busy_seconds(self) -> float:
         """How long the link has been computing its current micro-batch (0 when idle): the coordinator's hang
-        check. Answered on the actor's own thread, so a stopped or wedged process does not answer at all."""
-        return 0.0 if self._link is None else self._link.busy_seconds()
+        check. Answered on the actor's own thread, so a stopped or wedged process does not answer at all. A rank of a
+        tensor-parallel stage other than 0 counts the micro-batch it runs with the others."""
+        return max(0.0 if self._link is None else self._link.busy_seconds(), self.mesh_busy_seconds())
 
     def _serve_frame(self, micro_batch: int, batch, meta: dict):
         if "gen" in meta or "free" in meta:
             return self._serve_generation(micro_batch, batch, meta)
-        out, meta = packet_to_frame(self.run(packet_from_frame(batch, meta), micro_batch))
+        packet = packet_from_frame(batch, meta)
+        if self.stage.steps:
+            out, meta = packet_to_frame(self.run_ranks(self.check_mesh(), micro_batch, packet))
+        else:
+            out, meta = packet_to_frame(self.run(packet, micro_batch))
         if self._hold_over is None or out is None or out.nbytes < self._hold_over:
             return out, meta
         with self._held_lock:

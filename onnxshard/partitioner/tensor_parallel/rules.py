@@ -72,13 +72,32 @@ class Rules(ShapeRules):
         pos = s_out.axis - (rout - len(shape))
         if st.kind == "S":
             return self.layout.local(name) if pos == st.axis and st.split == s_out.split else None
-        if pos < 0 or shape[pos] == 1:
+        if pos < 0 or shape[pos] == 1 or self._static_dim(name, pos) == 1:
             return name
         if self.is_weight(name):
             return self.weight(name, pos, s_out.blocks or (shape[pos],), s_out.unit)
         if len(s_out.blocks) > 1 or not isinstance(shape[pos], int):
             return None
         return self._slice_node(node, k, pos, shape[pos], s_out.unit)
+
+    def _static_dim(self, name: str, axis: int, depth: int = 0) -> int | None:
+        """Dim ``axis`` of ``name`` where shape inference lost it: a Slice with computed bounds (the causal mask
+        of a GPT-2 export, ``bias[:, :, a:b, :b]``) keeps the dims of the axes it does not slice."""
+        shape = self.shape(name)
+        if shape is not None and axis < len(shape) and isinstance(shape[axis], int):
+            return shape[axis]
+        at = self.g.producer.get(name)
+        if at is None or depth > 8:
+            return None
+        node = self.g.nodes[at]
+        if node.op_type in ("Cast", "Identity") or (node.op_type == "Slice" and len(node.input) > 3 and
+                                                     node.input[3]):
+            rank = len(self.shape(node.input[0]) or ())
+            axes = self.const(node.input[3]) if node.op_type == "Slice" else []
+            if shape is not None and rank == len(shape) and axes is not None and \
+                    axis not in {int(a) % rank for a in axes}:
+                return self._static_dim(node.input[0], axis, depth + 1)
+        return None
 
     def _slice_node(self, node, k: int, axis: int, size: int, unit: int = 1) -> str:
         """A Slice of input ``k`` to this rank's part of ``axis`` (``size`` long, cut in ``unit``s)."""
