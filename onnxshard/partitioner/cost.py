@@ -1,4 +1,5 @@
-"""The cost model: element types and shapes from ONNX shape inference, FLOPs, parameter and activation bytes.
+"""The cost model: element types and shapes from ONNX shape inference, FLOPs (``flops.py``), parameter and
+activation bytes.
 
 Costs are per sample: symbolic dims count as 1 unless the caller gives them a size (``dims={"seq": 128}``).
 """
@@ -6,13 +7,13 @@ Costs are per sample: symbolic dims count as 1 unless the caller gives them a si
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import onnx
 from onnx import TensorProto
 
 from onnxshard import dtypes
+from onnxshard.partitioner.flops import node_flops
 from onnxshard.partitioner.graph import Graph
 from onnxshard.partitioner.model import is_external, load_inline, tensor_nbytes
 from onnxshard.plans import NON_TENSOR, TensorSpec, spec_bytes
@@ -172,33 +173,3 @@ def node_costs(graph: Graph, specs: dict[str, TensorSpec], dims: dict[str, int])
         out_bytes = sum(tensor_bytes(specs.get(o), dims) for o in node.output if o)
         costs.append(NodeCost(node_flops(node, specs, dims), params, out_bytes))
     return costs
-
-
-def node_flops(node: onnx.NodeProto, specs: dict[str, TensorSpec], dims: dict[str, int]) -> float:
-    """Multiply-adds count twice; everything else is about one operation per output element."""
-
-    def shape(name):
-        return concrete(specs.get(name), dims)
-
-    out = shape(node.output[0]) if node.output and node.output[0] else None
-    out_elems = math.prod(out) if out is not None else 1
-    op = node.op_type
-    if op in ("MatMul", "MatMulInteger", "FusedMatMul", "QLinearMatMul", "MatMulNBits"):
-        a = shape(node.input[0])
-        k = a[-1] if a else 1
-        return 2.0 * out_elems * k
-    if op == "Gemm":
-        a = shape(node.input[0])
-        trans_a = any(x.name == "transA" and x.i for x in node.attribute)
-        k = (a[0] if trans_a else a[-1]) if a else 1
-        return 2.0 * out_elems * k
-    if op in ("Conv", "ConvTranspose", "QLinearConv", "ConvInteger"):
-        w = shape(node.input[1] if op != "QLinearConv" else node.input[3])
-        if w and len(w) >= 2:
-            per_out = math.prod(w[1:]) if op != "ConvTranspose" else math.prod(w[2:]) * w[0] // max(1, w[1])
-            return 2.0 * out_elems * per_out
-    subgraph_flops = 0.0
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            subgraph_flops = max(subgraph_flops, sum(node_flops(n, specs, dims) for n in attr.g.node))
-    return float(max(out_elems, 1)) + subgraph_flops

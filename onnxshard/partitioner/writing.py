@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -17,6 +18,7 @@ from onnxshard.partitioner import tensor_parallel as tp
 from onnxshard.partitioner.boundaries import intervals
 from onnxshard.partitioner.coupling import batch_coupled
 from onnxshard.partitioner.decision import Decision
+from onnxshard.partitioner.flops import unpriced
 from onnxshard.partitioner.graph import Graph
 from onnxshard.partitioner.model import is_external, iter_tensors, node_tensors, tensor_nbytes
 from onnxshard.partitioner.out import replace_with
@@ -113,6 +115,8 @@ def write(decision: Decision, out: Path, *, copy_weights: bool, model_path: Path
                 raise PlanError(f"stage {piece.index} holds {human_bytes(stage.param_bytes)} of weights per worker "
                                 f"(shared weights count in each stage), over --max-stage-memory {human_bytes(cap)}; "
                                 "add stages or tensor-parallel ranks")
+            if cost_source == "analytic" and (guessed := unpriced(graph.nodes[lo:hi])):
+                stage = replace(stage, notes=stage.notes + (_guessed_note(guessed),))
             stages.append(stage)
         weights = Weights(mode=mode, dir=str(graph.folder.resolve()) if mode == "external" else "weights",
                           files=writer.files)
@@ -176,6 +180,12 @@ def _write_ranks(graph: Graph, specs, layout: tp.Layout, piece: StageGraph, lo: 
     notes = [note for starts, note in layout.notes if any(lo <= i < hi for i in starts)]
     return Stage(file="", param_bytes=max(rank_bytes), tensor_parallel=degree, steps=tuple(written),
                  rank_param_bytes=tuple(rank_bytes), notes=tuple(notes), **common)
+
+
+def _guessed_note(ops: dict[str, int]) -> str:
+    listed = ", ".join(f"{op} ({n} node{'s' if n > 1 else ''})" for op, n in sorted(ops.items()))
+    return (f"cost model: no FLOP formula for {listed}; counted as one operation per output element, so this cut "
+            "may be unbalanced: plan with --profile to measure them")
 
 
 def _source(graph: Graph, name: str) -> onnx.TensorProto:
