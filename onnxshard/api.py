@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from onnxshard import partitioner
-from onnxshard.errors import PlanError
-from onnxshard.plans import Plan, is_plan_dir
+from onnxshard.errors import InputError, PlanError
+from onnxshard.plans import Plan, is_batch_name, is_plan_dir
 from onnxshard.runtime import tools
 from onnxshard.units import parse_bytes
 
@@ -38,6 +38,7 @@ def plan(
     tensor_parallel: int | None = None,
     hash_weights: bool = False,
     kv_pairs: dict[str, str] | None = None,
+    example_inputs: dict | None = None,
 ) -> Plan:
     """Split ``model`` into pipeline stages and save the plan to ``out`` (if omitted, a new temporary folder that
     is removed when this Python process exits).
@@ -51,6 +52,8 @@ def plan(
     optimize: apply ONNX Runtime's extended fusions before cutting (writes an optimised copy with its weights).
     copy_weights: write a self-contained per-stage copy of the weights instead of linking the model's files.
     dims: sizes for symbolic dims in cost estimates (others count 1), e.g. ``{"seq": 128}``.
+    example_inputs: inputs of the workload (name -> array): their sizes of the symbolic dims size the costs
+        (``dims`` wins where both give one), and ``profile`` measures on them.
     tensor_parallel: split each stage's layers over this many rank workers (Megatron-style column/row splits);
         with ``max_stage_memory`` and no degree, the degree that fits in the fewest workers is chosen.
     hash_weights: record a sha256 of every weight byte (seconds per GB), for ``onnxshard verify --weights``;
@@ -68,6 +71,9 @@ def plan(
     tensor_parallel = _count(tensor_parallel, "tensor_parallel")
     cuts = [cuts] if isinstance(cuts, str) else list(cuts)  # one name, not its characters
     dims = check_dims(dims)
+    if example_inputs is not None:
+        dims = {**_example_dims(example_inputs, model), **(dims or {})}
+        profile_feeds = profile_feeds if profile_feeds is not None else example_inputs
     if out is not None:
         partitioner.check_out(out, [model])  # before any work: never a user's folder, never after minutes
     out = Path(out) if out is not None else _temporary_folder() / "plan"
@@ -88,6 +94,18 @@ def plan(
                                        source=source, tensor_parallel=tensor_parallel, hash_weights=hash_weights,
                                        kv_pairs=kv_pairs)
     return result
+
+
+def _example_dims(feeds, model: Path) -> dict[str, int]:
+    """The sizes ``feeds`` give the model's symbolic input dims (checked like a run's inputs), the batch's left
+    out: costs stay per sample."""
+    from onnxshard.runtime.session import check_feeds, feed_dims
+
+    if not isinstance(feeds, dict) or not all(isinstance(v, np.ndarray) for v in feeds.values()):
+        raise InputError("example_inputs must be a dict of input name -> numpy array")
+    specs = partitioner.input_specs(model)
+    check_feeds(feeds, specs, where="example_inputs")
+    return {d: n for d, n in feed_dims(feeds, specs).items() if not is_batch_name(d)}
 
 
 def _model_path(model) -> Path:

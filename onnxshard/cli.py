@@ -85,12 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="split a model into pipeline stages and write a plan folder")
     p.add_argument("model", help="the .onnx file (its external weights stay where they are)")
     p.add_argument("--out", required=True, help="plan folder to write (created; replaced if it holds a plan)")
+    p.add_argument("--inputs", dest="example_inputs", metavar="FILE.npz", help="example inputs of the workload: "
+                   "their sizes of the symbolic dims size the costs (and --profile runs on them)")
     plan_options(p)
     p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("inspect", help="print the stage table of a plan folder, or a model's summary")
     p.add_argument("target", help="a plan folder or an .onnx file")
     p.add_argument("--tensors", action="store_true", help="list a model's tensors (candidates for --cut)")
+    p.add_argument("--inputs", dest="example_inputs", metavar="FILE.npz", help="example inputs: their sizes of the "
+                   "symbolic dims size the costs")
     plan_options(p)
     p.set_defaults(handler=cmd_inspect)
 
@@ -167,6 +171,9 @@ def cmd_plan(args) -> int:
 def cmd_inspect(args) -> int:
     from onnxshard import partitioner
     from onnxshard.api import plan
+    from onnxshard.plan_text import unsized_note
+    from onnxshard.plans import is_batch_name
+    from onnxshard.runtime.session import feed_dims
     from onnxshard.runtime.tools import probe_types
 
     if is_plan_dir(args.target):
@@ -182,7 +189,9 @@ def cmd_inspect(args) -> int:
             if result.num_stages > 1:
                 print(result.boundaries())
         return 0
-    analysis = partitioner.analyse_model(args.target, dims=dims_of(args), type_oracle=probe_types,
+    dims = {**feed_dims(kwargs["example_inputs"], partitioner.input_specs(args.target)), **dims_of(args)} \
+        if (kwargs := plan_kwargs(args)).get("example_inputs") is not None else dims_of(args)
+    analysis = partitioner.analyse_model(args.target, dims=dims, type_oracle=probe_types,
                                          allow_domains=args.allow_domain)
     costs = analysis.costs
     g = analysis.graph
@@ -193,6 +202,11 @@ def cmd_inspect(args) -> int:
         for name in names:
             spec = analysis.specs.get(name)
             print(f"  {kind:<6} {name}: {spec.dtype if spec else '?'} {list(spec.shape) if spec and spec.shape else '?'}")
+    unsized = sorted({d for x in g.inputs for d in (analysis.specs[x].shape or ()) if isinstance(d, str)
+                      and d not in dims and not is_batch_name(d)} if all(x in analysis.specs for x in g.inputs)
+                     else set())
+    if unsized:
+        print(unsized_note(unsized))
     if args.tensors:
         from onnxshard.partitioner.cost import tensor_bytes
 

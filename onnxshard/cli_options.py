@@ -7,6 +7,7 @@ import argparse
 import math
 
 from onnxshard.errors import InputError
+from onnxshard.files import load_npz
 
 
 def pipeline_options(p: argparse.ArgumentParser) -> None:
@@ -141,4 +142,5 @@ def plan_kwargs(args) -> dict:
     return dict(stages=args.stages, cuts=args.cut, max_stage_memory=args.max_stage_memory, profile=args.profile,
                 optimize=args.optimize, copy_weights=args.copy_weights, dims=dims_of(args),
                 allow_domains=args.allow_domain, tensor_parallel=args.tensor_parallel, hash_weights=args.hash_weights,
-                kv_pairs=kv_pairs_of(args))
+                kv_pairs=kv_pairs_of(args),
+                example_inputs=load_npz(args.example_inputs) if getattr(args, "example_inputs", None) else None)

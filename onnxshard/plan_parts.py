@@ -3,6 +3,7 @@ stage, as frozen data that round-trips through ``plan.json`` (see :mod:`onnxshar
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 from onnxshard import dtypes
@@ -44,6 +45,14 @@ def starts(size: int, degree: int, unit: int = 1) -> tuple[int, ...]:
     """Where each rank's part of ``size`` begins."""
     parts = shares(size, degree, unit)
     return tuple(sum(parts[:r]) for r in range(degree))
+
+
+BATCH_NAMES = re.compile(r"^(batch|batch_size|batchsize|bs|n|b|num_batches|batch_dim)$", re.IGNORECASE)
+
+
+def is_batch_name(dim: str) -> bool:
+    """Whether a symbolic dim has one of the names exporters give the batch."""
+    return bool(BATCH_NAMES.match(dim))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,13 @@ from onnxshard.plans import Plan, spec_bytes
 from onnxshard.units import human_bytes
 
 
+def unsized_note(dims: list[str]) -> str:
+    """What to say when the analytic costs counted symbolic dims as 1."""
+    return (f"costs per sample with {', '.join(dims)} counted as 1 (no size given): where the work grows faster "
+            "than linearly in them (attention in seq), pass their sizes (dims= or example_inputs=; --dim NAME=SIZE "
+            "or --inputs FILE.npz) to cut for your workload")
+
+
 def boundaries(plan: Plan) -> str:
     """What crosses each cut, a line per tensor with its bytes per sample (symbolic dims counted as 1)."""
     lines = []
@@ -56,6 +63,8 @@ def table(plan: Plan) -> str:
         slowest = max(s.flops for s in plan.stages)
         lines.append(f"slowest stage {slowest / (total / plan.num_stages):.3f}x the mean; "
                      f"weights: {plan.weights.mode}; cost: {plan.cost_source}")
+    if plan.unsized_dims and plan.num_stages > 1:
+        lines.append(unsized_note(plan.unsized_dims))
     for s in plan.stages:
         if s.tensor_parallel > 1:
             reduces = sum(len(step.reduces) for step in s.steps)

@@ -24,6 +24,7 @@ from onnxshard.plan_parts import (
     Stage,
     Step,
     TensorSpec,
+    is_batch_name,
     shares,
     spec_bytes,
     specs_from_json,
@@ -32,7 +33,7 @@ from onnxshard.plan_parts import (
 from onnxshard.units import human_bytes
 
 __all__ = ["NON_TENSOR", "PLAN_FILE", "Dim", "Plan", "Reduce", "Stage", "Step", "TensorSpec", "Weights",
-           "contained", "is_plan_dir", "read_plan_json", "shares", "spec_bytes", "starts"]
+           "contained", "is_batch_name", "is_plan_dir", "read_plan_json", "shares", "spec_bytes", "starts"]
 
 FORMAT = "onnxshard.plan"
 # 2 added tensor-parallel stages (``steps``); 3 added weight digests, which every plan must now carry
@@ -90,6 +91,15 @@ class Plan:
     kv_cache: tuple[KvPair, ...] = ()
     # where the plan was read from when that is a URI (``s3://bucket/plan``; see plan_store): what workers are given
     uri: str | None = field(default=None, compare=False)
+    # each symbolic dim of the inputs and the size the analytic costs used for it (``None``: not given, counted 1)
+    cost_dims: dict[str, int | None] = field(default_factory=dict)
+
+    @property
+    def unsized_dims(self) -> list[str]:
+        """Symbolic dims other than the batch that the analytic costs counted as 1 (no size given: ``dims=`` or
+        ``example_inputs=``). Costs are per sample, so the batch is never sized."""
+        return [d for d, n in self.cost_dims.items() if n is None and not is_batch_name(d)] \
+            if self.cost_source == "analytic" else []
 
     @property
     def output_names(self) -> list[str]:
@@ -129,6 +139,7 @@ class Plan:
             "weights": asdict(self.weights), "stages": [s.to_json() for s in self.stages],
             "batch_coupled": {dim: list(notes) for dim, notes in self.batch_coupled.items()},
             "kv_cache": [pair.to_json() for pair in self.kv_cache],
+            "cost_dims": dict(self.cost_dims),
         }
 
     def save(self, directory: str | os.PathLike, *, hash_weights: bool = False) -> Plan:
@@ -184,6 +195,7 @@ class Plan:
                 weights=Weights(**weights), root=root,
                 batch_coupled={str(dim): tuple(map(str, notes)) for dim, notes in d.get("batch_coupled", {}).items()},
                 kv_cache=tuple(KvPair.from_json(pair) for pair in d.get("kv_cache", ())),
+                cost_dims={str(k): None if v is None else int(v) for k, v in d.get("cost_dims", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"{path} is malformed ({type(e).__name__}: {e}); re-run `onnxshard plan`") from e

@@ -67,6 +67,18 @@ def test_run_names_a_bottleneck_stage_and_the_command_that_replans(save_model, t
     assert f"onnxshard plan {path} --out NEW_PLAN --stages 2 --profile" in out
 
 
+def test_plan_and_inspect_size_costs_from_example_inputs(save_model, tmp_path, capsys):
+    path = save_model(zoo.transformer(layers=2))  # x [batch, seq, 32], mask [batch, seq]
+    np.savez(tmp_path / "ex.npz", x=np.zeros((2, 64, 32), np.float32), mask=np.ones((2, 64), np.float32))
+    assert main(["inspect", str(path)]) == 0
+    assert "seq counted as 1" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--inputs", str(tmp_path / "ex.npz")]) == 0
+    assert "counted as 1" not in capsys.readouterr().out
+    assert main(["plan", str(path), "--out", str(tmp_path / "p"), "--stages", "2", "--inputs",
+                 str(tmp_path / "ex.npz")]) == 0
+    assert json.loads((tmp_path / "p" / "plan.json").read_text())["cost_dims"] == {"batch": None, "seq": 64}
+
+
 def test_plan_json_round_trips_through_the_cli(save_model, tmp_path):
     assert main(["plan", str(save_model(zoo.cnn())), "--out", str(tmp_path / "p"), "--stages", "3"]) == 0
     data = json.loads((tmp_path / "p" / "plan.json").read_text())

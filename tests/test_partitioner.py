@@ -333,3 +333,23 @@ def test_a_weight_read_by_two_stages_counts_in_each_when_the_cut_is_chosen(save_
     with pytest.raises(PlanError, match="no 3-stage split satisfies --max-stage-memory"):
         onnxshard.plan(path, tmp_path / "three", stages=3, max_stage_memory=cap)
     assert onnxshard.verify(plan, dims={"n": 2}).ok
+
+
+def test_example_inputs_size_the_costs_and_move_the_cut(save_model, tmp_path):
+    from onnxshard import models
+    from onnxshard.errors import InputError
+
+    path = save_model(models.gpt2(layers=4, d=64, vocab=4096, max_seq=1024), external=True)
+    first = {}
+    for seq in (8, 1024):
+        plan = onnxshard.plan(path, tmp_path / f"s{seq}", stages=2,
+                              example_inputs={"ids": np.zeros((2, seq), np.int64)})
+        assert plan.cost_dims == {"batch": None, "seq": seq} and not plan.unsized_dims  # costs stay per sample
+        assert "counted as 1" not in plan.table()
+        first[seq] = plan.stages[0].nodes
+    assert first[1024] < first[8]  # attention grows with seq squared: the layers weigh more, the cut moves up
+    plain = onnxshard.plan(path, tmp_path / "plain", stages=2)
+    assert plain.unsized_dims == ["seq"] and "seq counted as 1" in plain.table()
+    assert onnxshard.load_plan(plain.root).cost_dims == {"batch": None, "seq": None}
+    with pytest.raises(InputError, match="example_inputs: missing input"):
+        onnxshard.plan(path, tmp_path / "bad", example_inputs={"x": np.zeros(2)})

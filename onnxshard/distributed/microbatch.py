@@ -8,7 +8,6 @@ batch axis as they arrive. Chunks are numpy views: splitting copies nothing.
 
 from __future__ import annotations
 
-import re
 import threading
 import warnings
 import weakref
@@ -18,10 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxshard.errors import InputError
-from onnxshard.plans import Plan, TensorSpec
+from onnxshard.plans import Plan, TensorSpec, is_batch_name
 
 # Symbolic dim names that exporters use for the batch (torch: batch_size, N; TF: unk__, Keras: None -> "N").
-_BATCH_NAMES = re.compile(r"^(batch|batch_size|batchsize|bs|n|b|num_batches|batch_dim)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -108,7 +106,7 @@ def _guess_dim(plan: Plan) -> str | None:
     shared = names(plan.inputs) & names(plan.outputs)
     if len(shared) == 1:
         return shared.pop()
-    conventional = [d for d in shared if _BATCH_NAMES.match(d)]
+    conventional = [d for d in shared if is_batch_name(d)]
     if len(conventional) == 1:
         return conventional[0]
     reason = f"symbolic dims {sorted(shared)} are all shared by inputs and outputs" if shared else \
