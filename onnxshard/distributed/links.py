@@ -24,7 +24,7 @@ import time
 import ray
 
 from onnxshard.runtime import frames
-from onnxshard.workers.stage_worker import packet_from_frame, packet_to_frame
+from onnxshard.workers.packets import packet_from_frame, packet_to_frame
 
 HOLD_OVER = 4 << 20  # results this large cost less through Ray's object store than through a socket (RESULTS.md)
 

@@ -13,12 +13,16 @@ breaks its sockets, which breaks rank 0's link, and the coordinator replaces the
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
 
 from onnxshard.errors import WorkerError
 from onnxshard.runtime import arrow, frames
+from onnxshard.workers.packets import Failure, merged_calls, packet_from_frame, packet_to_frame
+
+log = logging.getLogger(__name__)
 
 ACCEPT_TIMEOUT_S = 60.0
 
@@ -104,8 +108,6 @@ class RankSteps:
             threading.Thread(target=self._serve_mesh, args=(mesh,), name="onnxshard-mesh", daemon=True).start()
 
     def _serve_mesh(self, mesh: RankMesh) -> None:
-        from onnxshard.workers.stage_worker import packet_from_frame
-
         try:
             while not mesh.closed:
                 micro_batch, batch, meta = mesh.receive(0)
@@ -114,6 +116,8 @@ class RankSteps:
                 mesh.busy_since = None
         except OSError:  # rank 0 went away, or the mesh was closed for a new one
             pass
+        except Exception:  # a bug: close the mesh, which breaks rank 0's link (the coordinator relinks)
+            log.exception("tensor-parallel rank %d failed", self.rank)
         finally:
             mesh.close()
 
@@ -121,8 +125,6 @@ class RankSteps:
         """This rank's part of one micro-batch: every step it runs, with the exchanges before them. On rank 0,
         hands the stage input to the others first and returns the stage's packet; elsewhere returns this rank's
         last packet."""
-        from onnxshard.workers.stage_worker import _merged_calls, packet_from_frame, packet_to_frame
-
         batch, calls = packet
         if self.rank == 0:
             for r in range(1, mesh.degree):
@@ -131,7 +133,7 @@ class RankSteps:
             _, sources = self.shard.wants(j)
             batches = [batch]
             if j and sources:
-                mine = batch if not hasattr(batch, "schema") else arrow.assemble(arrow.select(batch, sources))
+                mine = batch if isinstance(batch, Failure) else arrow.assemble(arrow.select(batch, sources))
                 for r in range(step.ranks):
                     if r != self.rank:
                         mesh.send(r, micro_batch, *packet_to_frame((mine, calls)))
@@ -140,7 +142,7 @@ class RankSteps:
                 received = {r: packet_from_frame(*mesh.receive(r, micro_batch)[1:]) for r in range(mesh.degree)
                             if r != self.rank}
                 batches = [batch if r == self.rank else received[r][0] for r in range(mesh.degree)]
-                calls = _merged_calls([(batch, calls), *received.values()])
+                calls = merged_calls([(batch, calls), *received.values()])
             elif self.rank >= step.ranks:
                 break
             batch, calls = self._call(micro_batch, calls, batches,

@@ -11,7 +11,6 @@ import dataclasses
 import os
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -24,36 +23,15 @@ from onnxshard.runtime.kv_cache import KvCache, mask_and_positions
 from onnxshard.runtime.rank_shard import RankShard
 from onnxshard.sampling import SamplingParams, choose
 from onnxshard.workers.link import Link
+from onnxshard.workers.packets import (  # noqa: F401 - re-exported: where the actor's callers look for them
+    CallStats,
+    Failure,
+    Packet,
+    merged_calls,
+    packet_from_frame,
+    packet_to_frame,
+)
 from onnxshard.workers.rank_mesh import RankSteps
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A micro-batch that failed at ``stage``, carried down the pipeline in place of its data."""
-
-    stage: int
-    micro_batch: int
-    message: str
-    kind: str = "WorkerError"
-
-
-Packet = tuple  # (pa.RecordBatch | Failure, tuple[CallStats, ...])
-
-
-@dataclass(frozen=True)
-class CallStats:
-    """What one stage call cost: compute seconds inside ORT, and the bytes it sent on."""
-
-    stage: int
-    micro_batch: int
-    started: float
-    compute_s: float
-    sent_bytes: int
-    failed: bool = False
-    replica: int = 0  # filled in by the coordinator
-    rank: int = 0  # tensor-parallel rank, and the step it ran
-    step: int = 0
-    reduce_s: float = 0.0  # seconds spent making values whole from every rank's packet (in compute_s)
 
 
 class StageWorker(RankSteps):
@@ -134,7 +112,7 @@ class StageWorker(RankSteps):
         """One step of a tensor-parallel stage on this rank. ``packets`` are the stage input (step 0) or every
         rank's packet from the step before, in rank order: this rank reads its own and takes from all of them
         the values it makes whole (sum or concatenation) before running its session for the step."""
-        calls = _merged_calls(packets)
+        calls = merged_calls(packets)
         # Between steps the batches travel as refs this worker put in the object store (see below): fetch them.
         refs = [b for b, _ in packets if isinstance(b, ray.ObjectRef)]
         fetched = dict(zip(refs, ray.get(refs))) if refs else {}
@@ -335,37 +313,6 @@ class _StageMetrics:
             self.sent.inc(stats.sent_bytes)
         if stats.failed:
             self.failures.inc()
-
-
-_CALL_FIELDS = [f.name for f in dataclasses.fields(CallStats)]
-
-
-def packet_to_frame(packet: Packet) -> tuple:
-    """A packet as a frame's batch and metadata (a Failure travels as metadata, with no tensors)."""
-    data, calls = packet
-    meta = {"calls": [[getattr(c, name) for name in _CALL_FIELDS] for c in calls]}  # astuple deep-copies: slow
-    if isinstance(data, Failure):
-        meta["failure"] = dataclasses.asdict(data)
-        return None, meta
-    return data, meta
-
-
-def packet_from_frame(batch, meta: dict) -> Packet:
-    calls = tuple(CallStats(*c) for c in meta.get("calls", ()))
-    failure = meta.get("failure")
-    return (Failure(**failure) if failure else batch), calls
-
-
-def _merged_calls(packets) -> tuple[CallStats, ...]:
-    """The calls recorded in every packet, each once (ranks' packets share the calls before them)."""
-    seen, calls = set(), []
-    for _, stats in packets:
-        for c in stats:
-            key = (c.stage, c.rank, c.step)
-            if key not in seen:
-                seen.add(key)
-                calls.append(c)
-    return tuple(calls)
 
 
 def _assigned(config: RuntimeConfig) -> tuple[int, int, str]:
