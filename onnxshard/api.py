@@ -39,6 +39,7 @@ def plan(
     hash_weights: bool = False,
     kv_pairs: dict[str, str] | None = None,
     example_inputs: dict | None = None,
+    workers: int | None = None,
 ) -> Plan:
     """Split ``model`` into pipeline stages and save the plan to ``out`` (if omitted, a new temporary folder that
     is removed when this Python process exits).
@@ -54,6 +55,9 @@ def plan(
     dims: sizes for symbolic dims in cost estimates (others count 1), e.g. ``{"seq": 128}``.
     example_inputs: inputs of the workload (name -> array): their sizes of the symbolic dims size the costs
         (``dims`` wins where both give one), and ``profile`` measures on them.
+    workers: choose stages x replicas for this many workers (without ``stages``): the best predicted throughput
+        under the memory cap; fewer stages when near-equal. The plan records the replicas (``plan.replicas``),
+        which ``Pipeline(plan)`` runs unless told otherwise.
     tensor_parallel: split each stage's layers over this many rank workers (Megatron-style column/row splits);
         with ``max_stage_memory`` and no degree, the degree that fits in the fewest workers is chosen.
     hash_weights: record a sha256 of every weight byte (seconds per GB), for ``onnxshard verify --weights``;
@@ -69,6 +73,7 @@ def plan(
             raise PlanError(str(e)) from None
     stages = _count(stages, "stages")
     tensor_parallel = _count(tensor_parallel, "tensor_parallel")
+    workers = _count(workers, "workers")
     cuts = [cuts] if isinstance(cuts, str) else list(cuts)  # one name, not its characters
     dims = check_dims(dims)
     if example_inputs is not None:
@@ -92,7 +97,7 @@ def plan(
         result = partitioner.partition(analysis, out, stages=stages, cuts=cuts, max_stage_memory=max_stage_memory,
                                        node_times=node_times, copy_weights=copy_weights or optimize,
                                        source=source, tensor_parallel=tensor_parallel, hash_weights=hash_weights,
-                                       kv_pairs=kv_pairs)
+                                       kv_pairs=kv_pairs, workers=workers)
     return result
 
 

@@ -14,7 +14,8 @@ def pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch-size", type=micro_batch_size_arg, default="auto",
                    help="samples per micro-batch, or 'auto' (default: sized from measured stage costs; the first "
                    "batch is split into ~4 x stages x replicas micro-batches)")
-    p.add_argument("--replicas", type=positive_int, default=1, help="data-parallel copies of the pipeline")
+    p.add_argument("--replicas", type=positive_int, help="data-parallel copies of the pipeline (default: the "
+                   "plan's, 1 unless it was planned with --workers)")
     p.add_argument("--cpus-per-stage", type=positive_float, default=1.0, help="CPUs per stage worker (= ORT threads)")
     p.add_argument("--gpus-per-stage", type=non_negative_float, default=0.0,
                    help="GPUs per stage worker (fractions share one)")
@@ -47,6 +48,8 @@ def plan_options(p: argparse.ArgumentParser) -> None:
                    "without --stages, the fewest stages that fit; without --tensor-parallel, the degree too")
     p.add_argument("--tensor-parallel", type=positive_int, metavar="T",
                    help="split each stage's layers over T rank workers (Megatron-style column/row splits)")
+    p.add_argument("--workers", type=positive_int, metavar="W", help="choose stages x replicas for W workers "
+                   "(without --stages): the best predicted throughput under the memory cap")
     p.add_argument("--profile", action="store_true", help="balance measured ORT per-node times, not FLOPs")
     p.add_argument("--optimize", action="store_true", help="apply ORT's extended fusions before cutting")
     p.add_argument("--copy-weights", action="store_true", help="write a self-contained copy of each stage's weights")
@@ -142,5 +145,5 @@ def plan_kwargs(args) -> dict:
     return dict(stages=args.stages, cuts=args.cut, max_stage_memory=args.max_stage_memory, profile=args.profile,
                 optimize=args.optimize, copy_weights=args.copy_weights, dims=dims_of(args),
                 allow_domains=args.allow_domain, tensor_parallel=args.tensor_parallel, hash_weights=args.hash_weights,
-                kv_pairs=kv_pairs_of(args),
+                kv_pairs=kv_pairs_of(args), workers=args.workers,
                 example_inputs=load_npz(args.example_inputs) if getattr(args, "example_inputs", None) else None)

@@ -63,6 +63,9 @@ def table(plan: Plan) -> str:
         slowest = max(s.flops for s in plan.stages)
         lines.append(f"slowest stage {slowest / (total / plan.num_stages):.3f}x the mean; "
                      f"weights: {plan.weights.mode}; cost: {plan.cost_source}")
+    if plan.replicas > 1:
+        lines.append(f"replicas: {plan.replicas} copies of the stages ({plan.replicas * plan.num_workers} workers), "
+                     "what a Pipeline runs unless told otherwise")
     if plan.unsized_dims and plan.num_stages > 1:
         lines.append(unsized_note(plan.unsized_dims))
     for s in plan.stages:

@@ -93,6 +93,8 @@ class Plan:
     uri: str | None = field(default=None, compare=False)
     # each symbolic dim of the inputs and the size the analytic costs used for it (``None``: not given, counted 1)
     cost_dims: dict[str, int | None] = field(default_factory=dict)
+    # copies of the stages a Pipeline runs by default (``plan(workers=W)`` chose them)
+    replicas: int = 1
 
     @property
     def unsized_dims(self) -> list[str]:
@@ -140,6 +142,7 @@ class Plan:
             "batch_coupled": {dim: list(notes) for dim, notes in self.batch_coupled.items()},
             "kv_cache": [pair.to_json() for pair in self.kv_cache],
             "cost_dims": dict(self.cost_dims),
+            "replicas": self.replicas,
         }
 
     def save(self, directory: str | os.PathLike, *, hash_weights: bool = False) -> Plan:
@@ -196,6 +199,7 @@ class Plan:
                 batch_coupled={str(dim): tuple(map(str, notes)) for dim, notes in d.get("batch_coupled", {}).items()},
                 kv_cache=tuple(KvPair.from_json(pair) for pair in d.get("kv_cache", ())),
                 cost_dims={str(k): None if v is None else int(v) for k, v in d.get("cost_dims", {}).items()},
+                replicas=int(d.get("replicas", 1)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"{path} is malformed ({type(e).__name__}: {e}); re-run `onnxshard plan`") from e

@@ -77,6 +77,17 @@ def test_replicas_and_streaming_keep_order(save_model, tmp_path):
         assert pipe.busy_s == pytest.approx([a + s.busy_s for a, s in zip(stream_busy, pipe.stats.stages)])
 
 
+def test_a_plan_shaped_for_workers_runs_its_replicas_by_default(save_model, tmp_path):
+    path = save_model(zoo.mlp(layers=4))
+    plan = onnxshard.plan(path, tmp_path / "p", workers=2)
+    feeds = _feeds(plan, seed=1, batch=6)
+    with Pipeline(plan, cpus_per_stage=0.5) as pipe:
+        assert pipe.config.replicas == 2 and len(pipe.worker_info) == 2
+        assert tools.max_differences(tools.run_model(path, feeds), pipe.run(feeds)) == {"y": 0.0}
+    with Pipeline(plan, cpus_per_stage=0.5, replicas=1) as pipe:  # told otherwise
+        assert len(pipe.worker_info) == 1
+
+
 def test_stream_is_lazy_and_bounded(save_model, tmp_path):
     plan = onnxshard.plan(save_model(zoo.mlp()), tmp_path / "p", stages=2)
     pulled = []

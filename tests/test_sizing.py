@@ -84,3 +84,31 @@ def test_the_imbalance_rule_names_the_slowest_stage_only_past_the_threshold():
     text = found.advice("/m/model.onnx")
     assert "stage 0 is the bottleneck: 1.50x" in text and "75% / 25%" in text
     assert "onnxshard plan /m/model.onnx --out NEW_PLAN --stages 2 --profile" in text
+
+
+def test_the_plan_shape_for_a_worker_budget_follows_costs_and_memory():
+    from onnxshard.partitioner.cuts import choose_shape
+
+    even, light = [1.0] * 8, [1] * 8
+    cut = np.zeros(8)
+    assert choose_shape(even, light, cut, 2) == (1, 2)  # equal predictions: replicas, no bubble, no hops
+    assert choose_shape(even, [10] * 8, cut, 2, max_memory=45) == (2, 1)  # a memory cap forces stages
+    assert choose_shape(even, [10] * 8, cut, 4, max_memory=45) == (2, 2)
+    assert choose_shape(even, [10] * 8, cut, 4, max_memory=25) == (4, 1)
+    assert choose_shape(even, [10] * 8, cut, 3, max_memory=25) is None  # 4 stages needed, 3 workers
+    one_big = [1.0, 20.0, 1.0, 1.0]  # one node is most of the work: pipelining cannot balance it
+    assert choose_shape(one_big, [1] * 4, np.zeros(4), 4) == (1, 4)
+    assert choose_shape(one_big, [1] * 4, np.zeros(4), 4, degree=2) == (1, 2)  # each stage takes 2 ranks
+    assert choose_shape(one_big, [10, 10, 10, 10], np.zeros(4), 4, max_memory=20) == (2, 2)
+
+
+def test_plan_for_workers_records_the_replicas(save_model, tmp_path):
+    path = save_model(zoo.transformer(layers=4), external=True)
+    plan = onnxshard.plan(path, tmp_path / "w2", workers=2)
+    assert (plan.num_stages, plan.replicas) == (1, 2) and "replicas: 2" in plan.table()
+    assert onnxshard.load_plan(plan.root).replicas == 2
+    whole = plan.stages[0].param_bytes
+    capped = onnxshard.plan(path, tmp_path / "capped", workers=4, max_stage_memory=int(whole * 0.6))
+    assert (capped.num_stages, capped.replicas) == (2, 2)
+    with pytest.raises(onnxshard.PlanError, match="--workers 1 cannot hold one copy of 2 stage"):
+        onnxshard.plan(path, tmp_path / "bad", workers=1, stages=2)

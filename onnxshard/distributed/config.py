@@ -17,7 +17,8 @@ class PipelineConfig:
         into about 4 x stages x replicas.
     call_overhead_s: what one actor call costs beyond its compute, for ``"auto"`` until a run has measured it
         (2 ms: measured on a 2-core machine, benchmarks/RESULTS.md).
-    replicas: data-parallel copies of the whole pipeline; micro-batches are dealt round robin.
+    replicas: data-parallel copies of the whole pipeline; micro-batches are dealt round robin. ``None`` (the
+        default): the plan's (``plan(workers=W)`` chooses them; 1 otherwise).
     cpus_per_stage / gpus_per_stage / resources: what each stage worker asks Ray for (one placement-group
         bundle each); ORT's intra-op threads follow the CPUs.
     max_in_flight: micro-batches in the pipeline at once (default 2 x stages x replicas).
@@ -56,7 +57,7 @@ class PipelineConfig:
 
     micro_batch_size: int | str | None = "auto"
     call_overhead_s: float = 0.002
-    replicas: int = 1
+    replicas: int | None = None
     cpus_per_stage: float = 1.0
     gpus_per_stage: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
@@ -96,7 +97,7 @@ def check_config(cfg: PipelineConfig) -> None:
             kind = "a whole number" if whole else "a number"
             raise PlanError(f"{name} must be {kind} {'over' if strict else 'of at least'} {low:g} (got {value!r})")
 
-    number("replicas", 1, strict=False, whole=True)
+    number("replicas", 1, strict=False, whole=True, none_ok=True)
     number("cpus_per_stage", 0)
     number("gpus_per_stage", 0, strict=False)
     number("max_in_flight", 1, strict=False, none_ok=True, whole=True)

@@ -59,6 +59,7 @@ class Generator:
         check_config(self.config)
         self.plan = plan if isinstance(plan, Plan) else plan_store.open_plan(plan)
         self._check_plan()
+        self.config = replace(self.config, replicas=1)  # one copy, whatever the plan was shaped for
         self.max_model_len, self.max_rows, self.max_prefill_tokens = max_model_len, max_rows, max_prefill_tokens
         self.step_timeout_s, self.eos_token_id = step_timeout_s, eos_token_id
         self._owns_ray = cluster.connect(address, self.config.connect_timeout_s)
@@ -98,7 +99,7 @@ class Generator:
                             "needs a decoder exported with its cache")
         if any(s.steps for s in plan.stages):
             raise PlanError("generation does not run tensor-parallel stages yet; plan with tensor_parallel=1")
-        if self.config.replicas != 1:
+        if self.config.replicas not in (None, 1):
             raise PlanError("a Generator runs one copy of the stages (replicas=1); for more, run more Generators "
                             "(Serve replicas do)")
         pasts = {p.past for p in plan.kv_cache}

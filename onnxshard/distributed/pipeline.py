@@ -64,6 +64,8 @@ class Pipeline:
         check_config(self.config)  # before Ray starts (seconds), so a typo costs nothing
         self._tmp: Path | None = None
         self.plan = self._resolve_plan(plan, stages)
+        if self.config.replicas is None:
+            self.config = replace(self.config, replicas=self.plan.replicas)
         _check_tensors_only(self.plan)
         self.axes = microbatch.infer_batch_axes(self.plan, self.config.batch_axes)
         # nodes mixing samples along the batch dim: cutting or joining batches changes their results

@@ -35,6 +35,7 @@ def partition(
     tensor_parallel: int | None = None,
     hash_weights: bool = False,
     kv_pairs: dict[str, str] | None = None,
+    workers: int | None = None,
 ) -> Plan:
     """Choose stage bounds and write the plan folder ``out`` (atomically: nothing half-written on error).
 
@@ -43,12 +44,14 @@ def partition(
     ``tensor_parallel`` splits every stage's layers over that many ranks; ``None`` with ``max_stage_memory``
     picks the degree (1, 2, 4 or 8) that fits in the fewest workers. ``hash_weights``: record a digest of every
     weight byte (see :meth:`Plan.save`). ``kv_pairs`` (past -> present) names a decoder's cache pairs where
-    their names do not follow ``past_key_values.{i}.key`` / ``present.{i}.key``.
+    their names do not follow ``past_key_values.{i}.key`` / ``present.{i}.key``. ``workers``: the plan's shape
+    (stages x replicas, see :func:`cuts.choose_shape`) for that many workers, when ``stages`` is not given; the
+    plan records the replicas, which a Pipeline runs by default.
     """
     out = Path(os.path.abspath(out))
     check_out(out, [analysis.path, Path(source or analysis.path)])
     decision = decide(analysis, stages=stages, cuts=cuts, max_stage_memory=max_stage_memory, node_times=node_times,
-                      tensor_parallel=tensor_parallel, kv_pairs=kv_pairs)
+                      tensor_parallel=tensor_parallel, kv_pairs=kv_pairs, workers=workers)
     return write(decision, out, copy_weights=copy_weights, model_path=Path(source or analysis.path),
                  hash_weights=hash_weights)
 

@@ -12,6 +12,7 @@ import numpy as np
 from onnxshard.errors import PlanError
 
 BALANCE_SLACK = 0.03  # cuts may make the slowest stage this much slower to send fewer bytes
+SHAPE_SLACK = 0.02  # shapes predicted within this of each other count as equal: the one with fewer stages wins
 
 
 def choose_bounds(cost, params, cut_bytes, stages: int, *, max_memory: float = np.inf,
@@ -53,6 +54,28 @@ class _Memory:
             if before:  # [i, j) holds a reader but not the first one (counted there) when first < i <= last
                 held[readers[0] + 1:before[-1] + 1] += size
         return held <= self.max_memory
+
+
+def choose_shape(cost, params, cut_bytes, workers: int, *, degree: int = 1, max_memory: float = np.inf,
+                 most: int | None = None, shared=()) -> tuple[int, int] | None:
+    """(stages, replicas) for ``workers`` workers, each stage taking ``degree`` of them, with the best predicted
+    throughput: replicas over the slowest stage's cost (a pipeline's steady state), every stage within
+    ``max_memory``. Near-equal shapes go to fewer stages (no bubble, no hops): a model whose one node is most of the
+    work gets replicas of one stage, an evenly layered one that fits a worker too; a memory cap forces stages.
+    ``None`` when no shape fits."""
+    best = None
+    for stages in range(1, workers // degree + 1):
+        if most is not None and stages > most:
+            break
+        bounds = choose_bounds(cost, params, cut_bytes, stages, max_memory=max_memory, shared=shared)
+        if bounds is None:
+            continue
+        slowest = max(float(np.sum(cost[a:b])) for a, b in zip(bounds, bounds[1:]))
+        replicas = workers // (stages * degree)
+        rate = replicas / max(slowest, 1e-30)
+        if best is None or rate > best[0] * (1 + SHAPE_SLACK):
+            best = (rate, stages, replicas)
+    return None if best is None else best[1:]
 
 
 def fewest_stages(cost, params, cut_bytes, max_memory: float, *, pins=None, most: int | None = None,

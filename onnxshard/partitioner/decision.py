@@ -25,7 +25,7 @@ from onnxshard.partitioner.boundaries import (
     most_stages,
     shared_weights,
 )
-from onnxshard.partitioner.cuts import choose_bounds
+from onnxshard.partitioner.cuts import choose_bounds, choose_shape
 from onnxshard.units import human_bytes
 
 
@@ -41,11 +41,13 @@ class Decision:
     flops: tuple[float, ...]  # per node
     cost_source: str  # "analytic" or "profile"
     kv_pairs: tuple[KvPair, ...] = ()  # a decoder's cache pairs (found by name, or given)
+    replicas: int = 1  # copies of the stages a Pipeline runs by default (chosen for ``workers``)
 
 
 def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str] = (),
            max_stage_memory: int | None = None, node_times: dict[str, float] | None = None,
-           tensor_parallel: int | None = None, kv_pairs: dict[str, str] | None = None) -> Decision:
+           tensor_parallel: int | None = None, kv_pairs: dict[str, str] | None = None,
+           workers: int | None = None) -> Decision:
     """Choose the stage bounds (and the tensor-parallel layout): see :func:`onnxshard.partitioner.partition`."""
     pins = analysis.graph.pinned_stages()
     if pins and all(p is not None for p in pins):  # the caller's analysis stays as it was
@@ -92,13 +94,20 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
                                 f"stage; cut after {graph.nodes[first - 2].output[0]!r} or after "
                                 f"{graph.nodes[last].output[0]!r}")
     else:
+        most, blocking = most_stages(graph, analysis.specs, cut_bytes)
+        if stages is None and workers is not None and not pin_stages:
+            shape = choose_shape(balance, params, cut_bytes, workers, degree=tensor_parallel or 1, max_memory=cap,
+                                 most=most, shared=shared)
+            if shape is None:
+                raise PlanError(f"no shape of {workers} workers keeps each stage under --max-stage-memory "
+                                f"{human_bytes(cap)}; add workers or raise the cap")
+            stages = shape[0]
         if stages is None:
             stages = pin_stages or (fewest(graph, balance, params, cut_bytes, cap, pins, shared) if np.isfinite(cap)
                                     else 1)
         if pin_stages > stages:
             raise PlanError(f"the model pins nodes to pipeline_stage {pin_stages - 1}, but only {stages} stages "
                             f"were asked for; use --stages {pin_stages}")
-        most, blocking = most_stages(graph, analysis.specs, cut_bytes)
         if stages > most:
             why = f"the model has {n} nodes to place (Constants aside)"
             if most < n:
@@ -118,5 +127,12 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
                             "annotations")
     if layout is not None:
         check_tp_cuts(graph, layout, bounds)
+    replicas = 1
+    if workers is not None:
+        per_replica = (len(bounds) - 1) * (tensor_parallel or 1)
+        replicas = workers // per_replica
+        if replicas < 1:
+            raise PlanError(f"--workers {workers} cannot hold one copy of {len(bounds) - 1} stage(s) x "
+                            f"{tensor_parallel or 1} rank(s); give at least {per_replica} workers")
     return Decision(analysis, tuple(bounds), layout, cap, tuple(c.flops for c in costs),
-                    "profile" if node_times else "analytic", pairs)
+                    "profile" if node_times else "analytic", pairs, replicas)
