@@ -127,7 +127,7 @@ def direct_link_ms(batch, median_ms) -> float:
 
     actors = [EchoLink.remote(), EchoLink.remote()]
     here = ray.get_runtime_context().get_node_id()
-    links = DirectLinks([[[a] for a in actors]], [[here, here]], 30.0, keep=4)
+    links = DirectLinks([[[a] for a in actors]], [[[here], [here]]], 30.0, keep=4)  # per stage, per rank
     ids = itertools.count()
 
     def round_trip():

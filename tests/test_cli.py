@@ -55,11 +55,11 @@ def test_inspect_a_model_with_stages_prints_a_plan_without_writing(save_model, t
 
 
 def test_run_names_a_bottleneck_stage_and_the_command_that_replans(save_model, tmp_path, ray_session, capsys):
-    path = save_model(zoo.transformer(layers=4))
+    path = save_model(zoo.transformer(layers=4, d=128, heads=4, ffn=512))
     onnxshard.plan(path, tmp_path / "lopsided", cuts=["l0.n1"])  # stage 0: one LayerNorm; stage 1: the rest
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "in.npz", x=rng.standard_normal((8, 16, 32)).astype(np.float32),
-             mask=np.ones((8, 16), np.float32))
+    rng = np.random.default_rng(0)  # big enough that stage 1's compute, not the per-call costs, is its busy time
+    np.savez(tmp_path / "in.npz", x=rng.standard_normal((8, 64, 128)).astype(np.float32),
+             mask=np.ones((8, 64), np.float32))
     assert main(["run", str(tmp_path / "lopsided"), "--inputs", str(tmp_path / "in.npz"), "--outputs",
                  str(tmp_path / "out.npz"), "--micro-batch-size", "2", "--cpus-per-stage", "0.5"]) == 0
     out = capsys.readouterr().out
