@@ -4,7 +4,7 @@ same requests one after another; then both with dynamic batching (consecutive re
 samples: ``Pipeline.stream(coalesce=N)``, and the same joining done by hand around ORT).
 
     .venv/bin/python benchmarks/small_requests.py [--requests 60] [--batch 4] [--seq 64] [--layers 4] [--inputs 64]
-        [--hidden 256] [--coalesce 16]
+        [--hidden 256] [--coalesce 16] [--stages 2 | --workers W]
         [--transport ray|direct ...] [--max-in-flight N]
 """
 
@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--inputs", type=int, default=64, help="features per time step")
     p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--workers", type=int, help="plan for this many workers (stages x replicas, plan(workers=W)) "
+                   "instead of --stages")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--coalesce", type=int, default=16, help="samples per joined batch for the dynamic-batching rows "
                    "(0: leave them out)")
@@ -50,7 +52,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = models.save(models.lstm(layers=args.layers, inputs=args.inputs, hidden=args.hidden), Path(tmp) / "m",
                             external=True)
-        plan = onnxshard.plan(model, Path(tmp) / "p", stages=args.stages)
+        plan = onnxshard.plan(model, Path(tmp) / "p", stages=None if args.workers else args.stages,
+                              workers=args.workers)
+        shape = f"{plan.num_stages} stage(s) x {plan.replicas} replica(s) x 1 thread"
         rows = []
         for threads in (1, args.stages):
             s = open_session(model, RuntimeConfig(intra_op_threads=threads, provider="cpu"))
@@ -63,7 +67,7 @@ def main() -> None:
         for transport in args.transport:
             with onnxshard.Pipeline(plan, micro_batch_size=args.batch, cpus_per_stage=1, transport=transport,
                                     max_in_flight=args.max_in_flight) as pipe:
-                rows.append(timed(f"onnxshard {args.stages} stages x 1 thread, {transport}, stream",
+                rows.append(timed(f"onnxshard {shape}, {transport}, stream",
                                   lambda: list(pipe.stream(requests)), samples, args.repeats))
                 stats[transport] = pipe.stats
         if args.coalesce:
@@ -80,7 +84,7 @@ def main() -> None:
             for transport in args.transport:
                 with onnxshard.Pipeline(plan, cpus_per_stage=1, transport=transport,
                                         max_in_flight=args.max_in_flight) as pipe:
-                    rows.append(timed(f"onnxshard {args.stages} stages x 1 thread, {transport}, stream, coalesce "
+                    rows.append(timed(f"onnxshard {shape}, {transport}, stream, coalesce "
                                       f"{args.coalesce}", lambda: list(pipe.stream(requests, coalesce=args.coalesce)),
                                       samples, args.repeats))
         print(f"stacked LSTM {args.layers} x {args.hidden}, {args.requests} requests of batch {args.batch} x seq "

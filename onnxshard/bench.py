@@ -106,12 +106,14 @@ def batch_shares(feeds: dict, processes: int) -> list[list[dict]]:
 def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarray], samples: int,
               micro_batch_size: int | str | None = "auto", repeats: int = 5, address: str | None = None,
               batch_axes=None, data_parallel_axis0: bool = True, transport: str = "auto",
-              stream_batches: int = 4, profile: bool = False) -> str:
+              stream_batches: int = 4, profile: bool = False, workers: int | None = None) -> str:
     """Baselines and the pipeline on ``feeds``; returns the printed report. The pipeline runs the batch alone
     (``run``: it fills and drains around it) and as a stream of ``stream_batches`` copies (``stream``: each batch
     fills the bubble of the one before, as in batch inference; each result is dropped as it comes, as ORT's are).
     A model is cut for ``feeds``: their sizes of its symbolic dims size the cost estimates; ``profile``: where ORT's
-    measured per-node times on ``feeds`` balance instead."""
+    measured per-node times on ``feeds`` balance instead; ``workers``: the plan's shape chosen for that many workers
+    (``plan(workers=)``) instead of ``stages``. Baselines use as many threads (or processes) as the plan has
+    workers."""
     from onnxshard.api import plan as make_plan
     from onnxshard.distributed import Pipeline
 
@@ -121,21 +123,23 @@ def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarra
             the_plan, cut_for = Plan.load(target), ""
         else:  # cut for these inputs: their sizes of the model's symbolic dims (seq, batch) size the cost estimates
             dims = feed_dims(feeds, input_specs(target))
-            the_plan = make_plan(target, Path(tmp) / "plan", stages=stages, dims=dims, profile=profile,
-                                 profile_feeds=feeds if profile else None)
+            the_plan = make_plan(target, Path(tmp) / "plan", stages=None if workers else stages, dims=dims,
+                                 profile=profile, profile_feeds=feeds if profile else None, workers=workers)
             cut_for = " at " + ", ".join(f"{d}={n}" for d, n in dims.items()) if dims else ""
         k = the_plan.num_stages
+        workers = the_plan.num_workers * the_plan.replicas
         model = the_plan.model
         baselines = []
-        for threads in sorted({1, k}):
+        for threads in sorted({1, workers}):
             session = open_session(model, RuntimeConfig(intra_op_threads=threads, provider="cpu"))
             baselines.append(timed(f"ORT whole model, {threads} thread(s)",
                                    lambda s=session: s.run(None, feeds), samples, repeats))
-        if data_parallel_axis0 and k > 1:
-            baselines.append(data_parallel(model, batch_shares(feeds, k), samples, repeats))
+        if data_parallel_axis0 and workers > 1:
+            baselines.append(data_parallel(model, batch_shares(feeds, workers), samples, repeats))
         with Pipeline(the_plan, micro_batch_size=micro_batch_size, cpus_per_stage=1, address=address,
                       batch_axes=batch_axes, transport=transport) as pipe:
-            name = f"onnxshard {k} stage{'s' if k > 1 else ''} x 1 thread ({pipe.transport})"
+            name = f"onnxshard {k} stage{'s' if k > 1 else ''} x 1 thread" + \
+                (f" x {pipe.config.replicas} replicas" if pipe.config.replicas > 1 else "") + f" ({pipe.transport})"
             result = timed(name, lambda: pipe.run(feeds), samples, repeats)
             size = micro_batch_size or "default"
             if size == "auto":

@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time the pipeline against plain ONNX Runtime on the same model and inputs")
     p.add_argument("target", help="a plan folder or an .onnx file")
     p.add_argument("--stages", type=positive_int, default=2, help="stages, when TARGET is a model (default 2)")
+    p.add_argument("--workers", type=positive_int, metavar="W", help="when TARGET is a model, plan it for W workers "
+                   "(stages x replicas, see plan --workers) instead of --stages")
     p.add_argument("--inputs", help=".npz file of inputs (default: random, sized by --batch and --dim)")
     p.add_argument("--batch", type=positive_int, default=16, help="batch size of random inputs (default 16)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
@@ -327,7 +329,7 @@ def cmd_bench(args) -> int:
     samples = next(iter(feeds.values())).shape[0] if feeds else 1
     print(run_bench(target, stages=args.stages, feeds=feeds, samples=samples, micro_batch_size=args.micro_batch_size,
                     repeats=args.repeats, address=args.address, batch_axes=args.batch_dim, transport=args.transport,
-                    profile=args.profile))
+                    profile=args.profile, workers=args.workers))
     return 0
 
 
