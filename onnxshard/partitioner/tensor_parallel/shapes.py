@@ -65,10 +65,11 @@ class ShapeRules:
     def _regrouped(self, node, s: State, size: int, new: int) -> State:
         """The split of a sharded axis of ``size`` that a reshape turns into an axis of ``new`` (heads from a
         width, or a width from heads). Each rank's part must stay whole items of the new axis: when an uneven
-        split would cut a head, the split is made again in whole heads (``_Regrain``); too few heads for T ranks
-        roll it back."""
-        self.fits(new, "head count" if new < size else "output dim",
-                  node, max(1, s.unit * new // size))
+        split would cut a head, the split is made again in whole heads (``Regrain``); too few heads for T ranks
+        roll it back, as does a size shape inference left unknown."""
+        if not (isinstance(size, int) and isinstance(new, int)):
+            self.fits(None, "output dim", node)  # raises: a split of unknown size cannot be checked
+        self.fits(new, "head count" if new < size else "output dim", node, max(1, s.unit * new // size))
         if new < size:
             width = size // new  # one item of the new axis, in elements of the old
             if any(n % width for n in shares(size, self.t, s.unit)):
