@@ -77,7 +77,7 @@ def plan(
     cuts = [cuts] if isinstance(cuts, str) else list(cuts)  # one name, not its characters
     dims = check_dims(dims)
     if example_inputs is not None:
-        dims = {**_example_dims(example_inputs, model), **(dims or {})}
+        dims = {**example_dims(example_inputs, model), **(dims or {})}
         profile_feeds = profile_feeds if profile_feeds is not None else example_inputs
     if out is not None:
         partitioner.check_out(out, [model])  # before any work: never a user's folder, never after minutes
@@ -101,7 +101,7 @@ def plan(
     return result
 
 
-def _example_dims(feeds, model: Path) -> dict[str, int]:
+def example_dims(feeds, model: str | os.PathLike) -> dict[str, int]:
     """The sizes ``feeds`` give the model's symbolic input dims (checked like a run's inputs), the batch's left
     out: costs stay per sample."""
     from onnxshard.runtime.session import check_feeds, feed_dims

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxshard.partitioner import input_specs
 from onnxshard.plans import Plan, is_plan_dir
 from onnxshard.runtime import RuntimeConfig, open_session
 from onnxshard.runtime.session import feed_dims
@@ -121,11 +120,11 @@ def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarra
     with tempfile.TemporaryDirectory(prefix="onnxshard-bench-") as tmp:
         if is_plan_dir(target):
             the_plan, cut_for = Plan.load(target), ""
-        else:  # cut for these inputs: their sizes of the model's symbolic dims (seq, batch) size the cost estimates
-            dims = feed_dims(feeds, input_specs(target))
-            the_plan = make_plan(target, Path(tmp) / "plan", stages=None if workers else stages, dims=dims,
-                                 profile=profile, profile_feeds=feeds if profile else None, workers=workers)
-            cut_for = " at " + ", ".join(f"{d}={n}" for d, n in dims.items()) if dims else ""
+        else:  # cut for these inputs: their sizes of the model's symbolic dims (seq) size the cost estimates
+            the_plan = make_plan(target, Path(tmp) / "plan", stages=None if workers else stages,
+                                 example_inputs=feeds, profile=profile, workers=workers)
+            sized = feed_dims(feeds, the_plan.inputs)  # the workload it was cut for (its costs leave the batch out)
+            cut_for = " at " + ", ".join(f"{d}={n}" for d, n in sized.items()) if sized else ""
         k = the_plan.num_stages
         workers = the_plan.num_workers * the_plan.replicas
         model = the_plan.model

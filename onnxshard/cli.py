@@ -172,10 +172,10 @@ def cmd_plan(args) -> int:
 
 def cmd_inspect(args) -> int:
     from onnxshard import partitioner
-    from onnxshard.api import plan
+    from onnxshard.api import example_dims, plan
+    from onnxshard.partitioner.cost import input_dims
     from onnxshard.plan_text import unsized_note
-    from onnxshard.plans import is_batch_name
-    from onnxshard.runtime.session import feed_dims
+    from onnxshard.plans import unsized
     from onnxshard.runtime.tools import probe_types
 
     if is_plan_dir(args.target):
@@ -191,8 +191,8 @@ def cmd_inspect(args) -> int:
             if result.num_stages > 1:
                 print(result.boundaries())
         return 0
-    dims = {**feed_dims(kwargs["example_inputs"], partitioner.input_specs(args.target)), **dims_of(args)} \
-        if (kwargs := plan_kwargs(args)).get("example_inputs") is not None else dims_of(args)
+    examples = plan_kwargs(args)["example_inputs"]
+    dims = {**(example_dims(examples, args.target) if examples is not None else {}), **dims_of(args)}
     analysis = partitioner.analyse_model(args.target, dims=dims, type_oracle=probe_types,
                                          allow_domains=args.allow_domain)
     costs = analysis.costs
@@ -204,11 +204,8 @@ def cmd_inspect(args) -> int:
         for name in names:
             spec = analysis.specs.get(name)
             print(f"  {kind:<6} {name}: {spec.dtype if spec else '?'} {list(spec.shape) if spec and spec.shape else '?'}")
-    unsized = sorted({d for x in g.inputs for d in (analysis.specs[x].shape or ()) if isinstance(d, str)
-                      and d not in dims and not is_batch_name(d)} if all(x in analysis.specs for x in g.inputs)
-                     else set())
-    if unsized:
-        print(unsized_note(unsized))
+    if left := unsized(input_dims(g, analysis.specs, dims)):
+        print(unsized_note(left))
     if args.tensors:
         from onnxshard.partitioner.cost import tensor_bytes
 

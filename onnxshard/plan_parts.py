@@ -55,6 +55,12 @@ def is_batch_name(dim: str) -> bool:
     return bool(BATCH_NAMES.match(dim))
 
 
+def unsized(cost_dims: dict[str, int | None]) -> list[str]:
+    """The symbolic dims other than the batch that costs counted as 1 (costs are per sample: the batch never
+    counts)."""
+    return [d for d, n in cost_dims.items() if n is None and not is_batch_name(d)]
+
+
 @dataclass(frozen=True)
 class Reduce:
     """Make ``name`` whole from every rank's ``source``: ``sum`` them (all-reduce) or ``concat`` them along

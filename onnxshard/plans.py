@@ -29,6 +29,7 @@ from onnxshard.plan_parts import (
     spec_bytes,
     specs_from_json,
     starts,
+    unsized,
 )
 from onnxshard.units import human_bytes
 
@@ -100,8 +101,7 @@ class Plan:
     def unsized_dims(self) -> list[str]:
         """Symbolic dims other than the batch that the analytic costs counted as 1 (no size given: ``dims=`` or
         ``example_inputs=``). Costs are per sample, so the batch is never sized."""
-        return [d for d, n in self.cost_dims.items() if n is None and not is_batch_name(d)] \
-            if self.cost_source == "analytic" else []
+        return unsized(self.cost_dims) if self.cost_source == "analytic" else []
 
     @property
     def output_names(self) -> list[str]:

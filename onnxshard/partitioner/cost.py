@@ -145,6 +145,12 @@ def constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return None
 
 
+def input_dims(graph: Graph, specs: dict[str, TensorSpec], dims: dict[str, int]) -> dict[str, int | None]:
+    """Each symbolic dim of the graph's inputs and the size costs use for it (``None``: not given, counted 1)."""
+    return {d: dims.get(d) for x in graph.inputs if specs.get(x) is not None for d in specs[x].shape or ()
+            if isinstance(d, str)}
+
+
 def concrete(spec: TensorSpec | None, dims: dict[str, int]) -> tuple[int, ...] | None:
     if spec is None or spec.shape is None:
         return None

@@ -124,8 +124,7 @@ def write(decision: Decision, out: Path, *, copy_weights: bool, model_path: Path
                     outputs=tuple(_spec(specs, x, edge=True) for x in graph.outputs), stages=tuple(stages), weights=weights,
                     cost_source=cost_source, batch_coupled=batch_coupled(graph, specs), kv_cache=pairs,
                     replicas=decision.replicas,
-                    cost_dims={d: dims.get(d) for x in graph.inputs if specs.get(x) is not None
-                               for d in specs[x].shape or () if isinstance(d, str)})
+                    cost_dims=costmod.input_dims(graph, specs, dims))
         plan.save(tmp, hash_weights=hash_weights)
         replace_with(tmp, out)
     except BaseException:

@@ -80,6 +80,10 @@ class WeightSlice:
             at += b
         return out
 
+    def size(self, rank: int, degree: int) -> int:
+        """How much of the axis rank ``rank`` holds."""
+        return sum(n for _, n in self.chunks(rank, degree))
+
     def even(self, degree: int) -> bool:
         return all(len(set(shares(b, degree, self.unit))) == 1 for b in self.blocks)
 
@@ -134,8 +138,8 @@ class Layout:
         shape = spec.shape
         s = self.states.get(base, REPLICATED)
         if suffix == "shard" and shape is not None and isinstance(shape[s.axis], int):
-            per_rank = {sum(shares(b, self.degree, s.unit)[r] for b in s.blocks or (shape[s.axis],))
-                        for r in range(self.degree)}
+            whole = WeightSlice(base, s.axis, s.blocks or (shape[s.axis],), s.unit)  # the value cut as a weight is
+            per_rank = {whole.size(r, self.degree) for r in range(self.degree)}
             local = per_rank.pop() if len(per_rank) == 1 else None  # uneven: the ranks differ, typed unknown
             shape = shape[:s.axis] + (local,) + shape[s.axis + 1:]
         return TensorSpec(name, spec.dtype, shape)
@@ -172,7 +176,7 @@ def rank_bytes(graph: Graph, layout: Layout, name: str, rank: int = 0) -> int:
     """Bytes rank ``rank`` holds for the weight (or weight slice) ``name`` (rank 0 holds the most)."""
     if name in layout.weights:
         ws = layout.weights[name]
-        return tensor_bytes(graph, ws.source) * sum(n for _, n in ws.chunks(rank, layout.degree)) // sum(ws.blocks)
+        return tensor_bytes(graph, ws.source) * ws.size(rank, layout.degree) // sum(ws.blocks)
     return tensor_bytes(graph, name)
 
 
