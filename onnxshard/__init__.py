@@ -1,6 +1,5 @@
 """onnxshard: run ONNX models too big or too slow for one worker as pipelined, sharded stages on Ray."""
 
-from onnxshard.api import Verification, load_plan, plan, verify
 from onnxshard.errors import (
     ClusterError,
     InputError,
@@ -22,12 +21,18 @@ __all__ = [
 ]
 
 _DISTRIBUTED = {"Generator", "Pipeline", "PipelineConfig", "RunStats"}
+_API = {"Verification", "load_plan", "plan", "verify"}
 
 
 def __getattr__(name: str):
-    # Ray is imported only when the pipeline is used, so planning stays light.
+    # Imported when first used: Ray only with the pipeline, so planning stays light; the partitioner (and onnx)
+    # only with planning, so a stage worker, which imports this package, starts without them.
     if name in _DISTRIBUTED:
         from onnxshard import distributed
 
         return getattr(distributed, name)
+    if name in _API:
+        from onnxshard import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'onnxshard' has no attribute {name!r}")

@@ -144,7 +144,7 @@ def test_resume_after_the_driver_is_killed_writes_each_row_once(data, ray_sessio
     import ray.data
 
     rng = np.random.default_rng(1)
-    n, files = 400, 8
+    n, files = 200, 8  # 25 rows a file, one at a time: a file takes ~2 s, so the kill lands mid-job
     x1, x2 = (rng.standard_normal((n, 8)).astype(np.float32) for _ in range(2))
     ray.data.from_items([{"id": i, "a": x1[i], "b": x2[i]} for i in range(n)]).repartition(files) \
         .write_parquet(str(tmp_path / "in"))

@@ -216,7 +216,7 @@ def test_model_tests_and_multi_node_tests_pass_through_a_ray_pipeline(ray_sessio
 
     def keep(name):
         base = name.removesuffix("_cpu")
-        return base not in node_tests or ("_expanded" in base and zlib.crc32(base.encode()) % 16 == 0)
+        return base not in node_tests or ("_expanded" in base and zlib.crc32(base.encode()) % 32 == 0)
 
     ort_passed, _ = _run_suite(onnxruntime.backend, keep)
     started = time.perf_counter()
@@ -228,6 +228,6 @@ def test_model_tests_and_multi_node_tests_pass_through_a_ray_pipeline(ray_sessio
     print(f"through a Ray pipeline: {len(passed)} passed, {len(failed)} failed ({len(refused & ort_passed)} of them "
           f"passed by ORT but refused: sequence or optional inputs/outputs) in {time.perf_counter() - started:.0f} s; "
           f"ORT passed {len(ort_passed)}")
-    assert len(ort_passed) > 120, "too few tests selected"  # 137 with a sixteenth of the _expanded taken
+    assert len(ort_passed) > 110, "too few tests selected"  # 124 with a 32nd of the _expanded taken
     broken = {t: failed.get(t, "not run") for t in sorted(ort_passed - passed - refused)}
     assert not broken, f"the pipeline fails {len(broken)} test(s) plain ORT passes: {broken}"

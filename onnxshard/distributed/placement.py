@@ -5,6 +5,7 @@ is bounded by ``placement_timeout_s``."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -23,6 +24,14 @@ from onnxshard.workers import StageWorker
 
 log = logging.getLogger(__name__)
 RETIRED = 100  # replaced workers remembered (killed again at close)
+
+
+@functools.cache
+def _stage_worker():
+    """StageWorker as a Ray actor class, made once per process: Ray exports a class it has not seen to the cluster,
+    disassembling every method to name it (0.2 s of the driver's time for each worker started when the class was
+    made anew for each)."""
+    return ray.remote(StageWorker)
 
 
 class _NeverStarted(WorkerError):
@@ -93,7 +102,7 @@ class Placement:
         first = self.first_bundle + replica * self.plan.num_workers + sum(s.tensor_parallel for s in self.plan.stages[:stage])
         group = self.moved.get((replica, stage))
         group, first = (self.group, first) if group is None else (group, 0)
-        return [ray.remote(StageWorker).options(
+        return [_stage_worker().options(
             num_cpus=cfg.cpus_per_stage, num_gpus=cfg.gpus_per_stage, resources=cfg.resources or None,
             max_restarts=0, max_task_retries=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=first + rank),
