@@ -259,15 +259,17 @@ def cmd_run(args) -> int:
         check_timeline_path(args.timeline)
     feeds = load_npz(args.inputs)
     batch_axes = _batch_axes(args)
+    from onnxshard.runtime.session import check_feeds
+
     with tempfile.TemporaryDirectory(prefix="onnxshard-run-") as tmp:
         if plan_store.is_uri(args.target) or is_plan_dir(args.target):  # by URI, the workers copy what they need
             plan = plan_store.open_plan(args.target)
-        else:
+        else:  # planned at the sizes of the inputs (a sequence length, an image size), as a Pipeline does
             from onnxshard.api import plan as make_plan
+            from onnxshard.partitioner.analysis import input_specs
 
-            plan = make_plan(args.target, Path(tmp) / "plan", stages=args.stages or 2)
-        from onnxshard.runtime.session import check_feeds
-
+            check_feeds(feeds, input_specs(args.target), where="model")
+            plan = make_plan(args.target, Path(tmp) / "plan", stages=args.stages or 2, example_inputs=feeds)
         check_feeds(feeds, plan.inputs, where="model")
         from onnxshard.distributed import Pipeline
 

@@ -94,7 +94,10 @@ def test_run_a_model_through_the_pipeline_from_the_cli(save_model, tmp_path, ray
                  "--stages", "2", "--micro-batch-size", "2", "--cpus-per-stage", "0.5",
                  "--timeline", str(tmp_path / "run.html")])
     assert code == 0
-    assert "3 micro-batches" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "3 micro-batches" in out
+    # planned at the inputs' sizes: the table says nothing was counted as 1 (it would without them)
+    assert onnxshard.plan(path, tmp_path / "plain", stages=2).unsized_dims and "counted as 1" not in out
     page = (tmp_path / "run.html").read_text()
     assert page.count("<rect") == 6 and "GPipe bound" in page  # 3 micro-batches x 2 stages
     trace = json.loads((tmp_path / "run.trace.json").read_text())

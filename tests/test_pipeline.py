@@ -226,13 +226,42 @@ def test_model_path_is_planned_on_the_fly(save_model):
     path = save_model(zoo.cnn())
     feeds = {"img": np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)}
     with Pipeline(path, stages=3, cpus_per_stage=0.5, micro_batch_size=1) as pipe:
-        assert pipe.plan.num_stages == 3
+        assert pipe.plan is None and pipe.workers == []  # planned and started at the first batch
         np.testing.assert_allclose(pipe.run(feeds)["logits"], tools.run_model(path, feeds)["logits"], atol=1e-6)
+        assert pipe.plan.num_stages == 3 and len(pipe.workers[0]) == 3
         stats = pipe.stats
         assert stats.micro_batches == 3 and stats.samples == 3 and len(stats.stages) == 3
         assert all(s.micro_batches == 3 and s.busy_s > 0 for s in stats.stages)
         assert stats.stages[0].sent_bytes > 0 and 0 < stats.gpipe_bound < 1
         assert "GPipe bound" in stats.table()
+
+
+def test_a_model_path_is_planned_at_the_sizes_of_its_first_batch(save_model, tmp_path):
+    from onnxshard import models
+
+    path = save_model(models.gpt2(layers=4, d=64, vocab=4096, max_seq=1024), external=True)
+    unsized = onnxshard.plan(path, tmp_path / "unsized", stages=2).stages[0].nodes
+    ids = np.random.default_rng(0).integers(0, 4096, (1, 1024))
+    sized = onnxshard.plan(path, tmp_path / "sized", stages=2, example_inputs={"ids": ids}).stages[0].nodes
+    assert sized != unsized  # at seq 1024 the attention weighs more: the cut moves
+    with Pipeline(path, stages=2, cpus_per_stage=0.5) as pipe:
+        with pytest.raises(InputError, match=r"model: missing input\(s\) \['ids'\]"):
+            pipe.run({"x": ids})  # bad first batch: refused, nothing planned or started
+        assert pipe.plan is None and pipe.workers == []
+        out = pipe.run({"ids": ids})
+        assert pipe.plan.cost_dims["seq"] == 1024 and pipe.plan.stages[0].nodes == sized
+        np.testing.assert_allclose(out["logits"], tools.run_model(path, {"ids": ids})["logits"], rtol=1e-4,
+                                   atol=1e-4)
+    with Pipeline(path, stages=2, cpus_per_stage=0.5) as pipe:  # a stream: its first batch sizes the plan too
+        short = ids[:, :8]
+        (out,) = list(pipe.stream(iter([{"ids": short}])))
+        assert pipe.plan.cost_dims["seq"] == 8
+        np.testing.assert_allclose(out["logits"], tools.run_model(path, {"ids": short})["logits"], rtol=1e-4,
+                                   atol=1e-4)
+    pipe = Pipeline(path, stages=2)
+    pipe.close()
+    with pytest.raises(WorkerError, match="closed"):
+        pipe.run({"ids": short})
 
 
 def test_auto_micro_batch_size_follows_measured_costs(save_model, tmp_path):

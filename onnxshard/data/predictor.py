@@ -42,7 +42,8 @@ class Predictor:
         if on_error not in ("raise", "skip"):
             raise InputError(f"on_error must be 'raise' or 'skip' (got {on_error!r})")
         began = time.time()
-        self.pipe = Pipeline(plan, stages=stages, **options)
+        # a model file is planned now (not at the first batch): its inputs map the columns
+        self.pipe = Pipeline(plan, stages=stages, **options).start()
         self.start_s = time.time() - began
         self.mapping = column_map(self.pipe.plan.inputs, columns)
         self.keep = tuple(keep)

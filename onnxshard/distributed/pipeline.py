@@ -17,6 +17,7 @@ nothing is lost or repeated. A failure fails the requests it touches, never the 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import shutil
@@ -56,6 +57,10 @@ class Pipeline:
 
         with onnxshard.Pipeline("plan/", micro_batch_size=4) as pipe:
             outputs = pipe.run({"x": x})
+
+    Given an ONNX model file instead of a plan, it plans the model (``stages``, default 2) when the first batch
+    comes, at that batch's sizes of the symbolic dims (so a sequence length or image size weighs in the cut), and
+    starts the workers then (or at :meth:`start`); until that, ``plan`` is ``None`` and there are no workers.
     """
 
     def __init__(self, plan: Plan | str | os.PathLike, *, stages: int | None = None,
@@ -63,46 +68,86 @@ class Pipeline:
         self.config = replace(config or PipelineConfig(), **options)
         check_config(self.config)  # before Ray starts (seconds), so a typo costs nothing
         self._tmp: Path | None = None
-        self.plan = self._resolve_plan(plan, stages)
-        if self.config.replicas is None:
-            self.config = replace(self.config, replicas=self.plan.replicas)
-        _check_tensors_only(self.plan)
-        self.axes = microbatch.infer_batch_axes(self.plan, self.config.batch_axes)
-        # nodes mixing samples along the batch dim: cutting or joining batches changes their results
-        self.coupled = self.plan.batch_coupled.get(microbatch.batch_dim(self.plan, self.axes), ())
-        if self.coupled and self.config.max_batch_size:
-            log.warning("max_batch_size is ignored: %s; requests are never joined", self.coupled[0])
         self._owns_ray = False
         self.placement: Placement | None = None
         self._coordinator: Coordinator | None = None
         self._transport: Transport | None = None
         self.skipped: deque[Skipped] = deque(maxlen=HISTORY)  # a pipeline may serve for weeks: the last ones
         self.stats: RunStats | None = None  # the last call's (with concurrent callers: whichever ended last)
-        self.busy_s = [0.0] * len(self.plan.stages)  # each stage's busy seconds over every call so far
         self._tally_lock = threading.Lock()
         self.transport = "ray"
-        self.cost = CostMeter([s.tensor_parallel for s in self.plan.stages])
+        self.plan: Plan | None = None
+        self.axes, self.coupled, self.busy_s, self.cost = None, (), [], None  # set with the plan (_setup)
+        # a model file: planned and started at the first batch, at that batch's sizes (see start)
+        self._pending: tuple | None = None
+        self._start_lock = threading.Lock()
+        if not isinstance(plan, Plan) and not plan_store.is_uri(plan) and not is_plan_dir(Path(plan)):
+            if not Path(plan).is_file():
+                raise PlanError(f"{plan} is neither a plan folder nor an ONNX model file")
+            self._pending = (Path(plan), stages, address)
+            return
+        self._setup(self._opened(plan), address)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _opened(plan) -> Plan:
+        if isinstance(plan, Plan):
+            if plan.root is None and plan.uri is None:
+                raise PlanError("the plan has not been saved; use onnxshard.plan(model, out_dir) first")
+            return plan
+        return plan_store.open_plan(plan)
+
+    def _setup(self, plan: Plan, address: str | None) -> None:
+        self.plan = plan
+        if self.config.replicas is None:
+            self.config = replace(self.config, replicas=plan.replicas)
         try:
+            _check_tensors_only(plan)
+            self.axes = microbatch.infer_batch_axes(plan, self.config.batch_axes)
+            # nodes mixing samples along the batch dim: cutting or joining batches changes their results
+            self.coupled = plan.batch_coupled.get(microbatch.batch_dim(plan, self.axes), ())
+            if self.coupled and self.config.max_batch_size:
+                log.warning("max_batch_size is ignored: %s; requests are never joined", self.coupled[0])
+            self.busy_s = [0.0] * len(plan.stages)  # each stage's busy seconds over every call so far
+            self.cost = CostMeter([s.tensor_parallel for s in plan.stages])
             self._start(address)
         except BaseException:
             self.close()
             raise
 
-    # -- lifecycle -------------------------------------------------------------------------------------------
-    def _resolve_plan(self, plan, stages) -> Plan:
-        if isinstance(plan, Plan):
-            if plan.root is None and plan.uri is None:
-                raise PlanError("the plan has not been saved; use onnxshard.plan(model, out_dir) first")
-            return plan
-        path = Path(plan)
-        if plan_store.is_uri(plan) or is_plan_dir(path):
-            return plan_store.open_plan(plan)
-        if path.is_file():
+    def start(self, example_inputs: dict[str, np.ndarray] | None = None) -> Pipeline:
+        """Plan and start a pipeline made from a model file now, rather than at its first batch: the
+        ``example_inputs`` (the first batch, when called by it) size the plan's costs (``plan(example_inputs=)``),
+        for a sequence length or an image size; without them, symbolic dims count as 1. Bad inputs raise here and
+        leave it unstarted. A pipeline already started (from a plan) is returned as it is."""
+        if self._pending is None:
+            if self.plan is None:
+                raise WorkerError("the pipeline is closed")
+            return self
+        with self._start_lock:
+            if self._pending is None:
+                return self
             from onnxshard.api import plan as make_plan
 
+            model, stages, address = self._pending
+            if example_inputs is not None:  # refused as a started pipeline refuses them
+                if not isinstance(example_inputs, dict):
+                    raise InputError("feeds must be a dict of input name -> numpy array, got "
+                                     f"{type(example_inputs).__name__}")
+                from onnxshard.partitioner.analysis import input_specs
+
+                check_feeds(example_inputs, input_specs(model), where="model")
             self._tmp = Path(tempfile.mkdtemp(prefix="onnxshard-pipeline-"))
-            return make_plan(path, self._tmp / "plan", stages=2 if stages is None else stages)
-        raise PlanError(f"{path} is neither a plan folder nor an ONNX model file")
+            try:
+                plan = make_plan(model, self._tmp / "plan", stages=2 if stages is None else stages,
+                                 example_inputs=example_inputs)
+            except BaseException:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
+                raise
+            self._pending = None
+            self._setup(plan, address)
+        return self
 
     def _start(self, address: str | None) -> None:
         self._owns_ray = cluster.connect(address, self.config.connect_timeout_s)
@@ -144,6 +189,7 @@ class Pipeline:
     def close(self) -> None:
         """Fail what is still queued or in flight, stop the workers, free their placement group, and shut Ray
         down if this pipeline started it."""
+        self._pending = None
         if self._coordinator is not None:  # closes the transport too
             self._coordinator.close(lambda: kill([w for row in self.workers for ranks in row for w in ranks]))
             self._coordinator = None
@@ -184,6 +230,7 @@ class Pipeline:
 
     def auto_micro_batch_size(self, total: int, **kwargs) -> int | None:
         """See ``Coordinator.auto_micro_batch_size``: the size ``"auto"`` picks now for a batch of ``total``."""
+        self.start(None)
         return self._coordinator.auto_micro_batch_size(total, **kwargs)
 
     # -- calling ---------------------------------------------------------------------------------------------
@@ -192,6 +239,7 @@ class Pipeline:
         """Queue one batch and return a ``concurrent.futures.Future`` of its outputs. Safe from any thread; the
         feeds are checked here (an :class:`InputError` is raised at once), and a full queue raises
         :class:`OverloadedError` at once. Requests that wait together may be joined (``max_batch_size``)."""
+        self.start(feeds)
         meter = self._meter(progress)
         request = self._request(feeds, micro_batch_size, meter, 1, single=True, timeout_s=timeout_s)
         request.future.add_done_callback(lambda _: self._summarise(meter))
@@ -207,6 +255,7 @@ class Pipeline:
             progress: Progress | None = None) -> dict[str, np.ndarray]:
         """Outputs of the whole model for one batch (the same as ONNX Runtime on the unsplit model). Many threads
         may call it at once; each gets its own rows."""
+        self.start(feeds)
         return next(self._results([feeds], micro_batch_size, progress, "raise", single=True))[1]
 
     def stream(self, batches: Iterable[dict[str, np.ndarray]], *, micro_batch_size: int | str | None = None,
@@ -223,6 +272,13 @@ class Pipeline:
         cut into micro-batches, so a stream of small requests makes fewer, larger calls; each still gets its own
         result, in order. It reads ahead in ``batches`` for up to N samples, so use it on streams that are already
         there (files, queues); requests from many callers are joined by ``max_batch_size`` instead."""
+        if self._pending is not None:  # a model file: planned at the first batch's sizes
+            batches = iter(batches)
+            first = next(batches, None)
+            if first is None:
+                return
+            self.start(first)
+            batches = itertools.chain([first], batches)
         if not coalesce:
             for _, outputs in self._results(batches, micro_batch_size, progress, on_error):
                 yield outputs
