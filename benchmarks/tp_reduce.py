@@ -4,8 +4,9 @@
 
 Starts T Ray actors on this node. Mesh: the ranks are linked each to each by Unix sockets (``workers/rank_mesh.py``,
 what the direct transport uses); in a round every rank sends its float32 partial (``--mib`` MiB) to the others as
-an Arrow frame, reads theirs and sums them (``rank_shard.reduce``, as a rank's step
-does). Ray: what the ray transport does per reduce step: one actor call per
+an Arrow frame, reads theirs and sums them (``rank_shard.reduce``, as a rank's step does). The frames go through
+the shared memory the ranks swap when they link (what ranks on one node do), and, for comparison, through the
+sockets themselves. Ray: what the ray transport does per reduce step: one actor call per
 rank that puts its partial in the shared-memory object store, then one per rank that gets the others' by ref and
 sums. Prints the median time of a round (every rank done), per MiB.
 """
@@ -35,8 +36,8 @@ class Rank:
         self.part = np.full(int(mib * (1 << 20)) // 4, rank + 1, np.float32)
         self.part.flags.writeable = False  # as a rank's own values are (views of its Arrow batch)
 
-    def open(self, folder: str, token: bytes) -> str:
-        self.mesh = RankMesh(self.rank, self.degree, folder, None, token)
+    def open(self, folder: str, token: bytes, shared: bool) -> str:
+        self.mesh = RankMesh(self.rank, self.degree, folder, None, token, shared=shared)
         return self.mesh.path
 
     def join(self, addresses):
@@ -72,11 +73,12 @@ def main() -> None:
     start_local_ray(args.ranks + 1)
     actors = [ray.remote(num_cpus=1)(Rank).remote(r, args.ranks, args.mib) for r in range(args.ranks)]
     with tempfile.TemporaryDirectory() as folder:
-        token = b"x" * 16
-        addresses = ray.get([a.open.remote(folder, token) for a in actors])
-        ray.get([a.join.remote(addresses) for a in actors])
-        per_rank = ray.get([a.mesh_rounds.remote(args.rounds) for a in actors])
-        mesh = statistics.median(max(ts) for ts in zip(*per_rank))  # a round ends when every rank has its sum
+        token, mesh = b"x" * 16, {}
+        for shared in (True, False):
+            addresses = ray.get([a.open.remote(folder, token, shared) for a in actors])
+            ray.get([a.join.remote(addresses) for a in actors])
+            per_rank = ray.get([a.mesh_rounds.remote(args.rounds) for a in actors])
+            mesh[shared] = statistics.median(max(ts) for ts in zip(*per_rank))  # a round: every rank has its sum
         times = []
         for _ in range(args.rounds):
             t0 = time.perf_counter()
@@ -85,8 +87,9 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         via_ray = statistics.median(times)
     print(f"all-reduce of {args.mib:g} MiB float32 over {args.ranks} ranks, median of {args.rounds} rounds:")
-    print(f"  mesh (Unix sockets, Arrow frames): {mesh * 1e3:.3f} ms ({mesh * 1e3 / args.mib:.3f} ms/MiB)")
-    print(f"  Ray object store + actor calls:    {via_ray * 1e3:.3f} ms ({via_ray * 1e3 / args.mib:.3f} ms/MiB)")
+    for shared, how in ((True, "mesh, frames in shared memory:"), (False, "mesh, frames over the sockets:")):
+        print(f"  {how:34s}{mesh[shared] * 1e3:.3f} ms ({mesh[shared] * 1e3 / args.mib:.3f} ms/MiB)")
+    print(f"  Ray object store + actor calls:   {via_ray * 1e3:.3f} ms ({via_ray * 1e3 / args.mib:.3f} ms/MiB)")
 
 
 if __name__ == "__main__":

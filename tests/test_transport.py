@@ -7,6 +7,7 @@ import signal
 import socket
 import struct
 import tempfile
+import threading
 import time
 
 import actors
@@ -18,8 +19,9 @@ import onnxshard
 from onnxshard import PlanError
 from onnxshard.distributed import Pipeline
 from onnxshard.distributed.links import HOLD_OVER
-from onnxshard.runtime import arrow, frames, tools
+from onnxshard.runtime import arrow, frames, shared_frames, tools
 from onnxshard.workers import CallStats, Failure
+from onnxshard.workers.rank_mesh import RankMesh
 from onnxshard.workers.stage_worker import packet_from_frame, packet_to_frame
 
 
@@ -124,6 +126,45 @@ def test_frame_sender_writes_what_fits_at_once_queues_the_rest_in_order_and_neve
         assert errors and isinstance(errors[0], OSError)
 
 
+@pytest.mark.skipif(not shared_frames.AVAILABLE, reason="shared frames need Linux (memfd, descriptor passing)")
+def test_ranks_on_one_node_send_frames_through_shared_memory_and_the_socket_when_a_slot_is_held(monkeypatch):
+    monkeypatch.setattr(shared_frames, "SLOT_BYTES", 64 << 10)  # small slots: a frame over the room is easy to make
+    with tempfile.TemporaryDirectory() as folder:
+        meshes = [RankMesh(r, 2, folder, None, b"t" * 16) for r in range(2)]
+        joining = threading.Thread(target=meshes[1].join, args=([m.path for m in meshes],))
+        joining.start()
+        meshes[0].join([m.path for m in meshes])
+        joining.join(timeout=30)
+        assert meshes[0].kinds == {1: "shared"} and meshes[1].kinds == {0: "shared"}
+        out = meshes[0]._senders[1]._shared
+        rng = np.random.default_rng(0)
+        small = [arrow.encode({"x": rng.standard_normal(1000).astype(np.float32)}) for _ in range(4)]
+        big = arrow.encode({"x": rng.standard_normal(20_000).astype(np.float32)})  # 80 KB: over a slot
+        sent = [small[0], small[1], small[2], big, small[3]]
+        for i, batch in enumerate(sent[:3]):  # nothing read yet: two slots fill, the third frame takes the socket
+            meshes[0].send(1, i, batch, {"i": i})
+        assert out._sent == 2
+        got = [meshes[1].receive(0, i) for i in range(3)]  # in order, whichever way each came
+        meshes[0].send(1, 3, big, {"i": 3})  # too big for a slot: the socket
+        meshes[0].send(1, 4, small[3], {"i": 4})  # the slots are free again (copied out at receive)
+        assert out._sent == 3
+        got += [meshes[1].receive(0, i) for i in (3, 4)]
+        for i, (mb, batch, meta) in enumerate(got):
+            assert mb == i and meta == {"i": i}
+            x = arrow.decode(batch, writable=True)["x"]
+            assert x.flags.writeable and np.array_equal(x, arrow.decode(sent[i])["x"])  # its own buffer
+        meshes[1].send(0, 7, small[0], {})  # and the other way
+        assert np.array_equal(arrow.decode(meshes[0].receive(1, 7)[1])["x"], arrow.decode(small[0])["x"])
+        plain = [RankMesh(r, 2, folder, None, b"t" * 16, shared=False) for r in range(2)]
+        joining = threading.Thread(target=plain[1].join, args=([m.path for m in plain],))
+        joining.start()
+        plain[0].join([m.path for m in plain])
+        joining.join(timeout=30)
+        assert plain[0].kinds == {1: "unix"}
+        for m in meshes + plain:
+            m.close()
+
+
 @pytest.fixture(scope="module")
 def plans(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("transport")
@@ -159,6 +200,8 @@ def test_direct_and_ray_transports_give_ort_results(plans):
 
 @pytest.mark.usefixtures("ray_session")
 def test_auto_transport_is_direct_on_one_node_tensor_parallel_stages_included(plans):
+    import ray
+
     path, plan, tp_plan = plans
     feeds = _batches(plan, 1)[0]
     with Pipeline(plan, cpus_per_stage=0.25) as pipe:
@@ -166,6 +209,8 @@ def test_auto_transport_is_direct_on_one_node_tensor_parallel_stages_included(pl
     with Pipeline(tp_plan, cpus_per_stage=0.25) as pipe:
         assert pipe.transport == "direct"  # rank 0 in the chain, the ranks reduce over their own sockets
         assert tools.max_differences(tools.run_model(path, feeds), pipe.run(feeds))["y"] <= 1e-5
+        kind = "shared" if shared_frames.AVAILABLE else "unix"  # the partials in shared memory, on Linux
+        assert [ray.get(w.mesh_kinds.remote()) for w in pipe.workers[0][0]] == [{1: kind}, {0: kind}]
     with pytest.raises(PlanError, match="transport must be one of"):
         Pipeline(plan, transport="tcp")
 

@@ -29,12 +29,14 @@ import pyarrow as pa
 
 log = logging.getLogger(__name__)
 MAGIC = b"OSF1"
+SHARED = b"OSS1"  # a frame whose payload waits in shared memory: the header is followed by the slot's index
 TOKEN_TIMEOUT_S = 5.0  # a peer that connects has this long to send the link's token
 # A sender's socket buffer: a frame that fits goes into the kernel in one write, without waiting for the reader
 # to drain it piece by piece (a 1 MiB frame: 0.31 -> 0.15 ms between two processes, benchmarks/RESULTS.md). Linux
 # caps it at net.core.wmem_max (often 208 KiB; raise it for full effect).
 SEND_BUFFER = 4 << 20
 _HEADER = struct.Struct("<4sqq")
+_SLOT = struct.Struct("<q")
 if sys.platform == "linux":  # SIOCOUTQ: the bytes a socket holds that its reader has yet to take
     import fcntl
     import termios
@@ -154,7 +156,11 @@ def _framed(batch: pa.RecordBatch | None, meta: dict) -> tuple[pa.RecordBatch, i
     return batch, _write_ipc(pa.MockOutputStream(), batch).size()
 
 
-def _write_frame(sock: socket.socket, micro_batch: int, batch: pa.RecordBatch, size: int) -> None:
+def _write_frame(sock: socket.socket, micro_batch: int, batch: pa.RecordBatch | None, size: int,
+                 slot: int | None = None) -> None:
+    if slot is not None:  # the payload is in shared memory already
+        sock.sendall(_HEADER.pack(SHARED, micro_batch, size) + _SLOT.pack(slot))
+        return
     out = _SocketWriter(sock)
     out.write(_HEADER.pack(MAGIC, micro_batch, size))
     _write_ipc(pa.PythonFile(out, mode="w"), batch)
@@ -169,8 +175,11 @@ class FrameSender:
     ``on_error(exc)`` is called from that thread if a queued write fails; a failed write in the caller's thread
     raises there."""
 
-    def __init__(self, sock: socket.socket, on_error: Callable[[Exception], None], name: str = "onnxshard-sender"):
-        self._sock, self._on_error = sock, on_error
+    def __init__(self, sock: socket.socket, on_error: Callable[[Exception], None], name: str = "onnxshard-sender",
+                 shared=None):
+        """``shared`` (a ``shared_frames.SharedOut`` to this socket's reader): frames go there when a slot is
+        free, and only their headers through the socket."""
+        self._sock, self._on_error, self._shared = sock, on_error, shared
         # half the buffer as the kernel set it (Linux doubles what was asked, and counts its overhead against it)
         self._room = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2 if _SIOCOUTQ is not None else 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -181,11 +190,14 @@ class FrameSender:
     def send(self, micro_batch: int, batch: pa.RecordBatch | None, meta: dict) -> None:
         batch, size = _framed(batch, meta)
         with self._lock:
-            if self._unsent == 0 and _HEADER.size + size <= self._room - _outq(self._sock):
-                _write_frame(self._sock, micro_batch, batch, size)
+            slot = None if self._shared is None else self._shared.write(lambda sink: _write_ipc(sink, batch), size)
+            item = (micro_batch, batch, size) if slot is None else (micro_batch, None, size, slot)
+            if self._unsent == 0 and _HEADER.size + (size if slot is None else _SLOT.size) <= \
+                    self._room - _outq(self._sock):
+                _write_frame(self._sock, *item)
                 return
             self._unsent += 1
-        self._queue.put((micro_batch, batch, size))
+        self._queue.put(item)
 
     def close(self) -> None:
         """Stop once the frames queued so far are written (closing the socket stops it at once)."""
@@ -243,13 +255,20 @@ class _SocketWriter:
         self.flush()
 
 
-def recv_frame(sock: socket.socket) -> tuple[int, pa.RecordBatch, dict]:
+def recv_frame(sock: socket.socket, shared=None) -> tuple[int, pa.RecordBatch, dict]:
     """Read one frame: (micro-batch id, batch, metadata). The batch views one new buffer of its own, which
-    nothing else uses (``arrow.decode(..., writable=True)``). Raises :class:`LinkClosed` at end of stream."""
+    nothing else uses (``arrow.decode(..., writable=True)``), whether it came through the socket or through
+    ``shared`` (the ``shared_frames.SharedIn`` from this socket's sender). Raises :class:`LinkClosed` at end of
+    stream."""
     magic, micro_batch, size = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-    if magic != MAGIC or size < 0:
+    if magic == SHARED and shared is not None and size >= 0:
+        (slot,) = _SLOT.unpack(_recv_exact(sock, _SLOT.size))
+        data = shared.read(slot, size)
+    elif magic == MAGIC and size >= 0:
+        data = _recv_exact(sock, size)
+    else:
         raise ConnectionError(f"not an onnxshard frame (header {magic!r}); the link is out of step")
-    batch = pa.ipc.open_stream(pa.py_buffer(_recv_exact(sock, size))).read_next_batch()
+    batch = pa.ipc.open_stream(pa.py_buffer(data)).read_next_batch()
     meta = {k.decode(): json.loads(v) for k, v in (batch.schema.metadata or {}).items()}
     return micro_batch, batch.replace_schema_metadata(None), meta
 

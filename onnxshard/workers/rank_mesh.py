@@ -1,6 +1,7 @@
 """The ranks of a tensor-parallel stage linked each to each, so their reduces go worker to worker over sockets
 (Unix within a node, TCP between nodes; the same Arrow frames as the pipeline's links) instead of through Ray's
-object store and an actor call per step.
+object store and an actor call per step. Between ranks on one node the frames themselves go through shared memory
+(``runtime/shared_frames.py``) and the sockets carry only their headers.
 
 Rank 0 sits in the replica's chain of links: it takes each micro-batch from the stage before, hands it to the other
 ranks, and sends the stage's result on. Every rank then runs the stage's steps in order. Before a step that reduces,
@@ -19,7 +20,7 @@ import threading
 import time
 
 from onnxshard.errors import WorkerError
-from onnxshard.runtime import arrow, frames
+from onnxshard.runtime import arrow, frames, shared_frames
 from onnxshard.workers.packets import Failure, merged_calls, packet_from_frame, packet_to_frame
 
 log = logging.getLogger(__name__)
@@ -30,20 +31,25 @@ ACCEPT_TIMEOUT_S = 60.0
 class RankMesh:
     """This rank's sockets to the other ranks of its stage: listens on creation, :meth:`join` links them."""
 
-    def __init__(self, rank: int, degree: int, folder: str | None, host: str | None, token: bytes):
-        self.rank, self.degree, self._token = rank, degree, token
+    def __init__(self, rank: int, degree: int, folder: str | None, host: str | None, token: bytes,
+                 shared: bool = True):
+        """``shared=False``: every frame through the sockets, ranks on one node too (for comparison)."""
+        self.rank, self.degree, self._token, self._shared = rank, degree, token, shared
         self._server = frames.listen("onnxshard-mesh-", ACCEPT_TIMEOUT_S, folder, host)
         self.path = frames.address(self._server)
         self._peers: dict = {}
         self._senders: dict[int, frames.FrameSender] = {}
+        self._shared_in: dict[int, shared_frames.SharedIn] = {}  # frames from ranks on this node
         self._closed = threading.Event()
         self.busy_since: float | None = None  # a rank other than 0: when its micro-batch started
 
     def join(self, addresses: list[str]) -> None:
         """Connect to the ranks before this one (saying which rank this is) and accept those after it."""
+        out = {}
         for r in range(self.rank):
             sock = frames.connect(addresses[r], timeout=ACCEPT_TIMEOUT_S, token=self._token)
             frames.send_frame(sock, 0, None, {"rank": self.rank})
+            out[r] = self._share(r, sock, offer_first=True)
             sock.settimeout(None)
             self._peers[r] = sock
         for _ in range(self.rank + 1, self.degree):
@@ -51,25 +57,38 @@ class RankMesh:
             frames.widen(sock)  # this end sends too: a partial sum fits the buffer, the sender need not wait
             sock.settimeout(ACCEPT_TIMEOUT_S)
             _, _, hello = frames.recv_frame(sock)
+            r = int(hello["rank"])
+            out[r] = self._share(r, sock, offer_first=False)
             sock.settimeout(None)
-            self._peers[int(hello["rank"])] = sock
-        self._senders = {r: frames.FrameSender(s, lambda e: self.close(), name=f"onnxshard-mesh-{r}")
+            self._peers[r] = sock
+        self._senders = {r: frames.FrameSender(s, lambda e: self.close(), name=f"onnxshard-mesh-{r}", shared=out[r])
                          for r, s in self._peers.items()}
+
+    def _share(self, rank: int, sock: socket.socket, offer_first: bool) -> shared_frames.SharedOut | None:
+        """With a rank on this node (a Unix socket), swap the shared memory each sends the other frames through:
+        the memory for frames to ``rank`` (the one from it is kept for :meth:`receive`)."""
+        if sock.family != socket.AF_UNIX or not shared_frames.AVAILABLE or not self._shared:
+            return None
+        out = shared_frames.SharedOut(sock) if offer_first else None
+        self._shared_in[rank] = shared_frames.SharedIn(sock)
+        return out or shared_frames.SharedOut(sock)
 
     def send(self, rank: int, micro_batch: int, batch, meta: dict) -> None:
         self._senders[rank].send(micro_batch, batch, meta)
 
     def receive(self, rank: int, micro_batch: int | None = None) -> tuple:
         """The next frame from ``rank`` (``micro_batch``: the one it must be about, else the mesh is out of step)."""
-        got, batch, meta = frames.recv_frame(self._peers[rank])
+        got, batch, meta = frames.recv_frame(self._peers[rank], self._shared_in.get(rank))
         if micro_batch is not None and got != micro_batch:
             raise ConnectionError(f"rank {rank} sent micro-batch {got} while {micro_batch} was due")
         return got, batch, meta
 
     @property
     def kinds(self) -> dict[int, str]:
-        """How this rank reaches each other rank: ``unix`` or ``tcp`` (its sockets' families)."""
-        return {r: "unix" if s.family == socket.AF_UNIX else "tcp" for r, s in self._peers.items()}
+        """How this rank reaches each other rank: ``shared`` (memory, the headers over a Unix socket), ``unix`` or
+        ``tcp`` (its sockets' families)."""
+        return {r: "tcp" if s.family != socket.AF_UNIX else "shared" if r in self._shared_in else "unix"
+                for r, s in self._peers.items()}
 
     def close(self) -> None:
         if self._closed.is_set():
