@@ -126,15 +126,21 @@ def test_frame_sender_writes_what_fits_at_once_queues_the_rest_in_order_and_neve
         assert errors and isinstance(errors[0], OSError)
 
 
+def _linked_meshes(folder, shared: bool) -> list[RankMesh]:
+    """Two ranks' meshes in this process, linked (rank 1 joins from a thread)."""
+    meshes = [RankMesh(r, 2, folder, None, b"t" * 16, shared=shared) for r in range(2)]
+    joining = threading.Thread(target=meshes[1].join, args=([m.path for m in meshes],))
+    joining.start()
+    meshes[0].join([m.path for m in meshes])
+    joining.join(timeout=30)
+    return meshes
+
+
 @pytest.mark.skipif(not shared_frames.AVAILABLE, reason="shared frames need Linux (memfd, descriptor passing)")
 def test_ranks_on_one_node_send_frames_through_shared_memory_and_the_socket_when_a_slot_is_held(monkeypatch):
     monkeypatch.setattr(shared_frames, "SLOT_BYTES", 64 << 10)  # small slots: a frame over the room is easy to make
     with tempfile.TemporaryDirectory() as folder:
-        meshes = [RankMesh(r, 2, folder, None, b"t" * 16) for r in range(2)]
-        joining = threading.Thread(target=meshes[1].join, args=([m.path for m in meshes],))
-        joining.start()
-        meshes[0].join([m.path for m in meshes])
-        joining.join(timeout=30)
+        meshes = _linked_meshes(folder, shared=True)
         assert meshes[0].kinds == {1: "shared"} and meshes[1].kinds == {0: "shared"}
         out = meshes[0]._senders[1]._shared
         rng = np.random.default_rng(0)
@@ -155,11 +161,7 @@ def test_ranks_on_one_node_send_frames_through_shared_memory_and_the_socket_when
             assert x.flags.writeable and np.array_equal(x, arrow.decode(sent[i])["x"])  # its own buffer
         meshes[1].send(0, 7, small[0], {})  # and the other way
         assert np.array_equal(arrow.decode(meshes[0].receive(1, 7)[1])["x"], arrow.decode(small[0])["x"])
-        plain = [RankMesh(r, 2, folder, None, b"t" * 16, shared=False) for r in range(2)]
-        joining = threading.Thread(target=plain[1].join, args=([m.path for m in plain],))
-        joining.start()
-        plain[0].join([m.path for m in plain])
-        joining.join(timeout=30)
+        plain = _linked_meshes(folder, shared=False)
         assert plain[0].kinds == {1: "unix"}
         for m in meshes + plain:
             m.close()
