@@ -1,6 +1,7 @@
 """The pipeline on a real local Ray: outputs equal plain ONNX Runtime on the whole model."""
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -248,10 +249,13 @@ def test_a_model_path_is_planned_at_the_sizes_of_its_first_batch(save_model, tmp
         with pytest.raises(InputError, match=r"model: missing input\(s\) \['ids'\]"):
             pipe.run({"x": ids})  # bad first batch: refused, nothing planned or started
         assert pipe.plan is None and pipe.workers == []
-        out = pipe.run({"ids": ids})
+        with ThreadPoolExecutor(2) as pool:  # two first callers at once: planned and started once
+            outs = list(pool.map(pipe.run, [{"ids": ids}, {"ids": ids}]))
         assert pipe.plan.cost_dims["seq"] == 1024 and pipe.plan.stages[0].nodes == sized
-        np.testing.assert_allclose(out["logits"], tools.run_model(path, {"ids": ids})["logits"], rtol=1e-4,
-                                   atol=1e-4)
+        assert len(pipe.workers) == 1 and pipe.totals["requests"] == 2
+        for out in outs:
+            np.testing.assert_allclose(out["logits"], tools.run_model(path, {"ids": ids})["logits"], rtol=1e-4,
+                                       atol=1e-4)
     with Pipeline(path, stages=2, cpus_per_stage=0.5) as pipe:  # a stream: its first batch sizes the plan too
         short = ids[:, :8]
         (out,) = list(pipe.stream(iter([{"ids": short}])))
