@@ -212,11 +212,17 @@ class PipelineBackend(OnnxShardBackend):
 def test_model_tests_and_multi_node_tests_pass_through_a_ray_pipeline(ray_session, onnx_home):
     import onnxruntime.backend
 
-    node_tests = {t.name for t in onnx.backend.test.loader.load_model_tests(kind="node")}
+    loader = onnx.backend.test.loader
+    node_tests = {t.name for t in loader.load_model_tests(kind="node")}
+    torch_tests = {t.name for kind in ("pytorch-converted", "pytorch-operator") for t in loader.load_model_tests(kind=kind)}
 
-    def keep(name):
+    def keep(name):  # the in-process run above takes every test; here each is a pipeline start (seconds)
         base = name.removesuffix("_cpu")
-        return base not in node_tests or ("_expanded" in base and zlib.crc32(base.encode()) % 32 == 0)
+        if base in node_tests:  # single nodes but for the _expanded function bodies: every 32nd of those
+            return "_expanded" in base and zlib.crc32(base.encode()) % 32 == 0
+        if base in torch_tests:  # many alike (conv, pool, linear variants): every other one
+            return zlib.crc32(base.encode()) % 2 == 0
+        return True  # the simple and real models
 
     ort_passed, _ = _run_suite(onnxruntime.backend, keep)
     started = time.perf_counter()
@@ -228,6 +234,6 @@ def test_model_tests_and_multi_node_tests_pass_through_a_ray_pipeline(ray_sessio
     print(f"through a Ray pipeline: {len(passed)} passed, {len(failed)} failed ({len(refused & ort_passed)} of them "
           f"passed by ORT but refused: sequence or optional inputs/outputs) in {time.perf_counter() - started:.0f} s; "
           f"ORT passed {len(ort_passed)}")
-    assert len(ort_passed) > 110, "too few tests selected"  # 124 with a 32nd of the _expanded taken
+    assert len(ort_passed) > 70, "too few tests selected"  # 82 of those taken pass in ORT
     broken = {t: failed.get(t, "not run") for t in sorted(ort_passed - passed - refused)}
     assert not broken, f"the pipeline fails {len(broken)} test(s) plain ORT passes: {broken}"
