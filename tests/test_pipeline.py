@@ -12,7 +12,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import onnxshard
-from onnxshard import InputError, PlanError, WorkerError
+from onnxshard import InputError, ModelError, PlanError, WorkerError
 from onnxshard.distributed import Pipeline
 from onnxshard.runtime import tools
 
@@ -266,6 +266,9 @@ def test_a_model_path_is_planned_at_the_sizes_of_its_first_batch(save_model, tmp
     pipe.close()
     with pytest.raises(WorkerError, match="closed"):
         pipe.run({"ids": short})
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="not a readable ONNX model"):  # read at once, planned later
+        Pipeline(tmp_path / "junk.onnx")
 
 
 def test_auto_micro_batch_size_follows_measured_costs(save_model, tmp_path):

@@ -84,7 +84,10 @@ class Pipeline:
         if not isinstance(plan, Plan) and not plan_store.is_uri(plan) and not is_plan_dir(Path(plan)):
             if not Path(plan).is_file():
                 raise PlanError(f"{plan} is neither a plan folder nor an ONNX model file")
-            self._pending = (Path(plan), stages, address)
+            from onnxshard.partitioner.analysis import input_specs
+
+            # read now (its graph, not its weights), so a file that is no model is refused here
+            self._pending = (Path(plan), stages, address, input_specs(plan))
             return
         self._setup(self._opened(plan), address)
 
@@ -129,14 +132,12 @@ class Pipeline:
                 return self
             from onnxshard.api import plan as make_plan
 
-            model, stages, address = self._pending
+            model, stages, address, inputs = self._pending
             if example_inputs is not None:  # refused as a started pipeline refuses them
                 if not isinstance(example_inputs, dict):
                     raise InputError("feeds must be a dict of input name -> numpy array, got "
                                      f"{type(example_inputs).__name__}")
-                from onnxshard.partitioner.analysis import input_specs
-
-                check_feeds(example_inputs, input_specs(model), where="model")
+                check_feeds(example_inputs, inputs, where="model")
             self._tmp = Path(tempfile.mkdtemp(prefix="onnxshard-pipeline-"))
             try:
                 plan = make_plan(model, self._tmp / "plan", stages=2 if stages is None else stages,
