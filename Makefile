@@ -20,7 +20,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu and not multinode" $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -q -m "multinode and not slow" $(PYTEST_ARGS)
 
-# The ONNX conformance suite's model and multi-node tests through a Ray pipeline (slow: about 6 minutes); CI runs it.
+# The ONNX conformance suite's model and multi-node tests through a Ray pipeline (slow: 4-9 minutes, a pipeline
+# start per model); run it by hand before a release. CI runs `make test` only, which holds the in-process run of
+# the whole suite.
 conformance: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests/test_onnx_backend.py $(PYTEST_ARGS)
 
