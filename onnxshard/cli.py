@@ -264,13 +264,13 @@ def cmd_run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="onnxshard-run-") as tmp:
         if plan_store.is_uri(args.target) or is_plan_dir(args.target):  # by URI, the workers copy what they need
             plan = plan_store.open_plan(args.target)
+            check_feeds(feeds, plan.inputs, where="model")
         else:  # planned at the sizes of the inputs (a sequence length, an image size), as a Pipeline does
             from onnxshard.api import plan as make_plan
             from onnxshard.partitioner.analysis import input_specs
 
-            check_feeds(feeds, input_specs(args.target), where="model")
+            check_feeds(feeds, input_specs(args.target), where="model")  # before planning: the same message
             plan = make_plan(args.target, Path(tmp) / "plan", stages=args.stages or 2, example_inputs=feeds)
-        check_feeds(feeds, plan.inputs, where="model")
         from onnxshard.distributed import Pipeline
 
         options = dict(micro_batch_size=args.micro_batch_size, replicas=args.replicas,

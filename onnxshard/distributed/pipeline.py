@@ -134,10 +134,7 @@ class Pipeline:
 
             model, stages, address, inputs = self._pending
             if example_inputs is not None:  # refused as a started pipeline refuses them
-                if not isinstance(example_inputs, dict):
-                    raise InputError("feeds must be a dict of input name -> numpy array, got "
-                                     f"{type(example_inputs).__name__}")
-                check_feeds(example_inputs, inputs, where="model")
+                _check_feeds(example_inputs, inputs)
             self._tmp = Path(tempfile.mkdtemp(prefix="onnxshard-pipeline-"))
             try:
                 plan = make_plan(model, self._tmp / "plan", stages=2 if stages is None else stages,
@@ -340,9 +337,7 @@ class Pipeline:
             self._summarise(meter)
 
     def _check_request(self, feeds) -> None:
-        if not isinstance(feeds, dict):
-            raise InputError(f"feeds must be a dict of input name -> numpy array, got {type(feeds).__name__}")
-        check_feeds(feeds, self.plan.inputs, where="model")
+        _check_feeds(feeds, self.plan.inputs)
 
     def _meter(self, progress: Progress | None) -> Meter:
         return Meter([s.tensor_parallel for s in self.plan.stages], progress)
@@ -370,6 +365,12 @@ class Pipeline:
                           deadline=None if timeout_s is None else time.perf_counter() + timeout_s)
         self._coordinator.put(request)
         return request
+
+
+def _check_feeds(feeds, inputs) -> None:
+    if not isinstance(feeds, dict):
+        raise InputError(f"feeds must be a dict of input name -> numpy array, got {type(feeds).__name__}")
+    check_feeds(feeds, inputs, where="model")
 
 
 def _wait(future: Future):
