@@ -37,3 +37,36 @@ def ray_session():
     import ray
 
     ray.shutdown()
+
+
+def _live_groups() -> dict[str, str]:
+    """The local Ray's placement groups not yet removed: id -> name (none when Ray is not running)."""
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    from ray.util import placement_group_table
+
+    return {gid: g["name"] for gid, g in placement_group_table().items() if g["state"] != "REMOVED"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def frees_placement_groups(request):
+    """Each test module frees the placement groups it made (a pipeline not closed holds its CPUs until the session
+    ends, and a later test then waits for CPUs that never come back). A leak fails the module's last test, naming
+    the groups, and they are removed so later modules do not wait on them."""
+    before = set(_live_groups())
+    yield
+    import time
+
+    deadline = time.monotonic() + 10  # removal is asynchronous
+    while (left := {g: n for g, n in _live_groups().items() if g not in before}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left:
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        for gid in left:
+            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(gid))))  # unnamed ones too
+        pytest.fail(f"{request.module.__name__} left {len(left)} placement group(s) not removed: "
+                    f"{sorted(n or g[:8] for g, n in left.items())}")

@@ -172,17 +172,20 @@ def test_the_default_deadline_finds_a_stopped_worker_without_any_option(mlp):
 def test_restarts_spread_over_time_pass_the_budget_and_a_crash_loop_fails_fast(mlp):
     model, plan = mlp
     feeds = _feeds(5, 4)
-    with Pipeline(plan, cpus_per_stage=0.5, micro_batch_size=1, max_restarts=1, restart_window_s=3,
+    with Pipeline(plan, cpus_per_stage=0.5, micro_batch_size=1, max_restarts=1, restart_window_s=2,
                   transport="ray") as pipe:
         for _ in range(2):  # one loss per window: always within the budget
             actors.kill(pipe.workers[0][0][0])
             _check(model, feeds, pipe.run(feeds))
-            time.sleep(3.2)
+            time.sleep(2.2)
         assert len(pipe.recoveries) == 2
+    # the same two losses inside one window (a long one: a replacement's start takes seconds on a busy machine)
+    with Pipeline(plan, cpus_per_stage=0.5, micro_batch_size=1, max_restarts=1, restart_window_s=120,
+                  transport="ray") as pipe:
         actors.kill(pipe.workers[0][0][0])
         _check(model, feeds, pipe.run(feeds))
         actors.kill(pipe.workers[0][0][0])  # a second loss inside the window: over the budget
-        with pytest.raises(WorkerError, match=r"lost 2 times, over max_restarts=1 within restart_window_s=3"):
+        with pytest.raises(WorkerError, match=r"lost 2 times, over max_restarts=1 within restart_window_s=120"):
             pipe.run(feeds)
 
 
