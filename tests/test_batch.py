@@ -119,15 +119,16 @@ def test_a_bad_row_names_its_file_row_and_column(data, ray_session, tmp_path):
 
 
 def test_on_error_skip_writes_bad_rows_to_a_rejects_file(data, ray_session, tmp_path):
+    """The job the CLI runs, in this process (the CLI itself is tested above)."""
     import pyarrow.parquet as pq
+
+    from onnxshard.data import job
 
     file = _bad_rows(tmp_path / "bad", odd=(0, 5, 9))
     out = tmp_path / "out"
-    run = _cli(data["model"], "--input", (tmp_path / "bad").as_uri(), "--output", out, "--columns", "x1=a",  # a URI
-               "--columns", "x2=b", "--keep", "id", "--batch-size", "4", "--on-error", "skip",
-               address=ray_session.get_runtime_context().gcs_address)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "7 rows in" in run.stdout and "3 row(s) rejected" in run.stdout
+    summary = job.run(str(data["model"]), (tmp_path / "bad").as_uri(), out, columns={"x1": "a", "x2": "b"},  # a URI
+                      keep=("id",), batch_size=4, on_error="skip", progress=False, stages=2)
+    assert "7 rows in" in summary.text() and "3 row(s) rejected" in summary.text()
     good = pq.read_table(out / file.name).to_pydict()
     assert sorted(good["id"]) == [1, 2, 3, 4, 6, 7, 8]
     x = np.zeros((1, 8), np.float32)
@@ -144,7 +145,7 @@ def test_resume_after_the_driver_is_killed_writes_each_row_once(data, ray_sessio
     import ray.data
 
     rng = np.random.default_rng(1)
-    n, files = 200, 8  # 25 rows a file, one at a time: a file takes ~2 s, so the kill lands mid-job
+    n, files = 96, 8  # 12 rows a file, one at a time: a file takes ~1 s, so the kill lands mid-job
     x1, x2 = (rng.standard_normal((n, 8)).astype(np.float32) for _ in range(2))
     ray.data.from_items([{"id": i, "a": x1[i], "b": x2[i]} for i in range(n)]).repartition(files) \
         .write_parquet(str(tmp_path / "in"))

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 # For a Ray this pipeline starts itself: activations up to 4 MiB travel inline with the call's reply instead of
 # through the shared-memory object store, 8-11% more throughput on the benchmarks (benchmarks/RESULTS.md).
 LOCAL_RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 4 << 20}
+# ...and its workers' environment (they inherit it): Ray Data's Parquet reader starts 32 footer-reading actors for
+# every read by default, a process each, which on one machine costs more than the read (a 12-row file took 21 s
+# on 2 cores, 4 s with 1). The caller's own setting wins.
+LOCAL_RAY_WORKER_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}
 
 
 def connect(address: str | None, timeout_s: float, *, num_cpus: int | None = None) -> bool:
@@ -38,6 +42,9 @@ def connect(address: str | None, timeout_s: float, *, num_cpus: int | None = Non
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         probe(address, timeout_s)
+    if not address:
+        for key, value in LOCAL_RAY_WORKER_ENV.items():
+            os.environ.setdefault(key, value)
     with _deferred_interrupt() as interrupted:
         try:
             ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
