@@ -34,6 +34,9 @@ def add_parser(sub, *, positive_int, positive_float, non_negative_float) -> None
                    "2GB (sequences that would not fit wait)")
     p.add_argument("--max-model-len", type=positive_int, metavar="N", help="decoders: the longest sequence, prompt "
                    "and generated together (a longer prompt gets 400)")
+    p.add_argument("--deploy-timeout", type=positive_float, default=600.0, metavar="S", help="give up when the "
+                   "app is not running after S seconds (a cluster without room for its workers), naming what waits "
+                   "(default 600)")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     p.set_defaults(handler=run)
 
@@ -57,5 +60,5 @@ def run(args) -> int:
         call_timeout_s=args.call_timeout, run_timeout_s=args.run_timeout, api_key_env=args.api_key_env,
         max_body_size=args.max_body_size, kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len))
     serve_forever(serve_args, host=args.host, port=args.port, grpc_port=args.grpc_port or None,
-                  address=args.address)
+                  address=args.address, deploy_timeout_s=args.deploy_timeout)
     return 0

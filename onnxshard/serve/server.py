@@ -6,13 +6,15 @@ from __future__ import annotations
 import math
 import os
 import signal
+import threading
 import time
 
-from onnxshard.errors import PlanError
+from onnxshard.errors import ClusterError, PlanError
 from onnxshard.serve.app import GRPC_SERVICER, ServeArgs, build_app, cpus_needed
 from onnxshard.serve.repository import discover
 
 APP_NAME = "onnxshard"
+DEPLOY_TIMEOUT_S = 600.0
 
 
 def parse_args(values: dict) -> ServeArgs:
@@ -27,10 +29,12 @@ def parse_args(values: dict) -> ServeArgs:
         raise PlanError(f"{where.replace('_', '-')}: {first['msg']}") from None
 
 
-def start(args: ServeArgs, *, host: str, port: int, grpc_port: int | None,
-          address: str | None) -> tuple[bool, list[str]]:
+def start(args: ServeArgs, *, host: str, port: int, grpc_port: int | None, address: str | None,
+          deploy_timeout_s: float = DEPLOY_TIMEOUT_S) -> tuple[bool, list[str]]:
     """Deploy the app on Serve (starting local Ray with enough logical CPUs when no cluster is given); returns
-    whether it started Ray, and the names of the models served."""
+    whether it started Ray, and the names of the models served. An app not running within ``deploy_timeout_s``
+    (a cluster whose CPUs are taken: Serve waits for them forever) is deleted, and a :class:`ClusterError` says
+    which deployments wait and why."""
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -43,7 +47,7 @@ def start(args: ServeArgs, *, host: str, port: int, grpc_port: int | None,
     grpc = gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]) if grpc_port else None
     try:
         serve.start(http_options={"host": host, "port": port}, grpc_options=grpc)
-        serve.run(application, name=APP_NAME, route_prefix="/")
+        deploy(application, deploy_timeout_s)
     except BaseException:
         if owns:
             serve.shutdown()
@@ -52,15 +56,52 @@ def start(args: ServeArgs, *, host: str, port: int, grpc_port: int | None,
     return owns, [s.name for s in sources]
 
 
+def deploy(application, timeout_s: float, *, name: str = APP_NAME, route_prefix: str = "/") -> None:
+    """``serve.run`` (which waits until the app runs, with no end) bounded by ``timeout_s``."""
+    from ray import serve
+
+    done, failed = threading.Event(), []
+
+    def run():
+        try:
+            serve.run(application, name=name, route_prefix=route_prefix)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            failed.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="onnxshard-deploy", daemon=True).start()
+    if not done.wait(timeout_s):
+        waiting = _waiting_deployments(name)
+        serve.delete(name)  # its replicas and their pipelines go; the waiting serve.run ends with it
+        raise ClusterError(f"the Serve application was not running after deploy_timeout_s={timeout_s:g} "
+                           f"(--deploy-timeout); waiting: {waiting or 'its deployments'}")
+    if failed:
+        raise failed[0]
+
+
+def _waiting_deployments(name: str) -> str:
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    if app is None:
+        return ""
+    states = {name: (getattr(d.status, "value", d.status), d.message) for name, d in app.deployments.items()}
+    return "; ".join(f"{name} ({status}: {message or 'no message'})" for name, (status, message) in states.items()
+                     if status != "HEALTHY")
+
+
 def _stop(*_):
     raise KeyboardInterrupt
 
 
-def serve_forever(args: ServeArgs, *, host: str, port: int, grpc_port: int | None, address: str | None) -> None:
+def serve_forever(args: ServeArgs, *, host: str, port: int, grpc_port: int | None, address: str | None,
+                  deploy_timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
     import ray
     from ray import serve
 
-    owns, names = start(args, host=host, port=port, grpc_port=grpc_port, address=address)
+    owns, names = start(args, host=host, port=port, grpc_port=grpc_port, address=address,
+                        deploy_timeout_s=deploy_timeout_s)
     print(f"serving {', '.join(names)} (KServe v2) on http://{host}:{port}/v2"
           + (f" and gRPC {host}:{grpc_port}" if grpc_port else "")
           + f" (decoders: the OpenAI API on http://{host}:{port}/v1); Ctrl-C stops", flush=True)
