@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -8,12 +7,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import zoo  # noqa: E402
 
-from onnxshard.distributed.cluster import LOCAL_RAY_WORKER_ENV  # noqa: E402
+from onnxshard.distributed.cluster import use_local_worker_env  # noqa: E402
 
 # Every Ray the tests start (this session's, a CLI's, a `ray start` head's) gives its workers this environment:
 # without it each Ray Data Parquet read starts 32 footer-reading actors, 20 s a read on this 2-core machine.
-for _key, _value in LOCAL_RAY_WORKER_ENV.items():
-    os.environ.setdefault(_key, _value)
+use_local_worker_env()
 
 
 @pytest.fixture
@@ -51,11 +49,9 @@ def _live_groups() -> dict[str, str]:
     """The local Ray's placement groups not yet removed: id -> name (none when Ray is not running)."""
     import ray
 
-    if not ray.is_initialized():
-        return {}
-    from ray.util import placement_group_table
+    from onnxshard.distributed.placement import live_groups
 
-    return {gid: g["name"] for gid, g in placement_group_table().items() if g["state"] != "REMOVED"}
+    return live_groups() if ray.is_initialized() else {}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -33,6 +33,12 @@ LOCAL_RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 4 << 20}
 LOCAL_RAY_WORKER_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}
 
 
+def use_local_worker_env() -> None:
+    """Put ``LOCAL_RAY_WORKER_ENV`` in this process's environment, where it sets nothing yet, for a Ray it starts."""
+    for key, value in LOCAL_RAY_WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def connect(address: str | None, timeout_s: float, *, num_cpus: int | None = None) -> bool:
     """Connect to Ray unless connected already: ``address``, else ``$RAY_ADDRESS``, else a new local Ray (with
     ``num_cpus`` logical CPUs, if given). Returns whether this call started (and so owns) the connection. A
@@ -43,8 +49,7 @@ def connect(address: str | None, timeout_s: float, *, num_cpus: int | None = Non
     if address:
         probe(address, timeout_s)
     if not address:
-        for key, value in LOCAL_RAY_WORKER_ENV.items():
-            os.environ.setdefault(key, value)
+        use_local_worker_env()
     with _deferred_interrupt() as interrupted:
         try:
             ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,

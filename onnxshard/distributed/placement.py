@@ -240,12 +240,16 @@ def _group_name() -> str:
     return f"onnxshard:{actor or 'driver'}:{_PROCESS}:{next(_GROUPS)}"
 
 
+def live_groups() -> dict[str, str]:
+    """The cluster's placement groups not removed: id (hex) -> name ("" for an unnamed one)."""
+    return {gid: g.get("name") or "" for gid, g in placement_group_table().items() if g.get("state") != "REMOVED"}
+
+
 @functools.cache
 def _free_earlier_incarnations(actor: str) -> None:
     mine, ours = f"onnxshard:{actor}:{_PROCESS}:", f"onnxshard:{actor}:"
-    for group in placement_group_table().values():
-        name = group.get("name") or ""
-        if group.get("state") != "REMOVED" and name.startswith(ours) and not name.startswith(mine):
+    for name in live_groups().values():
+        if name.startswith(ours) and not name.startswith(mine):
             log.warning("freeing placement group %s, left by an earlier process of this actor", name)
             try:
                 remove_placement_group(get_placement_group(name))

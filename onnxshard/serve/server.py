@@ -14,7 +14,6 @@ from onnxshard.serve.app import GRPC_SERVICER, ServeArgs, build_app, cpus_needed
 from onnxshard.serve.repository import discover
 
 APP_NAME = "onnxshard"
-DEPLOY_TIMEOUT_S = 600.0
 
 
 def parse_args(values: dict) -> ServeArgs:
@@ -30,7 +29,7 @@ def parse_args(values: dict) -> ServeArgs:
 
 
 def start(args: ServeArgs, *, host: str, port: int, grpc_port: int | None, address: str | None,
-          deploy_timeout_s: float = DEPLOY_TIMEOUT_S) -> tuple[bool, list[str]]:
+          deploy_timeout_s: float) -> tuple[bool, list[str]]:
     """Deploy the app on Serve (starting local Ray with enough logical CPUs when no cluster is given); returns
     whether it started Ray, and the names of the models served. An app not running within ``deploy_timeout_s``
     (a cluster whose CPUs are taken: Serve waits for them forever) is deleted, and a :class:`ClusterError` says
@@ -86,9 +85,9 @@ def _waiting_deployments(name: str) -> str:
     app = serve.status().applications.get(name)
     if app is None:
         return ""
-    states = {name: (getattr(d.status, "value", d.status), d.message) for name, d in app.deployments.items()}
-    return "; ".join(f"{name} ({status}: {message or 'no message'})" for name, (status, message) in states.items()
-                     if status != "HEALTHY")
+    return "; ".join(f"{deployment} ({status}: {d.message or 'no message'})"
+                     for deployment, d in app.deployments.items()
+                     if (status := getattr(d.status, "value", d.status)) != "HEALTHY")
 
 
 def _stop(*_):
@@ -96,7 +95,7 @@ def _stop(*_):
 
 
 def serve_forever(args: ServeArgs, *, host: str, port: int, grpc_port: int | None, address: str | None,
-                  deploy_timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
+                  deploy_timeout_s: float) -> None:
     import ray
     from ray import serve
 
