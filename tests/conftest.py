@@ -49,7 +49,7 @@ def _live_groups() -> dict[str, str]:
     """The local Ray's placement groups not yet removed: id -> name (none when Ray is not running)."""
     import ray
 
-    from onnxshard.distributed.placement import live_groups
+    from onnxshard.distributed.groups import live_groups
 
     return live_groups() if ray.is_initialized() else {}
 
@@ -57,14 +57,18 @@ def _live_groups() -> dict[str, str]:
 @pytest.fixture(scope="module", autouse=True)
 def frees_placement_groups(request):
     """Each test module frees the placement groups it made (a pipeline not closed holds its CPUs until the session
-    ends, and a later test then waits for CPUs that never come back). A leak fails the module's last test, naming
-    the groups, and they are removed so later modules do not wait on them."""
+    ends, and a later test then waits for CPUs that never come back). The groups of pipelines whose process is
+    gone (Ray Data kills its pool actors at a job's end) are first freed as the next pipeline would free them. A
+    leak fails the module's last test, naming the groups, and they are removed so later modules do not wait."""
     before = set(_live_groups())
     yield
     import time
 
-    deadline = time.monotonic() + 10  # removal is asynchronous
+    from onnxshard.distributed.groups import free_abandoned
+
+    deadline = time.monotonic() + 10  # removal is asynchronous, and so is an actor's death
     while (left := {g: n for g, n in _live_groups().items() if g not in before}) and time.monotonic() < deadline:
+        free_abandoned()
         time.sleep(0.2)
     if left:
         from ray._raylet import PlacementGroupID

@@ -1,5 +1,6 @@
 """The pipeline on a real local Ray: outputs equal plain ONNX Runtime on the whole model."""
 
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -214,6 +215,46 @@ def test_unsatisfiable_resources_fail_at_once_without_waiting_for_the_placement_
     plan = onnxshard.plan(save_model(zoo.mlp()), tmp_path / "p", stages=2)
     with pytest.raises(PlanError, match="GPU: need 2, cluster has 0"):
         Pipeline(plan, gpus_per_stage=1, placement_timeout_s=600)  # a local Ray never gains a GPU: no wait
+
+
+def test_groups_of_a_killed_owner_are_freed_before_the_next_pipeline_reserves_and_no_others(save_model, tmp_path):
+    """Ray frees a placement group when its job ends, not when the actor that reserved it dies, and Ray Data ends a
+    job by killing its pool actors (no clean-up runs). The next pipeline frees the dead actor's group; a live
+    actor's group and the driver's pipeline's group stay."""
+    import ray
+
+    from onnxshard.distributed import groups
+
+    plan = onnxshard.plan(save_model(zoo.mlp()), tmp_path / "p", stages=1)
+
+    @ray.remote(num_cpus=0)
+    class Owner:
+        def __init__(self):
+            self.pipe = Pipeline(plan, cpus_per_stage=0.5).start()
+
+        def group(self):
+            return self.pipe.placement.group.id.hex()
+
+    def alive(group):
+        return group in groups.live_groups()
+
+    with Pipeline(plan, cpus_per_stage=0.5).start() as mine:
+        doomed, kept = Owner.remote(), Owner.remote()
+        dead_group, kept_group = ray.get([doomed.group.remote(), kept.group.remote()])
+        assert groups.live_groups()[dead_group].startswith("onnxshard:")
+        assert groups.free_abandoned() == []  # every owner alive: nothing to free
+        ray.kill(doomed)  # as Ray Data ends a job: no __del__, no close
+        deadline = time.monotonic() + 30
+        while alive(dead_group) and time.monotonic() < deadline:  # the next pipeline frees it (once Ray says dead)
+            with Pipeline(plan, cpus_per_stage=0.5):
+                pass
+        assert not alive(dead_group)
+        assert alive(kept_group) and alive(mine.placement.group.id.hex())
+        assert ray.get(kept.group.remote()) == kept_group
+        ray.kill(kept)
+        while not groups.free_abandoned() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(kept_group)
 
 
 def test_workers_use_their_cpus_as_ort_threads(save_model, tmp_path):

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Mapping, Sequence
 
 import ray
@@ -142,15 +143,21 @@ def node_totals() -> list[dict[str, float]]:
     return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
 
-def autoscales() -> bool:
+def autoscales(report_wait_s: float = 10.0) -> bool:
     """Whether this cluster may add nodes, so a shortfall is not final. A fixed-size cluster (``ray start`` or
     ``ray.init`` without an autoscaling config) runs the autoscaler's monitor with Ray's read-only node provider,
-    whose node types are the nodes themselves (``node_<id>``); anything else, or no report, may scale."""
+    whose node types are the nodes themselves (``node_<id>``); anything else may scale. A cluster just started
+    has no report, or one of its monitor's first pass without the autoscaler's part: a report with that part is
+    waited for up to ``report_wait_s``; a Ray whose report never comes may scale."""
     try:
         from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
         from ray.experimental.internal_kv import _internal_kv_get
 
-        return not read_only_cluster(json.loads(_internal_kv_get(DEBUG_AUTOSCALING_STATUS) or b"null"))
+        end = time.monotonic() + report_wait_s
+        while "autoscaler_report" not in (report := json.loads(_internal_kv_get(DEBUG_AUTOSCALING_STATUS) or b"{}")) \
+                and time.monotonic() < end:
+            time.sleep(0.2)
+        return not read_only_cluster(report)
     except Exception:  # noqa: BLE001 - a Ray whose report we cannot read: assume it may scale, and wait
         return True
 

@@ -6,25 +6,21 @@ is bounded by ``placement_timeout_s``."""
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import socket
 import time
-import uuid
 from collections import deque
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util import placement_group_table
 from ray.util.placement_group import (
     get_current_placement_group,
-    get_placement_group,
     placement_group,
     remove_placement_group,
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from onnxshard.distributed import cluster
+from onnxshard.distributed import cluster, groups
 from onnxshard.distributed.config import PipelineConfig
 from onnxshard.errors import ClusterError, OnnxShardError, PlanError, WorkerError
 from onnxshard.plans import Plan
@@ -32,8 +28,6 @@ from onnxshard.workers import StageWorker
 
 log = logging.getLogger(__name__)
 RETIRED = 100  # replaced workers remembered (killed again at close)
-_PROCESS = uuid.uuid4().hex[:12]  # this process's part of its groups' names
-_GROUPS = itertools.count()
 
 
 @functools.cache
@@ -82,8 +76,7 @@ class Placement:
         if never and (owns_ray or not cluster.autoscales()):  # waiting cannot help: say so now
             raise ClusterError(f"the cluster can never place {count} stage workers of {self.bundle} ({never}); add "
                                "nodes, lower cpus_per_stage/gpus_per_stage/replicas, or use fewer stages")
-        group = placement_group([dict(self.bundle) for _ in range(count)], strategy=config.placement_strategy,
-                                name=_group_name())
+        group = _new_group([dict(self.bundle) for _ in range(count)], config.placement_strategy)
         try:
             ray.get(group.ready(), timeout=config.placement_timeout_s)
         except GetTimeoutError:
@@ -171,7 +164,7 @@ class Placement:
         reserved: Ray moves it once it gives the node up, if there is room, and it is freed at close)."""
         count = self.plan.stages[stage].tensor_parallel
         log.warning("stage %d's node %s does not answer: placing its workers on the nodes left", stage, node)
-        group = placement_group([dict(self.bundle) for _ in range(count)], strategy="PACK", name=_group_name())
+        group = _new_group([dict(self.bundle) for _ in range(count)], "PACK")
         try:
             ray.get(group.ready(), timeout=max(0.0, end - time.monotonic()))
         except GetTimeoutError:
@@ -229,32 +222,10 @@ class Placement:
                 "cpus_per_stage/gpus_per_stage/replicas, or use fewer stages")
 
 
-def _group_name() -> str:
-    """``onnxshard:OWNER:PROCESS:N``, OWNER the actor that reserves the group (or ``driver``). A pipeline's group
-    is freed when its owner closes it or its job ends; but when the owner is an actor that Ray restarts after its
-    process died (a Ray Data pool actor), the groups of the process that died stay reserved, their CPUs lost to
-    the job. The first group a restarted actor reserves frees them first."""
-    actor = ray.get_runtime_context().get_actor_id()
-    if actor:
-        _free_earlier_incarnations(actor)
-    return f"onnxshard:{actor or 'driver'}:{_PROCESS}:{next(_GROUPS)}"
-
-
-def live_groups() -> dict[str, str]:
-    """The cluster's placement groups not removed: id (hex) -> name ("" for an unnamed one)."""
-    return {gid: g.get("name") or "" for gid, g in placement_group_table().items() if g.get("state") != "REMOVED"}
-
-
-@functools.cache
-def _free_earlier_incarnations(actor: str) -> None:
-    mine, ours = f"onnxshard:{actor}:{_PROCESS}:", f"onnxshard:{actor}:"
-    for name in live_groups().values():
-        if name.startswith(ours) and not name.startswith(mine):
-            log.warning("freeing placement group %s, left by an earlier process of this actor", name)
-            try:
-                remove_placement_group(get_placement_group(name))
-            except Exception:  # noqa: BLE001 - removed meanwhile
-                pass
+def _new_group(bundles: list[dict[str, float]], strategy: str):
+    """A placement group named for its owner, reserved after freeing those whose owner is gone."""
+    groups.free_abandoned()
+    return placement_group(bundles, strategy=strategy, name=groups.new_name())
 
 
 def worker_bundle(config: PipelineConfig) -> dict[str, float]:

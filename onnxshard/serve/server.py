@@ -56,8 +56,13 @@ def start(args: ServeArgs, *, host: str, port: int, grpc_port: int | None, addre
 
 
 def deploy(application, timeout_s: float, *, name: str = APP_NAME, route_prefix: str = "/") -> None:
-    """``serve.run`` (which waits until the app runs, with no end) bounded by ``timeout_s``."""
+    """``serve.run`` (which waits until the app runs, with no end) bounded by ``timeout_s``, after freeing the
+    placement groups of pipelines whose process is gone (their CPUs would keep the replicas waiting)."""
     from ray import serve
+
+    from onnxshard.distributed import groups
+
+    groups.free_abandoned()
 
     done, failed = threading.Event(), []
 
