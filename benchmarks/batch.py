@@ -9,6 +9,8 @@ CPUs on the 2 cores: 2 for the model's workers (2 stage workers, or 2 actors), 1
         [--batch-size 256] [--repeats 3] [--memory-cap-mb 0] [--object-store-mb 0]
 
 onnxshard gets a plan made beforehand (``onnxshard plan``, timed apart), as a job over many files would.
+The default data (16,384 rows, 256 MiB) is a 30-second job, where each side's start-up weighs; ``--rows 65536``
+(1 GiB) shows the steady state.
 ``--memory-cap-mb M`` caps every Ray worker at M MiB of private data above what it holds at start (see
 serve_load.py): with weights over M the baseline's actors cannot load the model, a stage can. ``--object-store-mb``
 starts Ray with that object store (make the data several times larger to see memory stay flat).

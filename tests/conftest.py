@@ -64,17 +64,14 @@ def frees_placement_groups(request):
     yield
     import time
 
-    from onnxshard.distributed.groups import free_abandoned
+    from onnxshard.distributed.groups import free_abandoned, remove
 
     deadline = time.monotonic() + 10  # removal is asynchronous, and so is an actor's death
     while (left := {g: n for g, n in _live_groups().items() if g not in before}) and time.monotonic() < deadline:
         free_abandoned()
         time.sleep(0.2)
     if left:
-        from ray._raylet import PlacementGroupID
-        from ray.util.placement_group import PlacementGroup, remove_placement_group
-
         for gid in left:
-            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(gid))))  # unnamed ones too
+            remove(gid)
         pytest.fail(f"{request.module.__name__} left {len(left)} placement group(s) not removed: "
                     f"{sorted(n or g[:8] for g, n in left.items())}")

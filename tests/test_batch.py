@@ -104,8 +104,7 @@ def _place(file, id_):
 
 
 def test_a_bad_row_names_its_file_row_and_column(data, ray_session, tmp_path):
-    """Through the CLI (its own driver: a failed Ray Data job leaves its pool actors' placement groups until the
-    driver exits, see the README's limits)."""
+    """Through the CLI, as a user runs it (its own driver, which exits with status 2)."""
     file = _bad_rows(tmp_path / "bad")
     run = _cli(data["model"], "--input", tmp_path / "bad", "--output", tmp_path / "out", "--columns", "x1=a",
                "--columns", "x2=b", "--keep", "id", "--batch-size", "10",

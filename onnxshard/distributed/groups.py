@@ -6,7 +6,7 @@ reserved it dies, and an actor can die without running its clean-up: Ray Data en
 actors (``ray.kill``: no ``__del__``, so no ``Pipeline.close``), and Ray restarts a pool actor whose process died
 in a new process. Either way the dead process's stage CPUs would stay reserved until the driver exits, and a
 long-lived driver (a notebook, a server) would wait on them. :func:`free_abandoned` frees them; every pipeline
-calls it before it reserves a group, and ``onnxshard.data`` after a job."""
+calls it before it reserves a group, and ``onnxshard serve`` before it deploys."""
 
 from __future__ import annotations
 
@@ -52,12 +52,18 @@ def free_abandoned() -> list[str]:
             gone = dead[owner]
         if gone:
             log.warning("freeing placement group %s: the process that reserved it is gone", name)
-            try:
-                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(gid))))
-            except Exception:  # noqa: BLE001 - removed meanwhile
-                continue
-            freed.append(name)
+            if remove(gid):
+                freed.append(name)
     return freed
+
+
+def remove(gid: str) -> bool:
+    """Remove the group of id ``gid`` (hex), named or not; False when it is gone already."""
+    try:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(gid))))
+        return True
+    except Exception:  # noqa: BLE001 - removed meanwhile
+        return False
 
 
 def _owner() -> str | None:
