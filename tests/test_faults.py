@@ -155,7 +155,8 @@ def test_a_worker_that_cannot_load_its_shard_fails_the_start_and_frees_its_place
     pipeline on this Ray would wait for their CPUs)."""
     from onnx import TensorProto as T
     from onnx import helper as h
-    from ray.util import placement_group_table
+
+    from onnxshard.distributed.groups import live_groups
 
     nodes = [h.make_node("Relu", ["x"], ["a"]), h.make_node("Mystery", ["a"], ["b"], domain="com.example"),
              h.make_node("Neg", ["b"], ["y"])]
@@ -164,9 +165,8 @@ def test_a_worker_that_cannot_load_its_shard_fails_the_start_and_frees_its_place
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.example", 1)])
     path = zoo.save(model, tmp_path / "model")
     plan = onnxshard.plan(path, tmp_path / "plan", cuts=["a"], allow_domains=["com.example"])
-    live = {"CREATED", "PENDING", "RESCHEDULING"}
-    before = {g for g, v in placement_group_table().items() if v["state"] in live}
+    before = set(live_groups())
     with pytest.raises(WorkerError, match=r"failed to start.*Mystery"):
         Pipeline(plan, worker_start_timeout_s=60)
-    left = {g for g, v in placement_group_table().items() if v["state"] in live} - before
+    left = set(live_groups()) - before
     assert not left, f"placement groups left behind: {left}"

@@ -41,9 +41,9 @@ def free_abandoned() -> list[str]:
     me, freed, dead = _owner(), [], {}
     for gid, name in live_groups().items():
         parts = name.split(":")
-        if not name.startswith(PREFIX) or len(parts) != 4 or parts[1] == "driver":
+        if len(parts) != 4 or f"{parts[0]}:" != PREFIX or parts[1] == "driver":
             continue
-        owner, process = parts[1], parts[2]
+        _, owner, process, _ = parts
         if owner == me:
             gone = process != _PROCESS
         else:
