@@ -27,6 +27,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--large", action="store_true", help="also the GPT-2-small-sized and BERT-base-sized models "
+                   "(12 layers, d=768; minutes)")
     args = p.parse_args()
     b, s = args.batch, args.seq
     builds = {
@@ -36,6 +38,10 @@ def main() -> None:
         "BERT masked-LM, 4 layers, d=256, vocab 8192": (lambda: models.bert_mlm(4, 256, 4, 1024, vocab=8192), {}),
         "LSTM, 4 layers, 256 hidden": (lambda: models.lstm(4, 64, 256), {}),
     }
+    if args.large:
+        builds["GPT-2-small-sized, 12 layers, d=768, vocab 50257"] = (
+            lambda: models.gpt2(12, 768, 12, 50257, max_seq=s), {})
+        builds["BERT-base-sized encoder, 12 layers, d=768"] = (lambda: models.transformer(12, 768, 12, 3072), {})
     worst = 0.0
     print("| model | stages | predicted shares | measured shares | largest gap |")
     print("|---|---|---|---|---|")
@@ -58,7 +64,7 @@ def main() -> None:
                 nodes = analysis.graph.nodes
                 measured = np.array([sum(times.get(n.name, 0.0) for n in nodes[a:z])
                                      for a, z in zip(bounds, bounds[1:])])
-                predicted = np.array([st.flops for st in plan.stages])
+                predicted = np.array([st.work for st in plan.stages])
                 predicted, measured = predicted / predicted.sum(), measured / measured.sum()
                 gap = float(np.max(np.abs(predicted - measured))) * 100
                 worst = max(worst, gap)

@@ -68,10 +68,11 @@ def test_no_stage_ends_between_a_layers_cache_and_the_attention_over_it(save_mod
     spans = uncuttable(graph, find_pairs(graph.inputs, graph.outputs))
     assert sorted(present for _, _, present in spans) == sorted(f"present.{i}.{k}" for i in range(3)
                                                                  for k in ("key", "value"))
-    for first, last, present in spans:  # from the present's concat to the attention's output projection
-        assert graph.nodes[first - 1].op_type == "Concat" and present in graph.nodes[first - 1].output
-        assert graph.nodes[last].op_type in ("MatMul", "Gemm") and any(r in graph.initializers
-                                                                       for r in graph.reads[last])
+    for first, last, present in spans:  # from the key (value) projection to the attention's output projection
+        for at in (first - 1, last):
+            assert graph.nodes[at].op_type in ("MatMul", "Gemm") and any(r in graph.initializers
+                                                                         for r in graph.reads[at])
+        assert first <= graph.producer[present] < last  # the concat that makes the present lies inside
     # costs whose one balance point lies in the middle of layer 1's attention (every node costs 1, and the first or
     # the last node more, to move that point there): the cut moves out of the span, never into it
     first, last, present = next(s for s in spans if s[2] == "present.1.value")

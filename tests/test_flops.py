@@ -65,3 +65,63 @@ def test_a_plan_names_the_ops_its_costs_only_guess(save_model, tmp_path):
     notes = onnxshard.plan(save_model(model, name="custom"), tmp_path / "custom-plan", allow_domains=["my.ops"]).stages[0].notes
     assert notes == ("cost model: no FLOP formula for my.ops.Sinc (1 node); counted as one operation per output "
                      "element, so this cut may be unbalanced: plan with --profile to measure them",)
+
+
+def _matmul_then_elementwise(ops: int, width: int = 256):
+    """x @ W, then ``ops`` Relu/Neg ops over [batch, width] activations with a Reshape (a view) in between."""
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("MatMul", ["x", "W"], ["m"]),
+             h.make_node("Reshape", ["m", "shape"], ["e0"])]
+    for i in range(ops):
+        nodes.append(h.make_node("Relu" if i % 2 else "Neg", [f"e{i}"], [f"e{i + 1}"]))
+    nodes.append(h.make_node("Identity", [f"e{ops}"], ["y"]))
+    inits = [models.weight(rng, "W", width, width), onnx.numpy_helper.from_array(np.array([-1, width]), "shape")]
+    return models.make_model(nodes, [h.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+                             [h.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])], inits)
+
+
+def test_elementwise_ops_cost_the_bytes_they_move_and_views_nothing(tmp_path):
+    from onnxshard.partitioner import analyse_model
+    from onnxshard.partitioner.cost import BYTE_FLOPS
+
+    analysis = analyse_model(models.save(_matmul_then_elementwise(4), tmp_path / "m"))
+    costs = {n.op_type: c for n, c in zip(analysis.graph.nodes, analysis.costs)}
+    assert costs["Relu"].moved_bytes == 2 * 256 * 4  # its input and its output, per sample
+    assert costs["Relu"].work == costs["Relu"].flops + BYTE_FLOPS * 2 * 256 * 4
+    assert costs["MatMul"].moved_bytes == 2 * 256 * 4  # the activations; the weight is not counted per sample
+    assert costs["Reshape"].moved_bytes == 0 and costs["Identity"].moved_bytes == 0
+
+
+def test_the_cut_moves_into_a_chain_of_elementwise_ops_as_it_grows(tmp_path):
+    """By FLOPs alone a MatMul outweighs any chain of elementwise ops after it, so the cut would stay right after
+    the MatMul; counting the bytes those ops move, a longer chain pulls more of it into the first stage."""
+    in_first = []
+    for ops in (2, 8, 16, 32):
+        plan = onnxshard.plan(models.save(_matmul_then_elementwise(ops), tmp_path / f"m{ops}"),
+                              tmp_path / f"p{ops}", stages=2)
+        assert plan.stages[0].flops > plan.stages[1].flops  # the MatMul's FLOPs are all in stage 0
+        in_first.append(plan.stages[0].nodes)
+        work = [s.work for s in plan.stages]
+        if ops >= 8:
+            assert max(work) <= 1.25 * np.mean(work), (ops, work)
+    assert in_first == sorted(in_first) and in_first[0] < in_first[-1], in_first
+
+
+def test_a_decoders_cache_concatenation_weighs_more_as_the_context_grows(tmp_path):
+    """The past and present of each layer's cache are bytes, not FLOPs: planned at a longer context, the
+    Concat that appends the new token's keys costs in proportion to it."""
+    from onnxshard import decoder_models
+    from onnxshard.partitioner import analyse_model
+    from onnxshard.partitioner.cost import BYTE_FLOPS
+
+    path = models.save(decoder_models.llama_cached(layers=2, d=64, heads=8, kv_heads=2), tmp_path / "m")
+    work = {}
+    for past in (10, 100):
+        analysis = analyse_model(path, dims={"seq": 1, "past": past, "total": past + 1})
+        concat = next(c for n, c in zip(analysis.graph.nodes, analysis.costs)
+                      if n.op_type == "Concat" and "past_key_values.0.key" in n.input)
+        # float32 [1, 2 heads, past, 8] and the new [1, 2, 1, 8] in, [1, 2, past + 1, 8] out
+        assert concat.moved_bytes == 4 * 2 * 8 * (past + 1 + past + 1)
+        assert concat.work == concat.flops + BYTE_FLOPS * concat.moved_bytes
+        work[past] = concat.work
+    assert 9 < work[100] / work[10] < 11, work

@@ -56,13 +56,18 @@ def test_plan_json_is_versioned_and_lists_stages_in_order(save_model, tmp_path):
     assert [s["file"] for s in data["stages"]] == ["stage0.onnx", "stage1.onnx", "stage2.onnx"]
     assert all({"inputs", "outputs", "carry", "sha256"} <= set(s) for s in data["stages"])
     assert onnxshard.load_plan(tmp_path / "plan") == plan
+    assert all(s["work"] > s["flops"] > 0 for s in data["stages"])  # the bytes each stage moves, on top
+    for s in data["stages"]:  # a plan written before stages recorded their work: its FLOPs stand in
+        del s["work"]
+    (tmp_path / "plan" / "plan.json").write_text(json.dumps(data))
+    assert [s.work for s in onnxshard.load_plan(tmp_path / "plan").stages] == [s.flops for s in plan.stages]
 
 
 def test_transformer_12_layers_4_stages_balanced_cut_on_residual_stream(save_model, tmp_path):
     path = save_model(zoo.transformer(layers=12, d=64, heads=4, ffn=256))
     plan = onnxshard.plan(path, tmp_path / "plan", stages=4, dims={"seq": 32})
-    flops = [s.flops for s in plan.stages]
-    assert max(flops) <= 1.05 * np.mean(flops)
+    work = [s.work for s in plan.stages]
+    assert max(work) <= 1.05 * np.mean(work)
     for stage in plan.stages[:-1]:
         sent = set(stage.output_names) | set(stage.carry)
         residual = [n for n in sent if n.endswith(".out") or n == "x"]
@@ -82,8 +87,8 @@ def test_dims_reach_layers_after_a_broadcast_that_shape_inference_leaves_anonymo
     assert isinstance(sized.specs["h0.f1"].shape[1], str)  # the spec keeps its symbol; only costs are sized
     assert sized.costs[fc].flops == 64 * plain.costs[fc].flops
     plan = onnxshard.plan(path, tmp_path / "plan", stages=2, dims={"seq": 64})
-    flops = [s.flops for s in plan.stages]
-    assert max(flops) <= 1.2 * np.mean(flops), flops
+    work = [s.work for s in plan.stages]
+    assert max(work) <= 1.2 * np.mean(work), work
     assert onnxshard.verify(plan, dims={"seq": 8}, tolerance=1e-5).ok
 
 

@@ -1,5 +1,5 @@
 """The cost model: element types and shapes from ONNX shape inference, FLOPs (``flops.py``), parameter and
-activation bytes.
+activation bytes, and the work the planner balances (FLOPs plus the activation bytes each node moves).
 
 Costs are per sample: symbolic dims count as 1 unless the caller gives them a size (``dims={"seq": 128}``).
 """
@@ -23,11 +23,28 @@ log = logging.getLogger(__name__)
 SMALL_INT_BYTES = 1 << 16  # external int64 initializers up to this size are read to help shape inference
 
 
+# What moving one byte of activations (read or written) costs, in FLOPs. Counted by FLOPs alone, elementwise ops,
+# Softmax, Transpose and a decoder's cache concatenation cost nothing, while they take 25-30% of a transformer's
+# time in ORT's per-node profile (GPT-2-style, batch 4 x 128: MatMuls ~9x the rate, FLOPs to bytes, of those ops).
+# Swept from 0 to 24 against that profile on the models of benchmarks/cost_vs_profile.py, 12-16 fit best (every
+# cut within 4 pp; FLOPs alone left GPT-2's cuts 10-12 pp off).
+BYTE_FLOPS = 12.0
+# Ops that make a view of their input (or a small tensor from its shape): no bytes moved.
+VIEWS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Shape", "Size", "Constant",
+                   "ConstantOfShape", "Dropout"})
+
+
 @dataclass(frozen=True)
 class NodeCost:
     flops: float
     param_bytes: int  # bytes of initializers this node is the first to read, and of the Constants it reads
     out_bytes: int
+    moved_bytes: int = 0  # activation bytes the node reads and writes (0 for ops that only make a view)
+
+    @property
+    def work(self) -> float:
+        """What the planner balances: FLOPs plus :data:`BYTE_FLOPS` per activation byte moved."""
+        return self.flops + BYTE_FLOPS * self.moved_bytes
 
 
 def infer_specs(graph: Graph, known: dict[str, TensorSpec] | None = None) -> dict[str, TensorSpec]:
@@ -177,5 +194,9 @@ def node_costs(graph: Graph, specs: dict[str, TensorSpec], dims: dict[str, int])
                 seen.add(name)
                 params += tensor_nbytes(graph.initializers[name])
         out_bytes = sum(tensor_bytes(specs.get(o), dims) for o in node.output if o)
-        costs.append(NodeCost(node_flops(node, specs, dims), params, out_bytes))
+        moved = 0
+        if node.op_type not in VIEWS:
+            moved = out_bytes + sum(tensor_bytes(specs.get(x), dims) for x in node.input
+                                    if x and x not in graph.initializers and x not in graph.constants)
+        costs.append(NodeCost(node_flops(node, specs, dims), params, out_bytes, moved))
     return costs

@@ -39,6 +39,7 @@ class Decision:
     layout: tp.Layout | None
     cap: float  # weight bytes per worker (inf: no cap)
     flops: tuple[float, ...]  # per node
+    work: tuple[float, ...]  # per node: FLOPs plus the bytes moved, in FLOP-equivalents (what analytic cuts balance)
     cost_source: str  # "analytic" or "profile"
     kv_pairs: tuple[KvPair, ...] = ()  # a decoder's cache pairs (found by name, or given)
     replicas: int = 1  # copies of the stages a Pipeline runs by default (chosen for ``workers``)
@@ -56,7 +57,7 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
     graph = analysis.graph
     costs = analysis.costs
     n = len(graph.nodes)
-    balance = [c.flops for c in costs]
+    balance = [c.work for c in costs]
     if node_times:
         balance = [node_times.get(node.name, 0.0) for node in graph.nodes]
     cut_bytes = cut_bytes_of(graph, analysis.specs, analysis.dims)
@@ -135,4 +136,5 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
             raise PlanError(f"--workers {workers} cannot hold one copy of {len(bounds) - 1} stage(s) x "
                             f"{tensor_parallel or 1} rank(s); give at least {per_replica} workers")
     return Decision(analysis, tuple(bounds), layout, cap, tuple(c.flops for c in costs),
+                    tuple(c.work for c in costs),
                     "profile" if node_times else "analytic", pairs, replicas)

@@ -51,9 +51,11 @@ ATTENTION_NODES = 512  # a layer's attention past its cache's concat: a bound on
 
 def uncuttable(graph: Graph, pairs: tuple[KvPair, ...]) -> list[tuple[int, int, str]]:
     """Where no stage may end: ``(first, last, present)``, cuts ``first..last`` (a cut at ``p`` ends a stage
-    before node ``p``) fall between where a layer's ``present`` is made and where its attention is done with it
-    (the first product with a weight, the output projection). Cut there, the present, or what the attention makes
-    of it, would cross: every step, and growing with the context, where the stage's own cache should have served."""
+    before node ``p``) fall between the layer's projection that makes the new keys (or values) of its ``present``
+    and where its attention is done with them (the first product with a weight, the output projection). Cut after
+    the present is made, it, or what the attention makes of it, would cross: every step, and growing with the
+    context, where the stage's own cache should have served. Cut between the projection and the present, the
+    projected heads and their rotary parts would cross instead of the one hidden state."""
     consumers: dict[str, list[int]] = {}
     for i, reads in enumerate(graph.reads):
         for r in reads:
@@ -75,8 +77,24 @@ def uncuttable(graph: Graph, pairs: tuple[KvPair, ...]) -> list[tuple[int, int, 
                     continue  # the attention's output projection: past it, only the hidden state goes on
                 stack.extend(o for o in node.output if o)
         if last > made:
-            spans.append((made + 1, last, pair.present))
+            spans.append((min(made, _projection(graph, made, pair.past)) + 1, last, pair.present))
     return spans
+
+
+def _projection(graph: Graph, made: int, past: str) -> int:
+    """The position of the last product with a weight that the node at ``made`` (which makes a present from
+    ``past``) reads through weightless ops: the layer's key or value projection; ``made`` when there is none."""
+    found, seen, stack = -1, set(), [x for x in graph.reads[made] if x != past]
+    while stack and len(seen) < ATTENTION_NODES:
+        i = graph.producer.get(stack.pop())
+        if i is None or i in seen:
+            continue  # a graph input, a weight, or visited
+        seen.add(i)
+        if graph.nodes[i].op_type in WEIGHTED_OPS and any(r in graph.initializers for r in graph.reads[i]):
+            found = max(found, i)
+            continue
+        stack.extend(graph.reads[i])
+    return made if found < 0 else found
 
 
 def with_prelude(graph: Graph, spans: list[list[int]], pairs: tuple[KvPair, ...]) -> list[list[int]]:

@@ -76,7 +76,7 @@ def _spec(specs, name, edge: bool = False) -> TensorSpec:
 def write(decision: Decision, out: Path, *, copy_weights: bool, model_path: Path, hash_weights: bool) -> Plan:
     """Write the plan ``decision`` describes into the folder ``out``, a decoder's cache pairs recorded in it."""
     analysis, bounds, layout, cap = decision.analysis, list(decision.bounds), decision.layout, decision.cap
-    flops, cost_source = decision.flops, decision.cost_source
+    flops, work, cost_source = decision.flops, decision.work, decision.cost_source
     graph, specs, dims = analysis.graph, analysis.specs, analysis.dims
     pairs = decision.kv_pairs
     pieces = stage_graphs(graph, specs, bounds, pairs if layout is None else ())
@@ -98,7 +98,8 @@ def write(decision: Decision, out: Path, *, copy_weights: bool, model_path: Path
         for piece, model, lo, hi in zip(pieces, models, bounds, bounds[1:]):
             sends = sum(costmod.tensor_bytes(specs.get(x), dims) for x in [t.name for t in piece.outputs] + piece.carry)
             common = dict(index=piece.index, inputs=tuple(piece.inputs), outputs=tuple(piece.outputs),
-                          carry=tuple(piece.carry), nodes=len(piece.nodes), flops=float(sum(flops[lo:hi])), sends_bytes=sends)
+                          carry=tuple(piece.carry), nodes=len(piece.nodes), flops=float(sum(flops[lo:hi])),
+                          work=float(sum(work[lo:hi])), sends_bytes=sends)
             stage = None
             if layout is not None:
                 stage = _write_ranks(graph, specs, layout, piece, lo, hi, writer, tmp, len(pieces), common)
