@@ -57,9 +57,7 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
     graph = analysis.graph
     costs = analysis.costs
     n = len(graph.nodes)
-    balance = [c.work for c in costs]
-    if node_times:
-        balance = [node_times.get(node.name, 0.0) for node in graph.nodes]
+    balance = [node_times.get(node.name, 0.0) for node in graph.nodes] if node_times else [c.work for c in costs]
     cut_bytes = cut_bytes_of(graph, analysis.specs, analysis.dims)
     pairs = kv.find_pairs(graph.inputs, graph.outputs, kv_pairs)
     caches = kv.uncuttable(graph, pairs)

@@ -77,7 +77,7 @@ def uncuttable(graph: Graph, pairs: tuple[KvPair, ...]) -> list[tuple[int, int, 
                     continue  # the attention's output projection: past it, only the hidden state goes on
                 stack.extend(o for o in node.output if o)
         if last > made:
-            spans.append((min(made, _projection(graph, made, pair.past)) + 1, last, pair.present))
+            spans.append((_projection(graph, made, pair.past) + 1, last, pair.present))
     return spans
 
 
