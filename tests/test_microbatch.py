@@ -139,3 +139,18 @@ def test_assembly_takes_large_outputs_from_the_pool():
     assert _address(third.outputs["y"]) == where
     np.testing.assert_array_equal(third.outputs["y"], feeds["x"] * 2)
     np.testing.assert_array_equal(second.outputs["state_out"], feeds["state"] + 1)
+
+
+def test_the_in_flight_gauge_is_set_at_most_every_tenth_of_a_second_but_always_when_the_pipeline_empties():
+    from onnxshard.distributed.metrics import GAUGE_EVERY_S, PipelineMetrics
+
+    metrics, set_to = PipelineMetrics("m"), []
+    metrics._in_flight = type("Recorder", (), {"set": lambda self, value, tags: set_to.append(value)})()
+    for count, at in [(3, 0.0), (4, 0.05), (3, 0.09), (2, 0.15), (1, 0.16), (0, 0.17), (1, 0.18), (0, 0.19)]:
+        metrics.in_flight(count, now=100 + at)
+    assert set_to == [3, 2, 0, 1, 0]
+    slow = PipelineMetrics("m")  # changes further apart than the interval: every one is set
+    slow._in_flight, set_to[:] = metrics._in_flight, []
+    for i, count in enumerate([1, 2, 3, 2]):
+        slow.in_flight(count, now=200 + i * 2 * GAUGE_EVERY_S)
+    assert set_to == [1, 2, 3, 2]

@@ -55,6 +55,15 @@ def test_the_memory_check_names_what_it_needs(tmp_path):
     need = r"would need about 19\.2 KB \(19\.2 KB of activations in flight, 6\.4 KB of outputs\), over the 1\.0 KB"
     with pytest.raises(InputError, match=need):
         check_fits(per_sample, 100, 1, stages=2, window=4, limit=1000)
+    # a stream asks again per request: answers are kept by dim sizes, and a new size is a new answer
+    plan = onnxshard.plan(zoo.save(zoo.transformer(layers=2), tmp_path / "t"), tmp_path / "tp", stages=2)
+    axes, cache = microbatch.infer_batch_axes(plan), {}
+    feeds = {seq: {"x": np.zeros((2, seq, 32), np.float32)} for seq in (5, 9)}
+    fresh = {seq: sample_bytes(plan, axes, f) for seq, f in feeds.items()}
+    assert fresh[9][0] > fresh[5][0]
+    for seq in (5, 9, 5):
+        assert sample_bytes(plan, axes, feeds[seq], cache) == fresh[seq]
+    assert len(cache) == 2
 
 
 def test_the_cost_meter_keeps_a_bounded_table_of_sizes():

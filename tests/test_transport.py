@@ -12,6 +12,7 @@ import time
 
 import actors
 import numpy as np
+import pyarrow
 import pytest
 import zoo
 
@@ -52,6 +53,26 @@ def test_frames_round_trip_tensors_failures_and_calls():
         a.close()
         with pytest.raises(frames.LinkClosed):
             frames.recv_frame(b)
+
+
+def test_a_frames_size_is_counted_exactly_without_writing_it():
+    """The header announces the payload's size before it is written (a frame's stream is written once, straight
+    into the socket), so the count must equal what the IPC writer writes, for every kind of column."""
+    rng = np.random.default_rng(0)
+    tensors = {"f32": rng.standard_normal((3, 5)).astype(np.float32), "odd": np.arange(7, dtype=np.int8),
+               "flag": np.array([True, False, True]), "empty": np.zeros((0, 5), np.int64),
+               "words": np.array(["a", "longer word", ""], dtype=object), "half": np.ones(3, np.float16)}
+    sliced = arrow.encode({"x": np.arange(40, dtype=np.float64)}).slice(0, 1)
+    batches = [None, arrow.encode(tensors), sliced, *(arrow.encode({k: v}) for k, v in tensors.items())]
+    for batch in batches:
+        for meta in ({}, {"calls": [[0, 1, 2.5]], "held": True}):
+            framed, size = frames._framed(batch, meta)
+            assert size == frames._write_ipc(pyarrow.BufferOutputStream(), framed).getvalue().size
+    a, b = socket.socketpair()
+    with a, b:  # and the reader takes exactly that many bytes per frame: two in a row stay in step
+        for i, batch in enumerate(batches[:3]):
+            frames.send_frame(a, i, batch, {"i": i})
+        assert [frames.recv_frame(b)[2] for _ in range(3)] == [{"i": 0}, {"i": 1}, {"i": 2}]
 
 
 def test_a_tcp_link_carries_the_same_frames_and_admits_only_the_peer_with_the_token():

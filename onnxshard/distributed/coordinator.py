@@ -42,6 +42,7 @@ class Coordinator:
         self.transport = transport.name
         self.window, self._byte_limit, self._metrics = window, byte_limit, metrics
         self._input_types = {t.name: t.dtype for t in plan.inputs}  # per micro-batch: look up once
+        self._sample_bytes: dict = {}  # sizing.sample_bytes by dim sizes
         self._output_names = plan.output_names
         self._outputs = microbatch.ArrayPool()  # large outputs reuse the memory of those the caller dropped
         self._queue = RequestQueue(config.max_queue_size)
@@ -205,7 +206,7 @@ class Coordinator:
         ``auto_micro_batch_size``, with ``requests`` and ``slot``), refusing it first if it would not fit in
         memory."""
         total = microbatch.batch_size(feeds, self.axes)
-        per_sample = sizing.sample_bytes(self.plan, self.axes, feeds)
+        per_sample = sizing.sample_bytes(self.plan, self.axes, feeds, self._sample_bytes)
         if size == "auto":
             size = None if self.axes is None else self.auto_micro_batch_size(
                 total, stream_sample_bytes=None if single else per_sample[0], requests=requests, slot=slot)

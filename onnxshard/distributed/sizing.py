@@ -35,19 +35,28 @@ def stream_cap(sample_bytes: int, *, stages: int, window: int, byte_limit: float
     return max(1, int(byte_limit / 4 // max(1, sample_bytes * (stages + 1) * window)))
 
 
-def sample_bytes(plan: Plan, axes, feeds) -> tuple[int, int]:
-    """Bytes one sample of ``feeds`` takes at the widest stage boundary, and in the outputs."""
+def sample_bytes(plan: Plan, axes, feeds, cache: dict | None = None) -> tuple[int, int]:
+    """Bytes one sample of ``feeds`` takes at the widest stage boundary, and in the outputs. ``cache``: a dict
+    of earlier answers by dim sizes (a stream of equal requests asks the same question each time; kept to 64)."""
     dims = feed_dims(feeds, plan.inputs)
     if axes is not None:  # per sample: the batch dim counts once
         for t in plan.inputs:
             axis = axes.inputs.get(t.name)
             if axis is not None and t.shape and isinstance(t.shape[axis], str):
                 dims[t.shape[axis]] = 1
+    key = tuple(dims.items())
+    if cache is not None and key in cache:
+        return cache[key]
 
     def total(names):
         return sum(spec_bytes(plan.spec(n), dims) for n in names)
 
-    return max(total(s.output_names + list(s.carry)) for s in plan.stages), total(plan.output_names)
+    answer = max(total(s.output_names + list(s.carry)) for s in plan.stages), total(plan.output_names)
+    if cache is not None:
+        if len(cache) >= 64:
+            cache.clear()
+        cache[key] = answer
+    return answer
 
 
 def check_fits(per_sample: tuple[int, int], samples: int, count: int, *, stages: int, window: int,

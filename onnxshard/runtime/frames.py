@@ -45,6 +45,9 @@ if sys.platform == "linux":  # SIOCOUTQ: the bytes a socket holds that its reade
 else:
     _SIOCOUTQ = None
 _EMPTY = pa.RecordBatch.from_arrays([], schema=pa.schema([]))
+# made once: the defaults pyarrow would otherwise build per frame (reading its environment each time)
+_WRITE_OPTIONS, _READ_OPTIONS = pa.ipc.IpcWriteOptions(), pa.ipc.IpcReadOptions()
+_END_OF_STREAM = 8  # bytes: the continuation marker and a zero length
 
 
 class LinkClosed(ConnectionError):
@@ -153,7 +156,13 @@ def _framed(batch: pa.RecordBatch | None, meta: dict) -> tuple[pa.RecordBatch, i
     """The batch a frame carries (``meta`` in its schema metadata) and its IPC stream's size (no bytes written)."""
     batch = (_EMPTY if batch is None else batch).replace_schema_metadata(
         {k: json.dumps(v) for k, v in meta.items()})
-    return batch, _write_ipc(pa.MockOutputStream(), batch).size()
+    return batch, stream_size(batch)
+
+
+def stream_size(batch: pa.RecordBatch) -> int:
+    """The bytes of ``batch``'s IPC stream (schema, batch, end), as :func:`_write_ipc` writes it, counted without
+    writing them."""
+    return batch.schema.serialize().size + pa.ipc.get_record_batch_size(batch) + _END_OF_STREAM
 
 
 def _write_frame(sock: socket.socket, micro_batch: int, batch: pa.RecordBatch | None, size: int,
@@ -221,7 +230,7 @@ def _outq(sock: socket.socket) -> int:
 
 
 def _write_ipc(sink, batch: pa.RecordBatch):
-    with pa.ipc.new_stream(sink, batch.schema) as writer:
+    with pa.ipc.new_stream(sink, batch.schema, options=_WRITE_OPTIONS) as writer:
         writer.write_batch(batch)
     return sink
 
@@ -268,7 +277,7 @@ def recv_frame(sock: socket.socket, shared=None) -> tuple[int, pa.RecordBatch, d
         data = _recv_exact(sock, size)
     else:
         raise ConnectionError(f"not an onnxshard frame (header {magic!r}); the link is out of step")
-    batch = pa.ipc.open_stream(pa.py_buffer(data)).read_next_batch()
+    batch = pa.ipc.open_stream(pa.py_buffer(data), options=_READ_OPTIONS).read_next_batch()
     meta = {k.decode(): json.loads(v) for k, v in (batch.schema.metadata or {}).items()}
     return micro_batch, batch.replace_schema_metadata(None), meta
 
