@@ -9,7 +9,8 @@ import statistics
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,6 +45,28 @@ def timed(name: str, fn: Callable[[], object], samples: int, repeats: int) -> Ti
         fn()
         seconds.append(time.perf_counter() - t0)
     return Timing(name, seconds, samples)
+
+
+def interleaved(runs: dict[str, Callable[[], object]], samples: int, repeats: int) -> list[Timing]:
+    """Like :func:`timed` for each of ``runs`` (name -> fn), but in rounds: each round times every fn once, in an
+    order rotated from round to round. On a machine whose speed drifts (a VM's stolen time moved 8-36% within
+    one run here) every row then sees the same drift, and their ratios compare."""
+    names = list(runs)
+    for fn in runs.values():
+        fn()
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            runs[name]()
+            seconds[name].append(time.perf_counter() - t0)
+    return [Timing(n, seconds[n], samples) for n in names]
+
+
+def paired_ratio(row: Timing, baseline: Timing) -> float:
+    """For rows timed by :func:`interleaved`: the median over rounds of ``row``'s rate against ``baseline``'s in
+    the same round, which a drift between rounds cancels out of."""
+    return statistics.median(b / r for r, b in zip(row.seconds, baseline.seconds, strict=True))
 
 
 def table(rows: list[Timing], baselines: list[Timing]) -> str:
@@ -90,10 +113,20 @@ def _run_share(index: int) -> int:
 def data_parallel(model: str, shares: list[list[dict]], samples: int, repeats: int) -> Timing:
     """One ORT process x 1 thread per share, each running its share's requests one after another: the
     data-parallel ceiling for that many single-thread workers."""
+    with data_parallel_runner(model, shares) as run:
+        return timed(data_parallel_name(len(shares)), run, samples, repeats)
+
+
+def data_parallel_name(processes: int) -> str:
+    return f"ORT {processes} processes x 1 thread (data parallel)"
+
+
+@contextmanager
+def data_parallel_runner(model: str, shares: list[list[dict]]) -> Iterator[Callable[[], object]]:
+    """The processes of :func:`data_parallel`, started, and a function that runs every share once."""
     processes = len(shares)
     with mp.get_context("spawn").Pool(processes, initializer=_init, initargs=(model, shares, 1)) as pool:
-        return timed(f"ORT {processes} processes x 1 thread (data parallel)",
-                     lambda: pool.map(_run_share, range(processes), chunksize=1), samples, repeats)
+        yield lambda: pool.map(_run_share, range(processes), chunksize=1)
 
 
 def batch_shares(feeds: dict, processes: int) -> list[list[dict]]:

@@ -155,6 +155,23 @@ def lstm(layers=4, inputs=64, hidden=256, seed=0):
                       [h.make_tensor_value_info("y", T.FLOAT, ["seq", "batch", hidden])], inits)
 
 
+def bilstm(inputs=64, hidden=256, outputs=32, seed=0):
+    """A tagger shaped like the issue's real BiLSTM: an input projection, one bidirectional LSTM that is most of the
+    work, and a projection of both directions to ``outputs`` per step. ``x[seq, batch, inputs]`` -> ``y[seq,
+    batch, outputs]``; the batch is axis 1."""
+    rng = np.random.default_rng(seed)
+    inits = [weight(rng, "Win", inputs, hidden, scale=0.1),
+             weight(rng, "W", 2, 4 * hidden, hidden, scale=0.1), weight(rng, "R", 2, 4 * hidden, hidden, scale=0.1),
+             weight(rng, "B", 2, 8 * hidden, scale=0.1), weight(rng, "Wout", 2 * hidden, outputs, scale=0.1),
+             nh.from_array(np.array([0, 0, 2 * hidden], np.int64), "both")]
+    nodes = [h.make_node("MatMul", ["x", "Win"], ["p"]), h.make_node("Tanh", ["p"], ["a"]),
+             h.make_node("LSTM", ["a", "W", "R", "B"], ["h"], hidden_size=hidden, direction="bidirectional"),
+             h.make_node("Transpose", ["h"], ["t"], perm=[0, 2, 1, 3]),  # [seq, dirs, batch, hidden] -> dirs last
+             h.make_node("Reshape", ["t", "both"], ["f"]), h.make_node("MatMul", ["f", "Wout"], ["y"])]
+    return make_model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["seq", "batch", inputs])],
+                      [h.make_tensor_value_info("y", T.FLOAT, ["seq", "batch", outputs])], inits)
+
+
 def gpt2(layers=2, d=64, heads=4, vocab=4096, max_seq=64, seed=0):
     """A GPT-2-style decoder: token + position embeddings, fused QKV projection split three ways, causal
     attention, erf-GELU MLP, final LayerNorm and an (untied) LM head. Input ``ids[batch, seq]`` (seq <= max_seq)."""

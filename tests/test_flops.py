@@ -125,3 +125,16 @@ def test_a_decoders_cache_concatenation_weighs_more_as_the_context_grows(tmp_pat
         assert concat.work == concat.flops + BYTE_FLOPS * concat.moved_bytes
         work[past] = concat.work
     assert 9 < work[100] / work[10] < 11, work
+
+
+def test_the_bilstm_benchmark_model_is_one_node_that_is_most_of_the_work(tmp_path):
+    """benchmarks/small_requests.py --model bilstm stands for the issue's tagger: its bidirectional LSTM is most of
+    the predicted work, so a 3-stage cut is lopsided and a plan for 2 workers is 1 stage x 2 replicas."""
+    path = models.save(models.bilstm(), tmp_path / "m")
+    x = {"x": np.zeros((256, 4, 64), np.float32)}
+    cut = onnxshard.plan(path, tmp_path / "three", stages=3, example_inputs=x)
+    works = [s.work for s in cut.stages]
+    ops = [{n.op_type for n in onnx.load(cut.stage_path(s), load_external_data=False).graph.node} for s in cut.stages]
+    assert works[next(i for i, o in enumerate(ops) if "LSTM" in o)] / sum(works) > 0.9, (works, ops)
+    shaped = onnxshard.plan(path, tmp_path / "two", workers=2, example_inputs=x)
+    assert (shaped.num_stages, shaped.replicas) == (1, 2)
