@@ -76,6 +76,19 @@ def test_killed_workers_are_replaced_and_results_are_exact(mlp_plan, replicas, t
     _assert_gone(all_pids)
 
 
+def test_micro_batches_out_of_retries_fail_their_batch_and_the_pipeline_goes_on(mlp_plan):
+    """With max_retries=0 every micro-batch a killed worker took is out of retries: its batch fails at once,
+    none of them stays in the window waiting for a result that will never come, and the next run is exact."""
+    feeds = _feeds()
+    with Pipeline(mlp_plan, micro_batch_size=1, cpus_per_stage=0.5, max_retries=0, max_restarts=4,
+                  run_timeout_s=120) as pipe:
+        expected = pipe.run(feeds)["y"]
+        with pytest.raises(WorkerError, match="over max_retries=0"):
+            _run_with_fault(pipe, feeds, lambda: _kill(pipe, 0, 1, "os.kill"))
+        assert pipe.recoveries and pipe.recoveries[-1].stage == 1
+        assert np.array_equal(pipe.run(feeds)["y"], expected)
+
+
 @pytest.mark.parametrize("transport", ["direct", "ray"])
 def test_hung_worker_is_killed_after_the_call_deadline_and_replaced(mlp_plan, transport):
     feeds = _feeds()

@@ -19,7 +19,7 @@ import zoo
 import onnxshard
 from onnxshard import PlanError
 from onnxshard.distributed import Pipeline
-from onnxshard.distributed.links import HOLD_OVER
+from onnxshard.distributed.links import HOLD_OVER, DirectLinks, Woken
 from onnxshard.runtime import arrow, frames, shared_frames, tools
 from onnxshard.workers import CallStats, Failure
 from onnxshard.workers.rank_mesh import RankMesh
@@ -73,6 +73,30 @@ def test_a_frames_size_is_counted_exactly_without_writing_it():
         for i, batch in enumerate(batches[:3]):
             frames.send_frame(a, i, batch, {"i": i})
         assert [frames.recv_frame(b)[2] for _ in range(3)] == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+def test_a_wakeable_wait_for_a_result_ends_on_wake_and_a_plain_one_does_not():
+    """The coordinator waits for its oldest micro-batch in a wakeable take; a caller that queues a request while
+    the window has room wakes it, so the request is sent at once instead of when that micro-batch is back."""
+    links = DirectLinks([], [], 1.0, 4)
+    try:
+        links.wake()  # before the wait: kept for the next wakeable take, once
+        with pytest.raises(Woken):
+            links.take(0, 1, 5.0, wakeable=True)
+        with pytest.raises(TimeoutError):
+            links.take(0, 1, 0.05, wakeable=True)
+        links.wake()
+        with pytest.raises(TimeoutError):  # a plain take (generation's) waits on
+            links.take(0, 1, 0.05)
+        with pytest.raises(Woken):
+            links.take(0, 1, 5.0, wakeable=True)
+        threading.Timer(0.1, links.wake).start()  # during the wait
+        t0 = time.monotonic()
+        with pytest.raises(Woken):
+            links.take(0, 1, 30.0, wakeable=True)
+        assert time.monotonic() - t0 < 10
+    finally:
+        links.close()
 
 
 def test_a_tcp_link_carries_the_same_frames_and_admits_only_the_peer_with_the_token():

@@ -19,6 +19,7 @@ from onnxshard.distributed import microbatch, sizing
 from onnxshard.distributed.config import PipelineConfig
 from onnxshard.distributed.flights import Flight, Group, Recovery
 from onnxshard.distributed.limits import RestartBudget, call_deadline
+from onnxshard.distributed.links import Woken
 from onnxshard.distributed.placement import Placement, cause_of
 from onnxshard.distributed.requests import Request, RequestQueue
 from onnxshard.distributed.stats import CostMeter
@@ -65,6 +66,10 @@ class Coordinator:
         if self._closing:
             raise WorkerError("the pipeline is closed")
         self._queue.put(request)
+        if not self._backlog and len(self._window_flights) < self.window:
+            # room in the window: send it now, not when the oldest micro-batch comes back (the thread waits for
+            # that one; meanwhile another replica or stage may run out of work)
+            self._transport.wake()
 
     @property
     def totals(self) -> dict[str, int]:
@@ -250,11 +255,12 @@ class Coordinator:
 
     def _finish_oldest(self) -> None:
         """Wait for the oldest micro-batch, recovering lost workers on the way; store its result once, and hand a
-        batch's outputs to its callers when its last micro-batch is in."""
+        batch's outputs to its callers when its last micro-batch is in. Returns early, finishing nothing, when a
+        new request can be sent first (see ``put``)."""
         window = self._window_flights
         flight = window[0]
         try:
-            result, stats = self._wait(flight, window)
+            got = self._wait(flight, window)
         except WorkerError as e:
             if e.micro_batch != flight.id:
                 raise  # the replica is lost: every request in flight fails
@@ -262,6 +268,9 @@ class Coordinator:
             flight.group.failed = True
             self._fail_requests(flight.group.requests, e)
             return
+        if got is None:
+            return
+        result, stats = got
         calls = [replace(c, replica=flight.replica) for c in stats]
         window.popleft()
         self._metrics.in_flight(len(window))
@@ -285,11 +294,14 @@ class Coordinator:
         if group.assembly.done:
             self._deliver(group)
 
-    def _wait(self, flight: Flight, window: deque[Flight]) -> tuple:
-        """The packet of ``flight``, recovering lost, hung and out-of-memory workers on the way."""
+    def _wait(self, flight: Flight, window: deque[Flight]) -> tuple | None:
+        """The packet of ``flight``, recovering lost, hung and out-of-memory workers on the way; ``None`` when
+        the transport was woken to send a new request first."""
         while True:
             try:
                 result = self._transport.take(flight, self._wait_budget(flight))
+            except Woken:
+                return None
             except TimeoutError:
                 self._on_timeout(flight, window)
                 continue
@@ -344,14 +356,25 @@ class Coordinator:
             self._replace_stage(replica, stage, cause, micro_batch)
         self._transport.relink(replica)
         first = min(stages) if stages else None  # None: the chain broke with every worker alive
-        replayed = 0
+        replayed, spent, waited = 0, None, window[0] if window else None  # _finish_oldest waits for the oldest
         for flight in self._transport.lost(replica, first, window, force):  # oldest first: the new worker gets
-            self._count_replay(flight, cause, first)                        # them in order
+            try:                                                            # them in order
+                self._count_replay(flight, cause, first)
+            except WorkerError as e:  # out of retries: its batch fails, and the others are still sent again
+                if flight is waited:
+                    spent = e  # raised below: _finish_oldest takes it out of the window
+                else:
+                    window.remove(flight)
+                    flight.group.failed = True
+                    self._fail_requests(flight.group.requests, e)
+                continue
             if not self._transport.resend(flight, first):
                 break  # the replica broke again: the next wait finds out and recovers again
             replayed += 1
         self.recoveries.append(Recovery(-1 if first is None else first, replica, cause, time.perf_counter() - t0,
                                         replayed))
+        if spent is not None:
+            raise spent
 
     def _count_replay(self, flight: Flight, cause: str, stage: int | None) -> None:
         """One more replay of ``flight``, within ``max_retries``."""

@@ -33,6 +33,10 @@ class LinkBroken(ConnectionError):
     """A replica's chain of links broke: a worker died or closed its link."""
 
 
+class Woken(Exception):
+    """A wakeable :meth:`DirectLinks.take` was ended by :meth:`DirectLinks.wake`: its caller has other work."""
+
+
 class _Chain:
     """One replica's coordinator-side sockets and reader thread."""
 
@@ -92,6 +96,7 @@ class DirectLinks:
         self._wanted: set[int] = set()
         self._cond = threading.Condition()
         self._closed = False
+        self._woken = False  # see wake()
         self.token = secrets.token_bytes(16)  # a link admits only a peer that sends this (TCP is open to the network)
         self.kinds: dict[int, list[str]] = {}
         try:
@@ -200,9 +205,16 @@ class DirectLinks:
         with self._cond:
             return micro_batch in self._results
 
-    def take(self, replica: int, micro_batch: int, timeout: float | None) -> tuple:
+    def wake(self) -> None:
+        """End the wakeable :meth:`take` that waits now, or the next one to wait, with :class:`Woken`."""
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
+
+    def take(self, replica: int, micro_batch: int, timeout: float | None, *, wakeable: bool = False) -> tuple:
         """The packet (batch or Failure, calls) of a micro-batch sent earlier. Raises :class:`LinkBroken` if the
-        replica's chain breaks first, ``TimeoutError`` after ``timeout`` seconds."""
+        replica's chain breaks first, ``TimeoutError`` after ``timeout`` seconds, and (``wakeable``)
+        :class:`Woken` when :meth:`wake` is called before the packet is here."""
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while micro_batch not in self._results:
@@ -210,6 +222,9 @@ class DirectLinks:
                     raise LinkBroken("the links were closed")
                 if replica in self._broken:
                     raise LinkBroken(self._broken[replica])
+                if wakeable and self._woken:
+                    self._woken = False
+                    raise Woken
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"micro-batch {micro_batch} not back within {timeout:g} s")

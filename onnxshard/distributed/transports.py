@@ -52,8 +52,12 @@ class Transport:
 
     def take(self, flight: Flight, timeout: float) -> tuple:
         """Its packet (batch or Failure, call stats); :class:`Lost` if a worker on its way died,
-        ``TimeoutError`` after ``timeout`` seconds."""
+        ``TimeoutError`` after ``timeout`` seconds, :class:`Woken` if :meth:`wake` ended the wait first."""
         raise NotImplementedError
+
+    def wake(self) -> None:
+        """End the coordinator's wait in :meth:`take` early, because a new request can be sent (the window has
+        room). A transport whose wait cannot be interrupted (Ray's blocking get) lets it run to its end."""
 
     def hung(self, flight: Flight, limit: float) -> list[int]:
         """Stages of ``flight``'s replica to replace because a call ran longer than ``limit`` seconds (empty: the
@@ -192,9 +196,12 @@ class Links(Transport):
 
     def take(self, flight: Flight, timeout: float) -> tuple:
         try:
-            return self.links.take(flight.replica, flight.id, timeout)
+            return self.links.take(flight.replica, flight.id, timeout, wakeable=True)
         except LinkBroken as e:
             raise Lost(flight.replica, self._unresponsive(flight.replica), f"direct link broken ({e})") from None
+
+    def wake(self) -> None:
+        self.links.wake()
 
     def hung(self, flight: Flight, limit: float) -> list[int]:
         # Each worker says how long it has computed its current micro-batch; a stopped one does not answer.
