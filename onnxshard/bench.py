@@ -38,19 +38,13 @@ class Timing:
 
 def timed(name: str, fn: Callable[[], object], samples: int, repeats: int) -> Timing:
     """``repeats`` timed calls of ``fn`` after one warm-up call."""
-    fn()
-    seconds = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - t0)
-    return Timing(name, seconds, samples)
+    return interleaved({name: fn}, samples, repeats)[0]
 
 
 def interleaved(runs: dict[str, Callable[[], object]], samples: int, repeats: int) -> list[Timing]:
-    """Like :func:`timed` for each of ``runs`` (name -> fn), but in rounds: each round times every fn once, in an
-    order rotated from round to round. On a machine whose speed drifts (a VM's stolen time moved 8-36% within
-    one run here) every row then sees the same drift, and their ratios compare."""
+    """Each of ``runs`` (name -> fn) called once to warm up, then timed ``repeats`` times in rounds: each round
+    times every fn once, in an order rotated from round to round. On a machine whose speed drifts (a VM's stolen
+    time moved 8-36% within one run here) every row then sees the same drift, and their ratios compare."""
     names = list(runs)
     for fn in runs.values():
         fn()
