@@ -1,8 +1,7 @@
 """The coordinator's thread: it owns the schedule of one pipeline. It takes requests from the queue as the
 in-flight window has room (joined per the dynamic-batching rule), cuts them into micro-batches, sends them through
-the transport, takes the oldest result first, hands each caller exactly its rows, and recovers lost, hung and
-out-of-memory workers (one procedure for both transports). A failure fails the requests it touches, never this
-thread."""
+the transport, takes the oldest result first and hands each caller exactly its rows; its wait recovers lost, hung
+and out-of-memory workers (``recovery.Recoverer``). A failure fails the requests it touches, never this thread."""
 
 from __future__ import annotations
 
@@ -17,20 +16,18 @@ import numpy as np
 
 from onnxshard.distributed import microbatch, sizing
 from onnxshard.distributed.config import PipelineConfig
-from onnxshard.distributed.flights import Flight, Group, Recovery
-from onnxshard.distributed.limits import RestartBudget, call_deadline
-from onnxshard.distributed.links import Woken
+from onnxshard.distributed.flights import Flight, Group
 from onnxshard.distributed.placement import Placement, cause_of
+from onnxshard.distributed.recovery import Recoverer
 from onnxshard.distributed.requests import Request, RequestQueue
 from onnxshard.distributed.stats import CostMeter
-from onnxshard.distributed.transports import Lost, Transport
+from onnxshard.distributed.transports import Transport
 from onnxshard.errors import InputError, OnnxShardError, WorkerError
 from onnxshard.plans import Plan
 from onnxshard.runtime import arrow
 from onnxshard.workers import Failure
 
 log = logging.getLogger(__name__)
-HISTORY = 100  # recoveries remembered
 
 
 class Coordinator:
@@ -49,15 +46,12 @@ class Coordinator:
         self._queue = RequestQueue(config.max_queue_size)
         self._window_flights: deque[Flight] = deque()  # micro-batches in the pipeline, oldest first
         self._backlog: deque[tuple] = deque()  # (group, part, chunk) admitted, waiting for room in the window
-        self._budget = RestartBudget(config.max_restarts, config.restart_window_s)
-        self.restarts: dict[tuple[int, int], int] = {}  # every restart of each worker, for the record
-        self.recoveries: deque[Recovery] = deque(maxlen=HISTORY)  # a pipeline may serve for weeks
-        self._slowest_s: float | None = None  # the slowest stage call so far (warm-up included): call deadlines
-        self._coupling_warned = False
         self._closing = False
+        self._recoverer = Recoverer(config, placement, transport, cost, self._fail_requests, lambda: self._closing)
+        self.restarts, self.recoveries = self._recoverer.restarts, self._recoverer.recoveries
+        self._coupling_warned = False
         self._next_id = 0  # micro-batches sent since start
         self._requests = self._batches = 0  # requests admitted, and the batches they made
-        self._note_warm_up()
         self._thread = threading.Thread(target=self._serve, name="onnxshard-coordinator", daemon=True)
         self._thread.start()
 
@@ -88,12 +82,6 @@ class Coordinator:
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
         self._outputs.close()
-
-    def _note_warm_up(self) -> None:
-        """The workers' warm-up runs are a first measurement for the call deadline (one sample, cold: slow)."""
-        warm = self.placement.warm_seconds()
-        if warm:
-            self._slowest_s = max([self._slowest_s or 0.0, *warm])
 
     def _serve(self) -> None:
         """Take requests, cut them into micro-batches, keep the window full and deliver results, until closed.
@@ -260,7 +248,7 @@ class Coordinator:
         window = self._window_flights
         flight = window[0]
         try:
-            got = self._wait(flight, window)
+            got = self._recoverer.wait(flight, window)
         except WorkerError as e:
             if e.micro_batch != flight.id:
                 raise  # the replica is lost: every request in flight fails
@@ -277,8 +265,7 @@ class Coordinator:
         group = flight.group
         self.cost.add(calls, flight.samples)
         self._metrics.calls(calls)
-        slowest = max((c.compute_s for c in calls), default=0.0)
-        self._slowest_s = max(self._slowest_s or 0.0, slowest)
+        self._recoverer.note_call(max((c.compute_s for c in calls), default=0.0))
         for meter in group.meters:
             meter.add(calls)
         if group.failed:
@@ -293,114 +280,6 @@ class Coordinator:
                 meter.delivered += 1
         if group.assembly.done:
             self._deliver(group)
-
-    def _wait(self, flight: Flight, window: deque[Flight]) -> tuple | None:
-        """The packet of ``flight``, recovering lost, hung and out-of-memory workers on the way; ``None`` when
-        the transport was woken to send a new request first."""
-        while True:
-            try:
-                result = self._transport.take(flight, self._wait_budget(flight))
-            except Woken:
-                return None
-            except TimeoutError:
-                self._on_timeout(flight, window)
-                continue
-            except Lost as e:
-                self._recover(e.replica, e.stages, e.cause, window, micro_batch=flight.id)
-                continue
-            failure = result[0]
-            if not (isinstance(failure, Failure) and failure.kind == "ResourceError"):
-                return result
-            # out of memory, a device error: not the data's fault; a fresh worker runs it again
-            self._recover(flight.replica, [failure.stage], failure.message, window, force=flight,
-                          micro_batch=flight.id)
-
-    def _call_deadline(self, flight: Flight) -> float:
-        """How long a stage call of ``flight`` may run (see ``limits.call_deadline``)."""
-        return call_deadline(self.config.call_timeout_s, self._slowest_s, self.cost.slot_seconds(flight.samples))
-
-    def _wait_budget(self, flight: Flight) -> float:
-        budget = self._call_deadline(flight)
-        deadline = flight.group.deadline
-        if deadline is not None:
-            budget = min(budget, max(0.0, deadline - time.perf_counter()))
-        return budget
-
-    def _on_timeout(self, flight: Flight, window: deque[Flight]) -> None:
-        group = flight.group
-        if group.deadline is not None and time.perf_counter() >= group.deadline:
-            # the caller gives up; the micro-batch stays in the window and its result is dropped when it comes
-            group.deadline, group.failed = None, True
-            timeout = min(r.timeout_s for r in group.requests if r.timeout_s is not None)
-            self._fail_requests(group.requests, WorkerError(
-                f"run deadline of {timeout:g} s passed with micro-batch {flight.id} still in the pipeline; raise "
-                "run_timeout_s or check the workers", micro_batch=flight.id))
-            return
-        limit = self._call_deadline(flight)
-        if time.monotonic() - flight.submitted < limit:
-            return
-        hung = self._transport.hung(flight, limit)
-        if hung:  # else the micro-batch is only queued behind slow ones: keep waiting
-            log.warning("stage %s (replica %d) has run micro-batch %d for over %gs: replacing it as hung",
-                        hung, flight.replica, flight.id, limit)
-            self._recover(flight.replica, hung, f"hung for over {limit:g} s (call deadline)", window)
-
-    def _recover(self, replica: int, stages: list[int], cause: str, window: deque[Flight], *,
-                 force: Flight | None = None, micro_batch: int | None = None) -> None:
-        """The one recovery, for both transports: replace the ``stages`` of ``replica`` (within the restart
-        budget), make the replica whole again, and send again each of its in-flight micro-batches that the lost
-        workers took with them (each within ``max_retries``; ``force``: also this one, whose result came back as
-        a resource failure)."""
-        t0 = time.perf_counter()
-        for stage in stages:
-            self._replace_stage(replica, stage, cause, micro_batch)
-        self._transport.relink(replica)
-        first = min(stages) if stages else None  # None: the chain broke with every worker alive
-        replayed, spent, waited = 0, None, window[0] if window else None  # _finish_oldest waits for the oldest
-        for flight in self._transport.lost(replica, first, window, force):  # oldest first: the new worker gets
-            try:                                                            # them in order
-                self._count_replay(flight, cause, first)
-            except WorkerError as e:  # out of retries: its batch fails, and the others are still sent again
-                if flight is waited:
-                    spent = e  # raised below: _finish_oldest takes it out of the window
-                else:
-                    window.remove(flight)
-                    flight.group.failed = True
-                    self._fail_requests(flight.group.requests, e)
-                continue
-            if not self._transport.resend(flight, first):
-                break  # the replica broke again: the next wait finds out and recovers again
-            replayed += 1
-        self.recoveries.append(Recovery(-1 if first is None else first, replica, cause, time.perf_counter() - t0,
-                                        replayed))
-        if spent is not None:
-            raise spent
-
-    def _count_replay(self, flight: Flight, cause: str, stage: int | None) -> None:
-        """One more replay of ``flight``, within ``max_retries``."""
-        flight.replays += 1
-        if flight.replays > self.config.max_retries:
-            raise WorkerError(f"micro-batch {flight.id} was replayed {flight.replays - 1} times, over "
-                              f"max_retries={self.config.max_retries}; last cause: {cause}",
-                              stage=stage, micro_batch=flight.id)
-        for meter in flight.group.meters:
-            meter.replayed += 1
-
-    def _replace_stage(self, replica: int, stage: int, cause: str, micro_batch: int | None = None) -> None:
-        """Kill a stage's workers and start new ones in their bundles, within ``max_restarts``."""
-        if self._closing:
-            raise WorkerError("the pipeline is closed")
-        key = (replica, stage)
-        self.restarts[key] = self.restarts.get(key, 0) + 1  # in all, for the record
-        recent = self._budget.spend(key)
-        if recent > self.config.max_restarts:
-            where = "" if micro_batch is None else f" (micro-batch {micro_batch})"
-            raise WorkerError(f"stage {stage} worker (replica {replica}) was lost {recent} times, over "
-                              f"max_restarts={self.config.max_restarts} within restart_window_s="
-                              f"{self.config.restart_window_s:g}; last cause: {cause}{where}", stage=stage)
-        log.warning("stage %d worker (replica %d) lost (%s); starting a replacement", stage, replica, cause)
-        self.placement.replace(replica, stage)
-        self._note_warm_up()
 
     def _fail_data(self, group: Group, flight: Flight, failure: Failure) -> None:
         """ONNX Runtime raised on this micro-batch's data: its batch fails (or is retried request by request, when
