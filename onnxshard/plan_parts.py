@@ -136,6 +136,7 @@ class Stage:
     param_bytes: int = 0
     flops: float = 0.0
     work: float = 0.0  # FLOPs plus the activation bytes moved, as FLOP-equivalents: the analytic cost balanced
+    boundary_work: float = 0.0  # the bytes it reads at its start and sends on at its end, as FLOP-equivalents
     sends_bytes: int = 0
     sha256: str = ""
     tensor_parallel: int = 1
@@ -175,6 +176,7 @@ class Stage:
             outputs=specs_from_json(d["outputs"]),
             carry=tuple(d.get("carry", ())), nodes=int(d.get("nodes", 0)), param_bytes=int(d.get("param_bytes", 0)),
             flops=float(d.get("flops", 0.0)), work=float(d.get("work", d.get("flops", 0.0))),
+            boundary_work=float(d.get("boundary_work", 0.0)),
             sends_bytes=int(d.get("sends_bytes", 0)), sha256=str(d.get("sha256", "")),
             tensor_parallel=int(d.get("tensor_parallel", 1)), steps=tuple(Step.from_json(x) for x in d.get("steps", ())),
             rank_param_bytes=tuple(int(b) for b in d.get("rank_param_bytes", ())), notes=tuple(d.get("notes", ())),

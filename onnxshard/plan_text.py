@@ -58,9 +58,9 @@ def table(plan: Plan) -> str:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    total = sum(s.work for s in plan.stages)
+    total = sum(s.work + s.boundary_work for s in plan.stages)
     if total and plan.num_stages > 1:
-        slowest = max(s.work for s in plan.stages)
+        slowest = max(s.work + s.boundary_work for s in plan.stages)
         lines.append(f"slowest stage {slowest / (total / plan.num_stages):.3f}x the mean; "
                      f"weights: {plan.weights.mode}; cost: {plan.cost_source}")
     if plan.replicas > 1:

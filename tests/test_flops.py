@@ -107,6 +107,41 @@ def test_the_cut_moves_into_a_chain_of_elementwise_ops_as_it_grows(tmp_path):
     assert in_first == sorted(in_first) and in_first[0] < in_first[-1], in_first
 
 
+def _matmuls_then_wide_output(widen: int, width: int = 64, layers: int = 16):
+    """``layers`` MatMuls over [batch, width], then a Tile that makes the output ``widen`` times as wide."""
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("MatMul", [f"a{i}", f"W{i}"], [f"a{i + 1}"]) for i in range(layers)]
+    nodes.append(h.make_node("Tile", [f"a{layers}", "repeats"], ["y"]))
+    inits = [models.weight(rng, f"W{i}", width, width) for i in range(layers)]
+    inits.append(onnx.numpy_helper.from_array(np.array([1, widen]), "repeats"))
+    return models.make_model(nodes, [h.make_tensor_value_info("a0", TensorProto.FLOAT, ["batch", width])],
+                             [h.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width * widen])], inits)
+
+
+def test_the_stage_that_sends_a_wide_output_on_keeps_fewer_layers(tmp_path):
+    """The graph's outputs leave through the last stage, which copies them out of ORT and sends them: the plan
+    charges that stage for their bytes (``boundary_work``), so the wider the output, the later the cut, and later
+    than where the nodes' work alone would balance."""
+    from onnxshard.partitioner import analyse_model
+    from onnxshard.partitioner.cost import RECEIVE_BYTE_FLOPS, SEND_BYTE_FLOPS
+    from onnxshard.partitioner.cuts import choose_bounds
+
+    in_first, by_nodes = [], []
+    for widen in (1, 2, 4):
+        path = models.save(_matmuls_then_wide_output(widen), tmp_path / f"m{widen}")
+        plan = onnxshard.plan(path, tmp_path / f"p{widen}", stages=2)
+        first, last = plan.stages
+        assert first.boundary_work == SEND_BYTE_FLOPS * 64 * 4  # one [batch, 64] float32 row a sample crosses
+        assert last.boundary_work == RECEIVE_BYTE_FLOPS * 64 * 4 + SEND_BYTE_FLOPS * 64 * widen * 4
+        totals = [s.work + s.boundary_work for s in plan.stages]
+        assert max(totals) <= 1.15 * np.mean(totals), (widen, totals)
+        in_first.append(first.nodes)
+        work = [c.work for c in analyse_model(path).costs]
+        by_nodes.append(choose_bounds(work, [0] * len(work), np.zeros(len(work) + 1), 2)[1])
+    assert in_first == sorted(in_first) and in_first[0] < in_first[-1], in_first
+    assert in_first[-1] > by_nodes[-1], (in_first, by_nodes)
+
+
 def test_a_decoders_cache_concatenation_weighs_more_as_the_context_grows(tmp_path):
     """The past and present of each layer's cache are bytes, not FLOPs: planned at a longer context, the
     Concat that appends the new token's keys costs in proportion to it."""

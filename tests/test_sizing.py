@@ -111,6 +111,26 @@ def test_the_plan_shape_for_a_worker_budget_follows_costs_and_memory():
     assert choose_shape(one_big, [10, 10, 10, 10], np.zeros(4), 4, max_memory=20) == (2, 2)
 
 
+def test_a_stage_pays_for_the_bytes_it_sends_so_a_large_output_pulls_the_cut_later():
+    """Ten equal nodes; the last stage also sends the graph's output on. The larger that output, the fewer nodes
+    the last stage keeps, so both stages cost the same; without the per-byte costs the cut stays in the middle."""
+    from onnxshard.partitioner.cuts import boundary_costs, choose_bounds
+
+    cost, params, edges = [1.0] * 10, [0] * 10, (1.0, 0.5)  # per byte sent, per byte received
+    got = []
+    for output in (0.0, 2.0, 4.0, 6.0):
+        cut = np.full(11, 0.1)  # 0.1 bytes cross each cut
+        cut[0], cut[10] = 0.0, output
+        bounds = choose_bounds(cost, params, cut, 2, edges=edges)
+        assert choose_bounds(cost, params, cut, 2) == [0, 5, 10]  # nodes alone
+        boundary = boundary_costs(cut, bounds, edges)
+        assert boundary == pytest.approx([0.1 * 1.0, 0.1 * 0.5 + output * 1.0])  # sends 0.1; reads 0.1, sends out
+        totals = [sum(cost[a:b]) + e for a, b, e in zip(bounds, bounds[1:], boundary)]
+        assert max(totals) - min(totals) <= 1.0, (output, totals)  # balanced within one node
+        got.append(bounds[1])
+    assert got == [5, 6, 7, 8], got
+
+
 def test_plan_for_workers_records_the_replicas(save_model, tmp_path):
     path = save_model(zoo.transformer(layers=4), external=True)
     plan = onnxshard.plan(path, tmp_path / "w2", workers=2)

@@ -1,5 +1,6 @@
 """The cost model: element types and shapes from ONNX shape inference, FLOPs (``flops.py``), parameter and
-activation bytes, and the work the planner balances (FLOPs plus the activation bytes each node moves).
+activation bytes, and the work the planner balances (FLOPs plus the activation bytes each node moves; a stage also
+pays for the bytes crossing its boundaries, see ``SEND_BYTE_FLOPS``).
 
 Costs are per sample: symbolic dims count as 1 unless the caller gives them a size (``dims={"seq": 128}``).
 """
@@ -29,6 +30,13 @@ SMALL_INT_BYTES = 1 << 16  # external int64 initializers up to this size are rea
 # Swept from 0 to 24 against that profile on the models of benchmarks/cost_vs_profile.py, 12-16 fit best (every
 # cut within 4 pp; FLOPs alone left GPT-2's cuts 10-12 pp off).
 BYTE_FLOPS = 12.0
+# What a byte crossing a stage boundary costs the workers, in FLOPs, beyond what a whole model pays: the stage that
+# makes it copies it out of ORT into a new array (page faults included) and writes it to its socket; the next stage
+# reads it off its socket. Measured on the developer VM (2 cores): a fresh copy 0.37 ns/byte, a Unix-socket write
+# 0.22 ns/byte and read 0.25 ns/byte, against ORT's 94 GFLOP/s for a one-thread MatMul. The graph's outputs pay the
+# sending side in the stage that makes them (a GPT-2-sized model's logits: 26 MB a sample of 128 tokens).
+SEND_BYTE_FLOPS = 55.0
+RECEIVE_BYTE_FLOPS = 23.0
 # Ops that make a view of their input (or a small tensor from its shape): no bytes moved.
 VIEWS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Shape", "Size", "Constant",
                    "ConstantOfShape", "Dropout"})
@@ -45,6 +53,14 @@ class NodeCost:
     def work(self) -> float:
         """What the planner balances: FLOPs plus :data:`BYTE_FLOPS` per activation byte moved."""
         return self.flops + BYTE_FLOPS * self.moved_bytes
+
+
+def edge_costs(balance, work) -> tuple[float, float]:
+    """(sent, received) cost of a byte crossing a stage boundary in the units of ``balance`` (the nodes' ``work``,
+    or their profiled seconds: converted at the rate the profile measured for that work)."""
+    total = float(sum(work))
+    scale = float(sum(balance)) / total if total > 0 else 0.0
+    return SEND_BYTE_FLOPS * scale, RECEIVE_BYTE_FLOPS * scale
 
 
 def infer_specs(graph: Graph, known: dict[str, TensorSpec] | None = None) -> dict[str, TensorSpec]:

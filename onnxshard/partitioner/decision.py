@@ -12,6 +12,7 @@ import numpy as np
 
 from onnxshard.errors import PlanError
 from onnxshard.kv_pairs import KvPair
+from onnxshard.partitioner import cost as costmod
 from onnxshard.partitioner import kv
 from onnxshard.partitioner import tensor_parallel as tp
 from onnxshard.partitioner.analysis import Analysis, ordered_by_pins
@@ -25,7 +26,7 @@ from onnxshard.partitioner.boundaries import (
     most_stages,
     shared_weights,
 )
-from onnxshard.partitioner.cuts import choose_bounds, choose_shape
+from onnxshard.partitioner.cuts import boundary_costs, choose_bounds, choose_shape
 from onnxshard.units import human_bytes
 
 
@@ -43,6 +44,7 @@ class Decision:
     cost_source: str  # "analytic" or "profile"
     kv_pairs: tuple[KvPair, ...] = ()  # a decoder's cache pairs (found by name, or given)
     replicas: int = 1  # copies of the stages a Pipeline runs by default (chosen for ``workers``)
+    boundary_work: tuple[float, ...] = ()  # per stage: the bytes it reads and sends on, in FLOP-equivalents
 
 
 def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str] = (),
@@ -58,6 +60,7 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
     costs = analysis.costs
     n = len(graph.nodes)
     balance = [node_times.get(node.name, 0.0) for node in graph.nodes] if node_times else [c.work for c in costs]
+    edges = costmod.edge_costs(balance, [c.work for c in costs])
     cut_bytes = cut_bytes_of(graph, analysis.specs, analysis.dims)
     pairs = kv.find_pairs(graph.inputs, graph.outputs, kv_pairs)
     caches = kv.uncuttable(graph, pairs)
@@ -96,7 +99,7 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
         most, blocking = most_stages(graph, analysis.specs, cut_bytes)
         if stages is None and workers is not None and not pin_stages:
             shape = choose_shape(balance, params, cut_bytes, workers, degree=tensor_parallel or 1, max_memory=cap,
-                                 most=most, shared=shared)
+                                 most=most, shared=shared, edges=edges)
             if shape is None:
                 raise PlanError(f"no shape of {workers} workers keeps each stage under --max-stage-memory "
                                 f"{human_bytes(cap)}; add workers or raise the cap")
@@ -116,7 +119,8 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
                          f"tensors, cross them: {shown}" if blocking else
                          "they fall inside tensor-parallel layers") + ")")
             raise PlanError(f"{why}; it cannot make {stages} stages: use --stages {most} or fewer")
-        bounds = choose_bounds(balance, params, cut_bytes, stages, max_memory=cap, pins=pins, shared=shared)
+        bounds = choose_bounds(balance, params, cut_bytes, stages, max_memory=cap, pins=pins, shared=shared,
+                               edges=edges)
         if bounds is None and layout is not None and not np.isfinite(cap):
             raise PlanError(f"no {stages}-stage split keeps each tensor-parallel layer inside one stage (a cut may "
                             f"not fall between a split layer's halves); use fewer stages or --tensor-parallel 1")
@@ -133,6 +137,7 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
         if replicas < 1:
             raise PlanError(f"--workers {workers} cannot hold one copy of {len(bounds) - 1} stage(s) x "
                             f"{tensor_parallel or 1} rank(s); give at least {per_replica} workers")
+    boundary = boundary_costs(cut_bytes, bounds, (costmod.SEND_BYTE_FLOPS, costmod.RECEIVE_BYTE_FLOPS))
     return Decision(analysis, tuple(bounds), layout, cap, tuple(c.flops for c in costs),
                     tuple(c.work for c in costs),
-                    "profile" if node_times else "analytic", pairs, replicas)
+                    "profile" if node_times else "analytic", pairs, replicas, tuple(boundary))

@@ -99,7 +99,8 @@ def write(decision: Decision, out: Path, *, copy_weights: bool, model_path: Path
             sends = sum(costmod.tensor_bytes(specs.get(x), dims) for x in [t.name for t in piece.outputs] + piece.carry)
             common = dict(index=piece.index, inputs=tuple(piece.inputs), outputs=tuple(piece.outputs),
                           carry=tuple(piece.carry), nodes=len(piece.nodes), flops=float(sum(flops[lo:hi])),
-                          work=float(sum(work[lo:hi])), sends_bytes=sends)
+                          work=float(sum(work[lo:hi])), boundary_work=decision.boundary_work[piece.index],
+                          sends_bytes=sends)
             stage = None
             if layout is not None:
                 stage = _write_ranks(graph, specs, layout, piece, lo, hi, writer, tmp, len(pieces), common)
