@@ -10,7 +10,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -60,7 +60,8 @@ def interleaved(runs: dict[str, Callable[[], object]], samples: int, repeats: in
 def paired_ratio(row: Timing, baseline: Timing) -> float:
     """For rows timed by :func:`interleaved`: the median over rounds of ``row``'s rate against ``baseline``'s in
     the same round, which a drift between rounds cancels out of."""
-    return statistics.median(b / r for r, b in zip(row.seconds, baseline.seconds, strict=True))
+    return statistics.median((row.samples / r) / (baseline.samples / b)
+                             for r, b in zip(row.seconds, baseline.seconds, strict=True))
 
 
 def table(rows: list[Timing], baselines: list[Timing]) -> str:
@@ -104,20 +105,14 @@ def _run_share(index: int) -> int:
     return index
 
 
-def data_parallel(model: str, shares: list[list[dict]], samples: int, repeats: int) -> Timing:
-    """One ORT process x 1 thread per share, each running its share's requests one after another: the
-    data-parallel ceiling for that many single-thread workers."""
-    with data_parallel_runner(model, shares) as run:
-        return timed(data_parallel_name(len(shares)), run, samples, repeats)
-
-
 def data_parallel_name(processes: int) -> str:
     return f"ORT {processes} processes x 1 thread (data parallel)"
 
 
 @contextmanager
 def data_parallel_runner(model: str, shares: list[list[dict]]) -> Iterator[Callable[[], object]]:
-    """The processes of :func:`data_parallel`, started, and a function that runs every share once."""
+    """One ORT process x 1 thread per share, started, and a function that runs every share once, each process its
+    share's requests one after another: the data-parallel ceiling for that many single-thread workers."""
     processes = len(shares)
     with mp.get_context("spawn").Pool(processes, initializer=_init, initargs=(model, shares, 1)) as pool:
         yield lambda: pool.map(_run_share, range(processes), chunksize=1)
@@ -155,28 +150,38 @@ def run_bench(target: str | Path, *, stages: int = 2, feeds: dict[str, np.ndarra
         k = the_plan.num_stages
         workers = the_plan.num_workers * the_plan.replicas
         model = the_plan.model
-        baselines = []
-        for threads in sorted({1, workers}):
-            session = open_session(model, RuntimeConfig(intra_op_threads=threads, provider="cpu"))
-            baselines.append(timed(f"ORT whole model, {threads} thread(s)",
-                                   lambda s=session: s.run(None, feeds), samples, repeats))
-        if data_parallel_axis0 and workers > 1:
-            baselines.append(data_parallel(model, batch_shares(feeds, workers), samples, repeats))
-        with Pipeline(the_plan, micro_batch_size=micro_batch_size, cpus_per_stage=1, address=address,
-                      batch_axes=batch_axes, transport=transport) as pipe:
+        with ExitStack() as stack:  # every row stays up while the rows take turns (see interleaved)
+            runs = {}
+            for threads in sorted({1, workers}):
+                session = open_session(model, RuntimeConfig(intra_op_threads=threads, provider="cpu"))
+                runs[f"ORT whole model, {threads} thread(s)"] = lambda s=session: s.run(None, feeds)
+            if data_parallel_axis0 and workers > 1:
+                runs[data_parallel_name(workers)] = stack.enter_context(
+                    data_parallel_runner(model, batch_shares(feeds, workers)))
+            pipe = stack.enter_context(Pipeline(the_plan, micro_batch_size=micro_batch_size, cpus_per_stage=1,
+                                                address=address, batch_axes=batch_axes, transport=transport))
             name = f"onnxshard {k} stage{'s' if k > 1 else ''} x 1 thread" + \
                 (f" x {pipe.config.replicas} replicas" if pipe.config.replicas > 1 else "") + f" ({pipe.transport})"
-            result = timed(name, lambda: pipe.run(feeds), samples, repeats)
+            ours = len(runs)  # the rows before are baselines
+            runs[name] = lambda: pipe.run(feeds)
+            if stream_batches > 1:
+                runs[f"{name}, stream of {stream_batches} batches"] = \
+                    lambda: deque(pipe.stream([feeds] * stream_batches), maxlen=0)
+            rows = interleaved(runs, samples, repeats)
             size = micro_batch_size or "default"
             if size == "auto":
                 size = f"auto ({pipe.auto_micro_batch_size(samples)})"
-            rows = [replace(result, name=f"{result.name}, micro-batch {size}")]
-            stats = pipe.stats
-            if stream_batches > 1:
-                rows.append(timed(f"{name}, stream of {stream_batches} batches",
-                                  lambda: deque(pipe.stream([feeds] * stream_batches), maxlen=0),
-                                  samples * stream_batches, repeats))
+            pipe.run(feeds)
+            stats = pipe.stats  # a run of the batch alone
+    rows[ours] = replace(rows[ours], name=f"{rows[ours].name}, micro-batch {size}")
+    if stream_batches > 1:
+        rows[-1] = replace(rows[-1], samples=samples * stream_batches)
+    baselines, rows = rows[:ours], rows[ours:]
+    paired = [f"{r.name}: " + ", ".join(f"{paired_ratio(r, b):.2f}x of {b.name}" for b in baselines)
+              for r in rows]
     report = [f"{model}: {samples} samples, medians of {repeats} runs after a warm-up; stages cut by "
               f"{the_plan.cost_source} cost{cut_for}",
-              table(baselines + rows, baselines), stats.table()]
+              table(baselines + rows, baselines),
+              "per round against the baselines timed in the same round (medians; a drift between rounds cancels):",
+              *paired, stats.table()]
     return "\n".join(report)

@@ -125,6 +125,7 @@ def test_bench_prints_ratios_against_ort_baselines(save_model, ray_session, caps
                 "onnxshard 2 stages x 1 thread (direct), stream of 4 batches"):
         assert row in out
     assert "GPipe bound" in out and "stages cut by analytic cost at batch=8" in out
+    assert "stream of 4 batches: " in out and "x of ORT 2 processes x 1 thread" in out  # ratios paired per round
     assert main(["bench", str(path), "--batch", "8", "--repeats", "1", "--transport", "ray", "--profile"]) == 0
     out = capsys.readouterr().out
     assert "onnxshard 2 stages x 1 thread (ray), micro-batch auto (" in out and "stages cut by profile cost" in out
