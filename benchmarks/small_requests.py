@@ -87,7 +87,8 @@ def main() -> None:
         for transport, coalesce in transports:
             name = f"onnxshard {shape}, {transport}, stream" + (f", coalesce {coalesce}" if coalesce else "")
             pipe = pipes[name] = stack.enter_context(onnxshard.Pipeline(
-                plan, micro_batch_size=None if coalesce else args.batch, cpus_per_stage=1, transport=transport,
+                # joined batches get the default: sized from the measured costs ("auto")
+                plan, micro_batch_size="auto" if coalesce else args.batch, cpus_per_stage=1, transport=transport,
                 max_in_flight=args.max_in_flight))
             runs[name] = lambda pipe=pipe, coalesce=coalesce: list(pipe.stream(requests, coalesce=coalesce))
         rows = interleaved(runs, samples, args.repeats)

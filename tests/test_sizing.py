@@ -38,6 +38,33 @@ def test_a_long_stream_tends_to_one_micro_batch_per_request():
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]  # the same trend when calls cost only their samples
 
 
+def test_a_size_measured_alone_is_doubled_once_so_a_calls_fixed_cost_shows():
+    """Two stages, 8 samples per replica, the first batch cut into micro-batches of 1 (the default split). From one
+    size the fit takes the time as proportional to the samples, so micro-batches of 1 look best, and without
+    exploring they would be chosen forever. Doubled once, the fit sees two sizes: a stage that pays a fixed cost per
+    call (an LSTM's sequential steps) then gets the whole share at once, one that does not goes back to 1."""
+    from onnxshard.distributed.sizing import auto_size
+    from onnxshard.distributed.stats import CostMeter
+    from onnxshard.workers import CallStats
+
+    def measure(meter, size, fixed):  # both stages take fixed + 1 ms a sample per call
+        for _ in range(3):
+            meter.add([CallStats(k, 0, 0.0, fixed + 1e-3 * size, 0) for k in range(2)], size)
+
+    chosen = {}
+    for fixed in (0.0, 20e-3):
+        meter = CostMeter([1, 1])
+        measure(meter, 1, fixed)
+        assert meter.only_size == 1
+        assert best_size(8, stages=2, slot=meter.slot_model(), overhead_s=1e-4) == 1  # what one size suggests
+        assert auto_size(meter, 8, stages=2, overhead_s=1e-4) == 2  # explored instead
+        measure(meter, 2, fixed)
+        assert meter.only_size is None
+        chosen[fixed] = auto_size(meter, 8, stages=2, overhead_s=1e-4)
+    assert chosen == {0.0: 1, 20e-3: 8}, chosen
+    assert auto_size(meter, 8, stages=2, overhead_s=1e-4, largest=4) == 4  # within the stream's memory cap
+
+
 def test_a_stream_cap_bounds_the_size_by_memory():
     cap = stream_cap(1 << 20, stages=2, window=4, byte_limit=48 << 20)  # 1 MiB a sample: 48 MiB / 4 / (3 x 4)
     assert cap == 1

@@ -226,8 +226,8 @@ class Coordinator:
         largest = None if stream_sample_bytes is None else sizing.stream_cap(
             stream_sample_bytes, stages=k, window=self.window, byte_limit=self._byte_limit)
         overhead = self.cost.overhead_s if self.cost.overhead_s is not None else self.config.call_overhead_s
-        return sizing.best_size(per_replica, stages=k, slot=slot or self.cost.slot_model(), overhead_s=overhead,
-                                requests=requests, largest=largest)
+        return sizing.auto_size(self.cost, per_replica, stages=k, overhead_s=overhead, requests=requests,
+                                largest=largest, slot=slot)
 
     def _submit(self, group: Group, part: int, chunk: dict[str, np.ndarray]) -> Flight:
         mb = self._next_id

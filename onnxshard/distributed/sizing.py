@@ -5,7 +5,9 @@ alone takes about (M + K - 1)(t(s) + o): the pipeline fills and drains (K - 1 ex
 slowest stage's compute t(s) (a line a + b s fitted to the measured micro-batches: a is what a call costs whatever
 its size, such as an LSTM's sequential steps) plus the per-call overhead o. The n-th batch of a stream shares the
 fill and drain with the n - 1 before it, so it minimises (n M + K - 1)(t(s) + o): a short stream of big batches is
-split as a batch alone is, a long stream of small requests tends to one micro-batch per request.
+split as a batch alone is, a long stream of small requests tends to one micro-batch per request. While a single
+size has been measured, the line cannot be fitted: t(s) is taken as proportional to s, and the next choice of that
+same size is doubled once, so that the fit sees a second size (see ``explore``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,22 @@ def best_size(per_replica: int, *, stages: int, slot: Callable[[int], float], ov
     largest = per_replica if largest is None else max(1, min(largest, per_replica))
     sizes = {min(largest, -(-per_replica // m)) for m in range(1, min(per_replica, MAX_CANDIDATES) + 1)}
     return min(sorted(sizes), key=lambda s: (requests * -(-per_replica // s) + stages - 1) * (slot(s) + overhead_s))
+
+
+def auto_size(meter, per_replica: int, *, stages: int, overhead_s: float, requests: int = 1,
+              largest: int | None = None, slot: Callable[[int], float] | None = None) -> int:
+    """:func:`best_size` for the stage costs measured by ``meter`` (a ``stats.CostMeter``; ``slot``: its
+    ``slot_model()``, when the caller has it already), then :func:`explore`."""
+    size = best_size(per_replica, stages=stages, slot=slot or meter.slot_model(), overhead_s=overhead_s,
+                     requests=requests, largest=largest)
+    return explore(size, meter.only_size, per_replica if largest is None else min(largest, per_replica))
+
+
+def explore(size: int, only: int | None, most: int) -> int:
+    """``size``, unless it is ``only``, the one size measured so far: then twice that (up to ``most``). One size
+    cannot tell a call's fixed cost from its per-sample cost; the proportional guess in its place favours small
+    micro-batches and, left alone, would choose the same size forever (an LSTM's stream at 2 samples a call)."""
+    return size if only is None or size != only else max(1, min(2 * size, most))
 
 
 def stream_cap(sample_bytes: int, *, stages: int, window: int, byte_limit: float) -> int:

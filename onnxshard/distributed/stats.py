@@ -191,6 +191,12 @@ class CostMeter:
         """Whether every stage has finished at least one micro-batch."""
         return all(self.by_size)
 
+    @property
+    def only_size(self) -> int | None:
+        """The micro-batch size measured so far when it is the only one (on every stage), else ``None``."""
+        sizes = {tuple(s) for s in self.by_size}
+        return next(iter(sizes))[0] if len(sizes) == 1 and len(self.by_size[0]) == 1 else None
+
     def fit(self, k: int) -> tuple[float, float] | None:
         """(a, b): stage ``k`` takes about a + b x samples per micro-batch; ``None`` before any data."""
         points = self.by_size[k]
