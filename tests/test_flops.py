@@ -142,6 +142,21 @@ def test_the_stage_that_sends_a_wide_output_on_keeps_fewer_layers(tmp_path):
     assert in_first[-1] > by_nodes[-1], (in_first, by_nodes)
 
 
+def test_a_decoder_with_a_cache_is_cut_by_its_nodes_work_alone(tmp_path, monkeypatch):
+    """Generating, a stage keeps its cache and the last one samples the logits where they are made: neither the
+    present values nor the logits leave, so they put no boundary cost on any stage, and the cut is where it is
+    without the per-byte costs."""
+    from onnxshard import decoder_models
+    from onnxshard.partitioner import cost as costmod
+
+    path = models.save(decoder_models.llama_cached(layers=4, d=64, heads=8, kv_heads=2, vocab=4096), tmp_path / "m")
+    plan = onnxshard.plan(path, tmp_path / "p", stages=2)
+    assert plan.kv_cache and [s.boundary_work for s in plan.stages] == [0.0, 0.0]
+    monkeypatch.setattr(costmod, "SEND_BYTE_FLOPS", 0.0)
+    monkeypatch.setattr(costmod, "RECEIVE_BYTE_FLOPS", 0.0)
+    assert [s.nodes for s in onnxshard.plan(path, tmp_path / "q", stages=2).stages] == [s.nodes for s in plan.stages]
+
+
 def test_a_decoders_cache_concatenation_weighs_more_as_the_context_grows(tmp_path):
     """The past and present of each layer's cache are bytes, not FLOPs: planned at a longer context, the
     Concat that appends the new token's keys costs in proportion to it."""

@@ -60,9 +60,13 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
     costs = analysis.costs
     n = len(graph.nodes)
     balance = [node_times.get(node.name, 0.0) for node in graph.nodes] if node_times else [c.work for c in costs]
-    edges = costmod.edge_costs(balance, [c.work for c in costs])
     cut_bytes = cut_bytes_of(graph, analysis.specs, analysis.dims)
     pairs = kv.find_pairs(graph.inputs, graph.outputs, kv_pairs)
+    # A decoder with a KV cache is split to generate: each stage keeps its cache, the last samples the logits in
+    # place, and only the hidden state (a few KB a token) crosses a cut; the per-byte costs are for models whose
+    # activations and outputs travel.
+    travel = not pairs
+    edges = costmod.edge_costs(balance, [c.work for c in costs]) if travel else (0.0, 0.0)
     caches = kv.uncuttable(graph, pairs)
     for first, last, _ in caches:  # a decoder's layer keeps its cache and the attention over it in one stage
         cut_bytes[first:last + 1] = np.inf
@@ -137,7 +141,8 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
         if replicas < 1:
             raise PlanError(f"--workers {workers} cannot hold one copy of {len(bounds) - 1} stage(s) x "
                             f"{tensor_parallel or 1} rank(s); give at least {per_replica} workers")
-    boundary = boundary_costs(cut_bytes, bounds, (costmod.SEND_BYTE_FLOPS, costmod.RECEIVE_BYTE_FLOPS))
+    boundary = boundary_costs(cut_bytes, bounds, (costmod.SEND_BYTE_FLOPS, costmod.RECEIVE_BYTE_FLOPS) if travel
+                              else (0.0, 0.0))
     return Decision(analysis, tuple(bounds), layout, cap, tuple(c.flops for c in costs),
                     tuple(c.work for c in costs),
                     "profile" if node_times else "analytic", pairs, replicas, tuple(boundary))
