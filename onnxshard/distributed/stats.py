@@ -194,8 +194,10 @@ class CostMeter:
     @property
     def only_size(self) -> int | None:
         """The micro-batch size measured so far when it is the only one (on every stage), else ``None``."""
-        sizes = {tuple(s) for s in self.by_size}
-        return next(iter(sizes))[0] if len(sizes) == 1 and len(self.by_size[0]) == 1 else None
+        if len(self.by_size[0]) != 1:  # asked once a batch: the common answer costs one len()
+            return None
+        (size,) = self.by_size[0]
+        return size if all(len(s) == 1 and size in s for s in self.by_size) else None
 
     def fit(self, k: int) -> tuple[float, float] | None:
         """(a, b): stage ``k`` takes about a + b x samples per micro-batch; ``None`` before any data."""

@@ -55,12 +55,12 @@ class NodeCost:
         return self.flops + BYTE_FLOPS * self.moved_bytes
 
 
-def edge_costs(balance, work) -> tuple[float, float]:
-    """(sent, received) cost of a byte crossing a stage boundary in the units of ``balance`` (the nodes' ``work``,
-    or their profiled seconds: converted at the rate the profile measured for that work)."""
+def in_balance_units(byte_flops: tuple[float, float], balance, work) -> tuple[float, float]:
+    """``byte_flops`` (FLOP-equivalents a byte sent, received) in the units of ``balance``: the nodes' ``work``,
+    or their profiled seconds (converted at the rate the profile measured for that work)."""
     total = float(sum(work))
     scale = float(sum(balance)) / total if total > 0 else 0.0
-    return SEND_BYTE_FLOPS * scale, RECEIVE_BYTE_FLOPS * scale
+    return byte_flops[0] * scale, byte_flops[1] * scale
 
 
 def infer_specs(graph: Graph, known: dict[str, TensorSpec] | None = None) -> dict[str, TensorSpec]:

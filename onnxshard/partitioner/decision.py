@@ -65,8 +65,8 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
     # A decoder with a KV cache is split to generate: each stage keeps its cache, the last samples the logits in
     # place, and only the hidden state (a few KB a token) crosses a cut; the per-byte costs are for models whose
     # activations and outputs travel.
-    travel = not pairs
-    edges = costmod.edge_costs(balance, [c.work for c in costs]) if travel else (0.0, 0.0)
+    byte_flops = (0.0, 0.0) if pairs else (costmod.SEND_BYTE_FLOPS, costmod.RECEIVE_BYTE_FLOPS)
+    edges = costmod.in_balance_units(byte_flops, balance, [c.work for c in costs])
     caches = kv.uncuttable(graph, pairs)
     for first, last, _ in caches:  # a decoder's layer keeps its cache and the attention over it in one stage
         cut_bytes[first:last + 1] = np.inf
@@ -141,8 +141,7 @@ def decide(analysis: Analysis, *, stages: int | None = None, cuts: Sequence[str]
         if replicas < 1:
             raise PlanError(f"--workers {workers} cannot hold one copy of {len(bounds) - 1} stage(s) x "
                             f"{tensor_parallel or 1} rank(s); give at least {per_replica} workers")
-    boundary = boundary_costs(cut_bytes, bounds, (costmod.SEND_BYTE_FLOPS, costmod.RECEIVE_BYTE_FLOPS) if travel
-                              else (0.0, 0.0))
+    boundary = boundary_costs(cut_bytes, bounds, byte_flops)
     return Decision(analysis, tuple(bounds), layout, cap, tuple(c.flops for c in costs),
                     tuple(c.work for c in costs),
                     "profile" if node_times else "analytic", pairs, replicas, tuple(boundary))
