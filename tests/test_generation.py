@@ -33,9 +33,9 @@ def decoders(tmp_path_factory):
     return out
 
 
-def ort_greedy(path, prompt, max_tokens):
+def ort_greedy(path, prompt, max_tokens, provider="CPUExecutionProvider"):
     """The reference: one plain ORT session on the whole model, one sequence, its cache fed back each step."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=[provider])
     names = [o.name for o in session.get_outputs()]
     past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in session.get_inputs()
             if i.name.startswith("past_key_values")}
