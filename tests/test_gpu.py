@@ -25,10 +25,6 @@ def gpu_ray(ray_session):
     return ray_session
 
 
-def _providers(workers):
-    return [ranks[0]["providers"][0] for ranks in workers]
-
-
 def test_two_stages_share_one_gpu_and_equal_onnxruntime_cuda(gpu_ray, tmp_path):
     """The reference runs the same micro-batches: ORT CUDA computes MatMuls in TF32 by default, and cuBLAS picks its
     kernels by shape, so the whole batch at once rounds differently (ORT CUDA alone, 12 layers: 128 apart on outputs
@@ -42,7 +38,7 @@ def test_two_stages_share_one_gpu_and_equal_onnxruntime_cuda(gpu_ray, tmp_path):
     session = open_session(model, cuda)
     expected = np.concatenate([session.run(None, {k: v[i:i + 2] for k, v in feeds.items()})[0] for i in range(0, 8, 2)])
     with onnxshard.Pipeline(plan, gpus_per_stage=0.5, cpus_per_stage=1, runtime=cuda, micro_batch_size=2) as pipe:
-        providers = _providers(pipe.worker_info[0])
+        providers = [ranks[0]["providers"][0] for ranks in pipe.worker_info[0]]
         got = pipe.run(feeds)
         streamed = list(pipe.stream([feeds] * 3))
     assert providers == [CUDA, CUDA]

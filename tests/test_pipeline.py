@@ -39,6 +39,14 @@ def test_pipeline_equals_ort_for_1_to_4_stages_and_several_micro_batch_sizes(nam
             assert pipe.axes is not None  # these models have a recognisable batch dim
             for size in (None, 1, 2, 4, BATCH + 3):  # 4 does not divide 6; BATCH+3 is bigger than the batch
                 got = pipe.run(feeds, micro_batch_size=size)
+                if name == "cnn" and stages > 1:
+                    # ORT's NCHWc layout pass (x86) fuses the whole model's Add(conv, cat) and Relu into the Conv
+                    # and pools in blocked layout; a stage whose input is `cat` keeps them apart, so the pooled
+                    # sums can round differently (4.8e-7 on an AVX2 VM; earlier CI machines agreed to the bit).
+                    # The other models' splits agree to the bit.
+                    for key, value in reference.items():
+                        np.testing.assert_allclose(got[key], value, rtol=1e-6, atol=1e-6, err_msg=str((stages, size)))
+                    continue
                 assert tools.max_differences(reference, got) == dict.fromkeys(reference, 0.0), (stages, size)
             expected = -(-BATCH // 4)
             pipe.run(feeds, micro_batch_size=4)
