@@ -152,6 +152,26 @@ def test_run_deadline(mlp_plan):
         os.kill(pid, signal.SIGCONT)
 
 
+def test_micro_batches_of_a_failed_batch_are_not_sent_again(mlp_plan):
+    """A batch whose run deadline passed leaves its micro-batches in the window (their results are dropped when
+    they come); when the hung worker holding them is replaced, none of them is sent again, and the next run is
+    exact."""
+    feeds = _feeds()
+    with Pipeline(mlp_plan, micro_batch_size=1, cpus_per_stage=0.5, run_timeout_s=5, call_timeout_s=8,
+                  max_restarts=1) as pipe:
+        expected = pipe.run(feeds)["y"]
+        pid = pipe.worker_info[0][1][0]["pid"]
+        with pytest.raises(WorkerError, match="run deadline of 5 s"):
+            _run_with_fault(pipe, feeds, lambda: os.kill(pid, signal.SIGSTOP), at=5)
+        end = time.monotonic() + 40
+        while not pipe.recoveries:
+            assert time.monotonic() < end, "the hung worker was not replaced"
+            time.sleep(0.2)
+        assert "call deadline" in pipe.recoveries[-1].cause and pipe.recoveries[-1].replayed == 0
+        assert np.array_equal(pipe.run(feeds)["y"], expected)
+    _assert_gone({pid})
+
+
 def _assert_gone(pids, wait=15.0):
     """Every worker process, replaced ones included, has exited after close()."""
     end = time.monotonic() + wait

@@ -252,9 +252,10 @@ class Coordinator:
         except WorkerError as e:
             if e.micro_batch != flight.id:
                 raise  # the replica is lost: every request in flight fails
-            window.popleft()  # this micro-batch alone ran out of retries: its batch fails, the rest goes on
-            flight.group.failed = True
-            self._fail_requests(flight.group.requests, e)
+            window.popleft()  # this micro-batch alone ran out of retries (or its batch had failed): the rest goes on
+            if not flight.group.failed:
+                flight.group.failed = True
+                self._fail_requests(flight.group.requests, e)
             return
         if got is None:
             return

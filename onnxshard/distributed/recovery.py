@@ -110,14 +110,18 @@ class Recoverer:
         replayed, spent, waited = 0, None, window[0] if window else None  # the coordinator waits for the oldest
         for flight in self._transport.lost(replica, first, window, force):  # oldest first: the new worker gets
             try:                                                            # them in order
+                if flight.group.failed:  # its callers have their error (a deadline, a data failure): not sent again
+                    raise WorkerError(f"micro-batch {flight.id} was lost after its batch had failed",
+                                      stage=first, micro_batch=flight.id)
                 self._count_replay(flight, cause, first)
             except WorkerError as e:  # out of retries: its batch fails, and the others are still sent again
                 if flight is waited:
                     spent = e  # raised below: the coordinator takes it out of the window
                 else:
                     window.remove(flight)
-                    flight.group.failed = True
-                    self._fail(flight.group.requests, e)
+                    if not flight.group.failed:
+                        flight.group.failed = True
+                        self._fail(flight.group.requests, e)
                 continue
             if not self._transport.resend(flight, first):
                 break  # the replica broke again: the next wait finds out and recovers again
