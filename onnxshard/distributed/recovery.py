@@ -114,7 +114,7 @@ class Recoverer:
                     raise WorkerError(f"micro-batch {flight.id} was lost after its batch had failed",
                                       stage=first, micro_batch=flight.id)
                 self._count_replay(flight, cause, first)
-            except WorkerError as e:  # out of retries: its batch fails, and the others are still sent again
+            except WorkerError as e:  # out of retries (its batch fails) or failed already; the others are sent again
                 if flight is waited:
                     spent = e  # raised below: the coordinator takes it out of the window
                 else:
