@@ -45,7 +45,9 @@ def main() -> int:
     import onnxshard
     from onnxshard import models
     from onnxshard.bench import start_local_ray, table, timed
-    from onnxshard.runtime import RuntimeConfig, open_session
+    from onnxshard.distributed import microbatch
+    from onnxshard.runtime import RuntimeConfig
+    from onnxshard.runtime.tools import model_runner
 
     start_local_ray(4)
     if on_gpu and ray.cluster_resources().get("GPU", 0) < 1:
@@ -60,13 +62,11 @@ def main() -> int:
         feeds = {"x": rng.standard_normal((args.batch, args.seq, args.d)).astype(np.float32),
                  "mask": np.ones((args.batch, args.seq), np.float32)}
         plan = onnxshard.plan(model, Path(tmp) / "plan", stages=2)
-        session = open_session(model, cuda)
-        names = [o.name for o in session.get_outputs()]
-        expected = dict(zip(names, session.run(None, feeds)))
+        whole = model_runner(model, cuda)
+        expected = whole(feeds)
         mb = args.micro_batch_size  # ORT on the pipeline's micro-batches: the same shapes, so the same kernels
-        sliced = [session.run(None, {k: v[i:i + mb] for k, v in feeds.items()}) for i in range(0, args.batch, mb)]
-        per_micro_batch = {n: np.concatenate([out[j] for out in sliced]) for j, n in enumerate(names)}
-        rows = [timed(f"ORT {args.provider}, whole model", lambda: session.run(None, feeds), args.batch, args.repeats)]
+        per_micro_batch = microbatch.run_per_micro_batch(whole, feeds, microbatch.infer_batch_axes(plan), mb)
+        rows = [timed(f"ORT {args.provider}, whole model", lambda: whole(feeds), args.batch, args.repeats)]
         with onnxshard.Pipeline(plan, gpus_per_stage=gpus, cpus_per_stage=1, runtime=cuda,
                                 micro_batch_size=args.micro_batch_size) as pipe:
             for ranks in pipe.worker_info[0]:

@@ -222,11 +222,6 @@ def _per_micro_batch(the_plan: Plan, feeds: dict[str, np.ndarray], size: int):
     axes = microbatch.infer_batch_axes(the_plan)
     if axes is None:
         raise PlanError("the batch axis of this model cannot be told, so it cannot be cut into micro-batches")
-    chunks = microbatch.split(feeds, axes, size)
-    sizes = [microbatch.batch_size(c, axes) for c in chunks]
-    sessions = tools.stage_sessions(the_plan)
-    reference, got = microbatch.Assembly(sizes, axes), microbatch.Assembly(sizes, axes)
-    for i, chunk in enumerate(chunks):
-        reference.add(i, tools.run_model(the_plan.model, chunk))
-        got.add(i, tools.run_stages(the_plan, chunk, sessions))
-    return reference.outputs, got.outputs
+    whole, sessions = tools.model_runner(the_plan.model), tools.stage_sessions(the_plan)  # one session each
+    return (microbatch.run_per_micro_batch(whole, feeds, axes, size),
+            microbatch.run_per_micro_batch(lambda chunk: tools.run_stages(the_plan, chunk, sessions), feeds, axes, size))

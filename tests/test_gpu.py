@@ -9,7 +9,9 @@ import pytest
 import onnxshard
 from onnxshard import decoder_models as dm
 from onnxshard.distributed.generator import Generator
-from onnxshard.runtime import RuntimeConfig, open_session
+from onnxshard.distributed.microbatch import infer_batch_axes, run_per_micro_batch
+from onnxshard.runtime import RuntimeConfig
+from onnxshard.runtime.tools import model_runner
 from onnxshard.sampling import SamplingParams
 
 CUDA = "CUDAExecutionProvider"
@@ -35,8 +37,7 @@ def test_two_stages_share_one_gpu_and_equal_onnxruntime_cuda(gpu_ray, tmp_path):
     rng = np.random.default_rng(0)
     feeds = {"x": rng.standard_normal((8, 16, 128)).astype(np.float32), "mask": np.ones((8, 16), np.float32)}
     cuda = RuntimeConfig(provider="cuda")
-    session = open_session(model, cuda)
-    expected = np.concatenate([session.run(None, {k: v[i:i + 2] for k, v in feeds.items()})[0] for i in range(0, 8, 2)])
+    expected = run_per_micro_batch(model_runner(model, cuda), feeds, infer_batch_axes(plan), 2)["y"]
     with onnxshard.Pipeline(plan, gpus_per_stage=0.5, cpus_per_stage=1, runtime=cuda, micro_batch_size=2) as pipe:
         providers = [ranks[0]["providers"][0] for ranks in pipe.worker_info[0]]
         got = pipe.run(feeds)

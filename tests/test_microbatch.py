@@ -154,3 +154,17 @@ def test_the_in_flight_gauge_is_set_at_most_every_tenth_of_a_second_but_always_w
     for i, count in enumerate([1, 2, 3, 2]):
         slow.in_flight(count, now=200 + i * 2 * GAUGE_EVERY_S)
     assert set_to == [1, 2, 3, 2]
+
+
+def test_run_per_micro_batch_runs_each_chunk_and_puts_the_outputs_back_in_order():
+    axes = BatchAxes({"x": 0, "table": None}, {"y": 0})
+    feeds = {"x": np.arange(10, dtype=np.float32).reshape(5, 2), "table": np.float32([10, 20])}
+    sizes = []
+
+    def run(chunk):
+        sizes.append(len(chunk["x"]))
+        return {"y": chunk["x"] * len(chunk["x"]) + chunk["table"]}  # depends on the chunk's size
+
+    got = microbatch.run_per_micro_batch(run, feeds, axes, 2)["y"]
+    assert sizes == [2, 2, 1]
+    assert np.array_equal(got, feeds["x"] * np.float32([[2], [2], [2], [2], [1]]) + feeds["table"])

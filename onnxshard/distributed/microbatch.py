@@ -151,6 +151,17 @@ def split(feeds: dict[str, np.ndarray], axes: BatchAxes | None, size: int | None
     return chunks
 
 
+def run_per_micro_batch(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], feeds: dict[str, np.ndarray],
+                        axes: BatchAxes, size: int) -> dict[str, np.ndarray]:
+    """``run`` on each micro-batch of ``size`` samples, the outputs put back together: what a pipeline computes,
+    done in this process (ONNX Runtime's kernels, and so its rounding, can depend on the batch size)."""
+    chunks = split(feeds, axes, size)
+    assembly = Assembly([batch_size(c, axes) for c in chunks], axes)
+    for i, chunk in enumerate(chunks):
+        assembly.add(i, run(chunk))
+    return assembly.outputs
+
+
 class ArrayPool:
     """Large output arrays whose memory is used again once the caller lets go of them.
 

@@ -39,13 +39,22 @@ def run_stages(plan: Plan, feeds: dict[str, np.ndarray], sessions: list | None =
 def run_model(model_path: str | os.PathLike, feeds: dict[str, np.ndarray],
               config: RuntimeConfig = RuntimeConfig()) -> dict[str, np.ndarray]:
     """The whole model in plain ONNX Runtime: the reference every split is compared against."""
+    return model_runner(model_path, config)(feeds)
+
+
+def model_runner(model_path: str | os.PathLike, config: RuntimeConfig = RuntimeConfig()):
+    """One session on the whole model, as a function from feeds to named outputs (for many batches)."""
     session = open_session(model_path, config)
     names = [o.name for o in session.get_outputs()]
-    try:
-        return dict(zip(names, session.run(names, feeds)))
-    except Exception as e:
-        raise InputError(f"the unsplit model {model_path} itself fails on these inputs ({e}); give inputs it "
-                         "accepts with --inputs FILE.npz, or sizes for its symbolic dims with --dim NAME=SIZE") from None
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return dict(zip(names, session.run(names, feeds)))
+        except Exception as e:
+            raise InputError(f"the unsplit model {model_path} itself fails on these inputs ({e}); give inputs it "
+                             "accepts with --inputs FILE.npz, or sizes for its symbolic dims with --dim NAME=SIZE") from None
+
+    return run
 
 
 def random_feeds(specs: tuple[TensorSpec, ...], *, dims: dict[str, int] | None = None, default_dim: int = 2,
