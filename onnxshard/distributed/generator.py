@@ -248,7 +248,7 @@ class Generator:
             s.draw = draw(s.seq.params, s.rng) if s.draw is None else s.draw
             s.busy = True
         step = {"seqs": [r.seq for r in rows], "lengths": [r.cached for r in rows], "new": rows[0].new,
-                "sample": [[s.seq.params.to_json(), s.draw] for s in states]}  # the last stage samples
+                "sample": [[s.sample, s.draw] for s in states]}  # the last stage samples
         step_id = next(self._step_ids)
         self.step_rows[len(rows)] += 1
         self._in_flight[step_id] = (rows, time.monotonic() + self.step_timeout_s)
