@@ -157,11 +157,11 @@ def test_micro_batches_of_a_failed_batch_are_not_sent_again(mlp_plan):
     they come); when the hung worker holding them is replaced, none of them is sent again, and the next run is
     exact."""
     feeds = _feeds()
-    with Pipeline(mlp_plan, micro_batch_size=1, cpus_per_stage=0.5, run_timeout_s=5, call_timeout_s=8,
+    with Pipeline(mlp_plan, micro_batch_size=1, cpus_per_stage=0.5, run_timeout_s=3, call_timeout_s=5,
                   max_restarts=1) as pipe:
         expected = pipe.run(feeds)["y"]
         pid = pipe.worker_info[0][1][0]["pid"]
-        with pytest.raises(WorkerError, match="run deadline of 5 s"):
+        with pytest.raises(WorkerError, match="run deadline of 3 s"):
             _run_with_fault(pipe, feeds, lambda: os.kill(pid, signal.SIGSTOP), at=5)
         end = time.monotonic() + 40
         while not pipe.recoveries:
