@@ -8,7 +8,7 @@ import pytest
 import onnxshard
 from onnxshard import decoder_models as dm
 from onnxshard import partitioner
-from onnxshard.distributed.decoding import Ready, admit, next_step, step_inputs
+from onnxshard.distributed.decoding import Ready, admit, next_step, step_ids, step_inputs
 from onnxshard.errors import InputError, ModelError, PlanError, ResourceError
 from onnxshard.partitioner.kv import find_pairs, uncuttable
 from onnxshard.plans import TensorSpec
@@ -154,11 +154,11 @@ def test_a_stage_worker_sends_on_the_hidden_state_and_small_inputs_per_decode_st
         rows = [Ready("a", context, 0), Ready("b", context, 0)]
         tokens = [list(range(context + 1)), list(range(1, context + 2))]
         step = {"seqs": ["a", "b"], "lengths": [0, 0], "new": context}
-        prefill = first.generate_step(arrow.encode({"input_ids": step_inputs(tokens, rows)["input_ids"]}), step)
+        prefill = first.generate_step(arrow.encode({"input_ids": step_ids(tokens, rows)}), step)
         assert arrow.decode(prefill)["layers.0.out"].shape == (2, context, d)
         rows = [Ready("a", 1, context), Ready("b", 1, context)]
         step = {"seqs": ["a", "b"], "lengths": [context, context], "new": 1}
-        out = first.generate_step(arrow.encode({"input_ids": step_inputs(tokens, rows)["input_ids"]}), step)
+        out = first.generate_step(arrow.encode({"input_ids": step_ids(tokens, rows)}), step)
         sent[context] = {name: value.nbytes for name, value in arrow.decode(out).items()}
         first.free_cache(["a", "b"])
     for columns in sent.values():  # the next stage makes the mask and positions from the lengths itself

@@ -45,13 +45,17 @@ def next_step(ready: list[Ready], running: int, stages: int, max_rows: int, max_
     return ready[:group]
 
 
-def step_inputs(tokens: list[list[int]], rows: list[Ready]) -> dict[str, np.ndarray]:
-    """``input_ids``, ``attention_mask`` and ``position_ids`` for ``rows`` (their sequences' tokens so far in
-    ``tokens``): the last ``new`` tokens of each, the mask over its padded cache and them, their positions. Only
-    the ids travel: each stage makes the mask and positions from the cached lengths itself."""
+def step_ids(tokens: list[list[int]], rows: list[Ready]) -> np.ndarray:
+    """``input_ids`` for ``rows`` (their sequences' tokens so far in ``tokens``): the ``new`` tokens of each after
+    its cached ones. Only the ids travel: each stage makes the mask and positions from the cached lengths itself."""
     new = rows[0].new
-    ids = np.array([t[r.cached:r.cached + new] for t, r in zip(tokens, rows)], np.int64)
-    return {"input_ids": ids, **mask_and_positions([r.cached for r in rows], new)}
+    return np.array([t[r.cached:r.cached + new] for t, r in zip(tokens, rows)], np.int64)
+
+
+def step_inputs(tokens: list[list[int]], rows: list[Ready]) -> dict[str, np.ndarray]:
+    """The whole model's inputs for ``rows``: :func:`step_ids`, and the mask over each row's cache (padded on the
+    left) and new tokens, and their positions, as each stage makes them."""
+    return {"input_ids": step_ids(tokens, rows), **mask_and_positions([r.cached for r in rows], rows[0].new)}
 
 
 @dataclass(frozen=True)

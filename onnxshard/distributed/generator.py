@@ -24,7 +24,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from onnxshard import plan_store
 from onnxshard.distributed import cluster
 from onnxshard.distributed.config import PipelineConfig, check_config
-from onnxshard.distributed.decoding import Ready, admit, next_step, step_inputs
+from onnxshard.distributed.decoding import Ready, admit, next_step, step_ids
 from onnxshard.distributed.gen_steps import LinkedSteps, RaySteps, StepFailed, StepLost
 from onnxshard.distributed.placement import Placement
 from onnxshard.distributed.sequences import Sequence, SequenceState
@@ -242,8 +242,7 @@ class Generator:
         if not rows:
             return False
         states = [self._running[r.seq] for r in rows]
-        feeds = step_inputs([s.all_tokens for s in states], rows)
-        batch = arrow.encode({"input_ids": feeds["input_ids"]})  # the stages make the mask and positions
+        batch = arrow.encode({"input_ids": step_ids([s.all_tokens for s in states], rows)})
         for s in states:
             s.draw = draw(s.seq.params, s.rng) if s.draw is None else s.draw
             s.busy = True
