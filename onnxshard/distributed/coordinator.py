@@ -47,7 +47,7 @@ class Coordinator:
         self._window_flights: deque[Flight] = deque()  # micro-batches in the pipeline, oldest first
         self._backlog: deque[tuple] = deque()  # (group, part, chunk) admitted, waiting for room in the window
         self._closing = False
-        self._recoverer = Recoverer(config, placement, transport, cost, self._fail_requests, lambda: self._closing)
+        self._recoverer = Recoverer(config, placement, transport, cost, self._fail_group, lambda: self._closing)
         self.restarts, self.recoveries = self._recoverer.restarts, self._recoverer.recoveries
         self._coupling_warned = False
         self._next_id = 0  # micro-batches sent since start
@@ -172,6 +172,12 @@ class Coordinator:
             if not r.future.done():
                 r.future.set_exception(error)
 
+    def _fail_group(self, group: Group, error: Exception, failure: tuple | None = None) -> None:
+        """Fail a batch's callers, once: its other micro-batches' later errors and results are dropped."""
+        if not group.failed:
+            group.failed = True
+            self._fail_requests(group.requests, error, failure)
+
     def _fail_in_flight(self, error: Exception) -> None:
         """Fail every request with a micro-batch in the window or the backlog (the replica is lost for good, or
         the pipeline closes); stop waiting for their results."""
@@ -183,8 +189,7 @@ class Coordinator:
         if transport is not None:
             transport.forget()
         for group in groups.values():
-            group.failed = True
-            self._fail_requests(group.requests, error)
+            self._fail_group(group, error)
 
     def _deliver(self, group: Group) -> None:
         outputs = group.assembly.outputs
@@ -253,9 +258,7 @@ class Coordinator:
             if e.micro_batch != flight.id:
                 raise  # the replica is lost: every request in flight fails
             window.popleft()  # this micro-batch alone ran out of retries (or its batch had failed): the rest goes on
-            if not flight.group.failed:
-                flight.group.failed = True
-                self._fail_requests(flight.group.requests, e)
+            self._fail_group(flight.group, e)
             return
         if got is None:
             return
@@ -289,5 +292,4 @@ class Coordinator:
         message = failure.message if failure.message.startswith(prefix) else f"{prefix}: {failure.message}"
         error = InputError(message) if failure.kind == "InputError" else \
             WorkerError(message, stage=failure.stage, micro_batch=flight.id)
-        group.failed = True
-        self._fail_requests(group.requests, error, failure=(flight.id, failure.stage, message))
+        self._fail_group(group, error, failure=(flight.id, failure.stage, message))

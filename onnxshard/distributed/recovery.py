@@ -24,8 +24,9 @@ HISTORY = 100  # recoveries remembered
 
 
 class Recoverer:
-    """Waits for results through ``transport`` and mends ``placement``'s workers on the way. ``fail`` fails a
-    batch's requests with an error; ``closing`` says whether the pipeline is closing (nothing is replaced then)."""
+    """Waits for results through ``transport`` and mends ``placement``'s workers on the way. ``fail(group,
+    error)`` fails a batch's requests (once per batch); ``closing`` says whether the pipeline is closing (nothing
+    is replaced then)."""
 
     def __init__(self, config: PipelineConfig, placement: Placement, transport: Transport, cost: CostMeter,
                  fail: Callable, closing: Callable[[], bool]):
@@ -82,9 +83,9 @@ class Recoverer:
         group = flight.group
         if group.deadline is not None and time.perf_counter() >= group.deadline:
             # the caller gives up; the micro-batch stays in the window and its result is dropped when it comes
-            group.deadline, group.failed = None, True
             timeout = min(r.timeout_s for r in group.requests if r.timeout_s is not None)
-            self._fail(group.requests, WorkerError(
+            group.deadline = None
+            self._fail(group, WorkerError(
                 f"run deadline of {timeout:g} s passed with micro-batch {flight.id} still in the pipeline; raise "
                 "run_timeout_s or check the workers", micro_batch=flight.id))
             return
@@ -110,18 +111,13 @@ class Recoverer:
         replayed, spent, waited = 0, None, window[0] if window else None  # the coordinator waits for the oldest
         for flight in self._transport.lost(replica, first, window, force):  # oldest first: the new worker gets
             try:                                                            # them in order
-                if flight.group.failed:  # its callers have their error (a deadline, a data failure): not sent again
-                    raise WorkerError(f"micro-batch {flight.id} was lost after its batch had failed",
-                                      stage=first, micro_batch=flight.id)
                 self._count_replay(flight, cause, first)
             except WorkerError as e:  # out of retries (its batch fails) or failed already; the others are sent again
                 if flight is waited:
                     spent = e  # raised below: the coordinator takes it out of the window
                 else:
                     window.remove(flight)
-                    if not flight.group.failed:
-                        flight.group.failed = True
-                        self._fail(flight.group.requests, e)
+                    self._fail(flight.group, e)
                 continue
             if not self._transport.resend(flight, first):
                 break  # the replica broke again: the next wait finds out and recovers again
@@ -132,7 +128,11 @@ class Recoverer:
             raise spent
 
     def _count_replay(self, flight: Flight, cause: str, stage: int | None) -> None:
-        """One more replay of ``flight``, within ``max_retries``."""
+        """One more replay of ``flight``, within ``max_retries``; none for a batch that failed already (its callers
+        have their error: a deadline, a data failure)."""
+        if flight.group.failed:
+            raise WorkerError(f"micro-batch {flight.id} was lost after its batch had failed", stage=stage,
+                              micro_batch=flight.id)
         flight.replays += 1
         if flight.replays > self.config.max_retries:
             raise WorkerError(f"micro-batch {flight.id} was replayed {flight.replays - 1} times, over "
