@@ -8,7 +8,7 @@ import pytest
 import onnxshard
 from onnxshard import decoder_models as dm
 from onnxshard import partitioner
-from onnxshard.distributed.decoding import Ready, admit, next_step, step_ids, step_inputs
+from onnxshard.distributed.decoding import PREFILL_DEPTH, Ready, admit, next_step, room, step_ids, step_inputs
 from onnxshard.errors import InputError, ModelError, PlanError, ResourceError
 from onnxshard.partitioner.kv import find_pairs, uncuttable
 from onnxshard.plans import TensorSpec
@@ -179,6 +179,18 @@ def test_prefills_go_first_and_decodes_are_dealt_into_as_many_groups_as_stages()
     assert len(next_step(decodes, 8, 1, 5, 2048)) == 5  # capped by max_rows
     assert len(next_step(decodes[:1], 8, 4, 32, 2048)) == 1
     assert next_step([], 3, 2, 32, 2048) == []
+
+
+def test_prefill_steps_may_queue_deeper_than_decode_steps():
+    prefill, decode = [Ready("a", 9, 0)], [Ready("b", 1, 9), Ready("c", 1, 4)]
+    for stages in (1, 2, 3):
+        # a decode step per stage at most: each group waits for its last tokens
+        assert [room(decode, n, stages) for n in range(stages + 1)] == [True] * stages + [False]
+        # prefills of other sequences queue deeper, so a stage done with a short prompt finds the next one waiting
+        depth = PREFILL_DEPTH * stages
+        assert [room(prefill, n, stages) for n in range(depth + 1)] == [True] * depth + [False]
+    assert PREFILL_DEPTH > 1
+    assert not room([], 0, 2)
 
 
 def test_step_inputs_pad_the_cache_on_the_left_and_number_positions_per_row():

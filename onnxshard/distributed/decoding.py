@@ -7,8 +7,10 @@ the positions given per row, so sequences of any length share a decode step. Row
 tokens cannot share one (the cache is one tensor per layer, its past the same length for every row), so prompts
 of equal length are prefilled together and others one step each.
 
-With K stages, up to K steps are in flight and a sequence is in at most one: the running sequences are dealt into
-K groups (vLLM's rule for pipeline parallelism), so every stage has a step to work on.
+With K stages, up to K decode steps are in flight and a sequence is in at most one: the running sequences are
+dealt into K groups (vLLM's rule for pipeline parallelism), so every stage has a step to work on. Prefill steps
+(of sequences in no other step) may be up to ``PREFILL_DEPTH`` per stage in flight: prompts differ in length, and
+with one per stage a stage that finishes a short one would idle while a long one passes the stages after it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxshard.runtime.kv_cache import mask_and_positions
+
+PREFILL_DEPTH = 2  # prefill steps in flight per stage, at most
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,12 @@ def next_step(ready: list[Ready], running: int, stages: int, max_rows: int, max_
         return [r for r in prefills if r.new == first.new][:rows]
     group = max(1, min(max_rows, math.ceil(running / stages)))
     return ready[:group]
+
+
+def room(rows: list[Ready], in_flight: int, stages: int) -> bool:
+    """Whether a step of ``rows`` may go while ``in_flight`` steps are under way: a decode step while fewer than
+    one per stage are, a prefill step while fewer than ``PREFILL_DEPTH`` per stage are."""
+    return bool(rows) and in_flight < stages * (PREFILL_DEPTH if rows[0].new > 1 else 1)
 
 
 def step_ids(tokens: list[list[int]], rows: list[Ready]) -> np.ndarray:

@@ -24,7 +24,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from onnxshard import plan_store
 from onnxshard.distributed import cluster
 from onnxshard.distributed.config import PipelineConfig, check_config
-from onnxshard.distributed.decoding import Ready, admit, next_step, step_ids
+from onnxshard.distributed.decoding import Ready, admit, next_step, room, step_ids
 from onnxshard.distributed.gen_steps import LinkedSteps, RaySteps, StepFailed, StepLost
 from onnxshard.distributed.placement import Placement
 from onnxshard.distributed.sequences import Sequence, SequenceState
@@ -211,7 +211,7 @@ class Generator:
                 if self._closed:
                     return
                 self._admit()
-                while len(self._in_flight) < self.plan.num_stages and self._launch():
+                while self._launch():
                     pass
                 if not self._in_flight:
                     self._lock.wait(timeout=0.5)
@@ -239,7 +239,7 @@ class Generator:
         ready = [Ready(s.seq.id, len(s.all_tokens) - s.cached, s.cached)
                  for s in sorted(self._running.values(), key=lambda s: s.arrived) if not s.busy]
         rows = next_step(ready, len(self._running), self.plan.num_stages, self.max_rows, self.max_prefill_tokens)
-        if not rows:
+        if not room(rows, len(self._in_flight), self.plan.num_stages):
             return False
         states = [self._running[r.seq] for r in rows]
         batch = arrow.encode({"input_ids": step_ids([s.all_tokens for s in states], rows)})
