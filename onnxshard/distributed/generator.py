@@ -2,10 +2,11 @@
 token ids cross the cuts, and many sequences share the pipeline (continuous batching).
 
 One engine thread owns the schedule (see :mod:`.decoding` for the rules): it admits waiting sequences while the
-cache has room, keeps up to one step per stage in flight (over the direct links or actor calls: ``gen_steps``),
-and hands each finished step's next tokens to the callers. The last stage samples them, with uniform numbers this
-thread draws from each sequence's seeded generator. A lost worker is replaced and every sequence is prefilled
-again from its tokens so far, so the tokens are the ones an undisturbed run gives.
+cache has room, keeps up to one decode step per stage in flight (two prefill steps: ``decoding.room``; over the
+direct links or actor calls: ``gen_steps``), and hands each finished step's next tokens to the callers. The
+last stage samples them, with uniform numbers this thread draws from each sequence's seeded generator. A lost
+worker is replaced and every sequence is prefilled again from its tokens so far, so the tokens are the ones an
+undisturbed run gives.
 """
 
 from __future__ import annotations
