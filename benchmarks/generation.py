@@ -13,7 +13,9 @@ Same model (a Llama-style decoder built in code), same prompts and machine, in o
 
 All sequences arrive at once; every one generates ``--max-tokens`` tokens (greedy, EOS ignored). Reported:
 decode tokens/s over the whole run (generated tokens / wall time), the median time to first token, and each stage
-worker's resident memory and cache bytes. Runs alternate; medians of ``--repeats``.
+worker's resident memory and cache bytes. Runs alternate; medians of ``--repeats``, and the median of each round's
+own ratios: this VM's host switches between a fast and a slow mode for tens of seconds at a time, which moves a
+2-thread ORT process by up to 1.5x and the one-thread processes far less (benchmarks/RESULTS.md).
 
     .venv/bin/python benchmarks/generation.py [--sequences 16] [--max-tokens 64] [--layers 8] [--d 512] [--repeats 3]
         [--no-recompute]
@@ -184,13 +186,17 @@ def main() -> None:
         print(f"run {r}: onnxshard {generated / wall_s:.1f} tok/s, ORT+cache {generated / wall_a:.1f} tok/s, "
               f"2 processes {generated / wall_c:.1f} tok/s; "
               f"steps {steps['steps']}, rows/step {steps['rows'] / max(1, steps['steps']):.1f}", flush=True)
+    paired = {name: [t / a for (t, _), (a, _) in zip(values, rows["(a) ORT, cache, 2 threads"])]
+              for name, values in rows.items()}
     base = statistics.median(t for t, _ in rows["(a) ORT, cache, 2 threads"])
-    print("\n| engine | decode tokens/s | vs (a) | median time to first token |")
-    print("|---|---|---|---|")
+    print("\n| engine | decode tokens/s | vs (a) | each round vs its (a) | median time to first token |")
+    print("|---|---|---|---|---|")
     for name, values in rows.items():
         tps = statistics.median(t for t, _ in values)
         ttft = statistics.median(f for _, f in values)
-        print(f"| {name} | {tps:.1f} | {tps / base:.2f}x | {ttft * 1000:.0f} ms |")
+        rounds = ", ".join(f"{r:.2f}" for r in paired[name])
+        print(f"| {name} | {tps:.1f} | {tps / base:.2f}x | {rounds} (median {statistics.median(paired[name]):.2f}x) "
+              f"| {ttft * 1000:.0f} ms |")
     token_bytes = sum(2 * 2 * (args.d // 8) * 4 for _ in range(args.layers))  # K and V, kv_heads 2, float32
     print(f"\nstage workers' resident memory: {[human_bytes(b) for b in rss]}; cache per token (all layers): "
           f"{token_bytes} B, for all sequences at the end "
