@@ -237,8 +237,8 @@ class Generator:
             reserved += state.need
 
     def _launch(self) -> bool:
-        ready = [Ready(s.seq.id, len(s.all_tokens) - s.cached, s.cached)
-                 for s in sorted(self._running.values(), key=lambda s: s.arrived) if not s.busy]
+        idle = sorted((s for s in self._running.values() if not s.busy), key=lambda s: s.arrived)
+        ready = [Ready(s.seq.id, len(s.all_tokens) - s.cached, s.cached) for s in idle]
         rows = next_step(ready, len(self._running), self.plan.num_stages, self.max_rows, self.max_prefill_tokens)
         if not room(rows, len(self._in_flight), self.plan.num_stages):
             return False
