@@ -2,8 +2,11 @@
 
 Same model (a Llama-style decoder built in code), same prompts and machine, in one run:
 
-- **onnxshard**: ``Generator`` over a 2-stage plan (1 CPU, so 1 ORT thread, per stage worker): continuous batching,
-  the running sequences dealt into 2 groups so both stages work at once;
+- **onnxshard**: ``Generator`` over a 2-stage plan (1 CPU per stage worker), continuous batching. Both workers are
+  on this one node, so the stages take turns: one step of all running sequences in flight, each stage's session on
+  2 ORT threads (the CPUs both reserved);
+- with ``--at-once``, also **onnxshard, stages at once** (``take_turns=False``, as on separate nodes): 1 thread per
+  stage, the running sequences dealt into 2 groups so both stages work at once;
 - **(a) one ORT process with its cache**: one session on the whole model (2 threads), the same continuous batch
   (prefill each prompt as it arrives, then one decode step over every running sequence, caches padded on the
   left): the best a single worker does;
@@ -18,7 +21,7 @@ own ratios: this VM's host switches between a fast and a slow mode for tens of s
 2-thread ORT process by up to 1.5x and the one-thread processes far less (benchmarks/RESULTS.md).
 
     .venv/bin/python benchmarks/generation.py [--sequences 16] [--max-tokens 64] [--layers 8] [--d 512] [--repeats 3]
-        [--no-recompute]
+        [--no-recompute] [--at-once]
 """
 
 from __future__ import annotations
@@ -126,13 +129,13 @@ def run_two_processes(path, prompts, max_tokens):
     return wall, statistics.median(first for _, first in results)
 
 
-def run_onnxshard(plan, prompts, max_tokens):
+def run_onnxshard(plan, prompts, max_tokens, turns=True):
     import psutil
 
     from onnxshard.distributed.generator import Generator
     from onnxshard.sampling import SamplingParams
 
-    with Generator(plan, cpus_per_stage=1.0) as gen:
+    with Generator(plan, cpus_per_stage=1.0, take_turns=turns) as gen:
         gen.generate([prompts[0][:4]], SamplingParams(max_tokens=2))  # warm both stages
         start = time.perf_counter()
         seqs = [gen.submit(p, SamplingParams(max_tokens=max_tokens)) for p in prompts]
@@ -152,6 +155,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-recompute", action="store_true", help="skip (b), which takes minutes on larger models")
+    ap.add_argument("--at-once", action="store_true", help="also run the stages at once, one thread each")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -169,14 +173,19 @@ def main() -> None:
           f"{args.max_tokens} tokens each; stages' weights {[human_bytes(s.param_bytes) for s in plan.stages]}")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     cached, recompute = OrtEngine(path, 2), OrtEngine(path, 2)
-    rows = {"onnxshard (2 stages x 1 thread)": [], "(a) ORT, cache, 2 threads": [],
+    ours, at_once = "onnxshard (2 stages taking turns, 2 threads each)", "onnxshard (2 stages at once x 1 thread)"
+    rows = {ours: [], **({at_once: []} if args.at_once else {}), "(a) ORT, cache, 2 threads": [],
             "(c) 2 ORT processes x 1 thread, cache": [], **({} if args.no_recompute else {"(b) ORT, no cache": []})}
     generated = args.sequences * args.max_tokens
     for r in range(args.repeats):
         out_a, wall_a, ttft_a = cached.generate(asks, args.max_tokens)
         out_s, wall_s, ttft_s, rss, steps = run_onnxshard(plan, asks, args.max_tokens)
         assert out_s == out_a, "onnxshard's greedy tokens differ from ORT's"
-        rows["onnxshard (2 stages x 1 thread)"].append((generated / wall_s, ttft_s))
+        rows[ours].append((generated / wall_s, ttft_s))
+        if args.at_once:
+            out_o, wall_o, ttft_o, _, _ = run_onnxshard(plan, asks, args.max_tokens, turns=False)
+            assert out_o == out_a, "onnxshard's greedy tokens differ from ORT's"
+            rows[at_once].append((generated / wall_o, ttft_o))
         rows["(a) ORT, cache, 2 threads"].append((generated / wall_a, ttft_a))
         wall_c, ttft_c = run_two_processes(path, asks, args.max_tokens)
         rows["(c) 2 ORT processes x 1 thread, cache"].append((generated / wall_c, ttft_c))

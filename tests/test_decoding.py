@@ -8,7 +8,17 @@ import pytest
 import onnxshard
 from onnxshard import decoder_models as dm
 from onnxshard import partitioner
-from onnxshard.distributed.decoding import PREFILL_DEPTH, Ready, admit, next_step, room, step_ids, step_inputs
+from onnxshard.distributed.decoding import (
+    PREFILL_DEPTH,
+    Ready,
+    admit,
+    next_step,
+    room,
+    step_groups,
+    step_ids,
+    step_inputs,
+    turn_threads,
+)
 from onnxshard.errors import InputError, ModelError, PlanError, ResourceError
 from onnxshard.partitioner.kv import find_pairs, uncuttable
 from onnxshard.plans import TensorSpec
@@ -191,6 +201,20 @@ def test_prefill_steps_may_queue_deeper_than_decode_steps():
         assert [room(prefill, n, stages) for n in range(depth + 1)] == [True] * depth + [False]
     assert PREFILL_DEPTH > 1
     assert not room([], 0, 2)
+    for rows in (prefill, decode):  # stages taking turns: one step of any kind in flight, whatever the stage count
+        assert [room(rows, n, 3, turns=True) for n in range(3)] == [True, False, False]
+
+
+def test_stages_take_turns_only_on_one_nodes_cpus_with_the_cpus_they_reserved_together():
+    assert turn_threads(["n1", "n1"], 1.0, 0, 1) == 2
+    assert turn_threads(["n1", "n1", "n1"], 1.5, 0, 1) == 4  # 4.5 CPUs reserved: ORT takes whole threads
+    assert turn_threads(["n1", "n1"], 0.25, 0, 1) == 1
+    assert turn_threads(["n1", "n2"], 1.0, 0, 1) is None  # on two nodes each stage has cores of its own
+    assert turn_threads(["n1", "n1"], 1.0, 0.5, 1) is None  # a GPU each
+    assert turn_threads(["n1", "n1"], 1.0, 0, 2) is None  # tensor-parallel ranks run together
+    decodes = [Ready(s, 1, 4) for s in "abcdefgh"]
+    # taking turns, every running sequence is in the one decode step; else a stage's share
+    assert [len(next_step(decodes, 8, step_groups(3, turns), 32, 2048)) for turns in (True, False)] == [8, 3]
 
 
 def test_step_inputs_pad_the_cache_on_the_left_and_number_positions_per_row():

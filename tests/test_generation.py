@@ -73,17 +73,22 @@ def _assert_caches_empty(gen, timeout=30):
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("model,stages,transport", [("gpt2", 2, "direct"), ("gpt2", 3, "direct"),
-                                                     ("llama", 2, "direct"), ("llama", 3, "direct"),
-                                                     ("llama", 3, "ray")])
+@pytest.mark.parametrize("model,stages,transport,turns", [
+    ("gpt2", 2, "direct", True), ("gpt2", 3, "direct", False), ("llama", 2, "direct", False),
+    ("llama", 2, "direct", True), ("llama", 3, "direct", True), ("llama", 3, "ray", False)])
 def test_greedy_tokens_equal_plain_onnxruntime_with_eight_sequences_joining_at_different_times(
-        decoders, model, stages, transport):
+        decoders, model, stages, transport, turns):
     path, plans = decoders[model]
     prompts = _prompts(8)
     lengths = [12, 5, 9, 16, 3, 11, 7, 14]
     expected = [ort_greedy(path, p, n) for p, n in zip(prompts, lengths)]
-    with Generator(plans[stages], cpus_per_stage=0.5, transport=transport) as gen:
+    with Generator(plans[stages], cpus_per_stage=0.5, transport=transport, take_turns=turns) as gen:
         assert gen.transport == transport
+        # one node: taking turns, each stage runs the threads all of them reserved (0.5 CPU each), else its own
+        assert gen.turns is turns
+        assert [w[0]["threads"] for w in gen.placement.info[0]] == [round(0.5 * stages) if turns else 1] * stages
+        configs = ray.get([w[0].__ray_call__.remote(lambda worker: worker.config) for w in gen.placement.workers[0]])
+        assert [c.turns for c in configs] == [turns] * stages  # their threads stop spinning as each run ends
         seqs = []
         for i, (prompt, n) in enumerate(zip(prompts, lengths)):
             seqs.append(gen.submit(prompt, SamplingParams(max_tokens=n)))

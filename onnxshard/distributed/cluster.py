@@ -143,6 +143,14 @@ def node_totals() -> list[dict[str, float]]:
     return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
 
+def bundle_nodes(group) -> list[str]:
+    """The node each bundle of a ready placement group is on, by bundle index."""
+    from ray.util.placement_group import placement_group_table
+
+    where = placement_group_table(group)["bundles_to_node_id"]
+    return [where[i] for i in range(len(where))]
+
+
 def autoscales(report_wait_s: float = 10.0) -> bool:
     """Whether this cluster may add nodes, so a shortfall is not final. A fixed-size cluster (``ray start`` or
     ``ray.init`` without an autoscaling config) runs the autoscaler's monitor with Ray's read-only node provider,

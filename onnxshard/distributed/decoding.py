@@ -7,10 +7,16 @@ the positions given per row, so sequences of any length share a decode step. Row
 tokens cannot share one (the cache is one tensor per layer, its past the same length for every row), so prompts
 of equal length are prefilled together and others one step each.
 
-With K stages, up to K decode steps are in flight and a sequence is in at most one: the running sequences are
-dealt into K groups (vLLM's rule for pipeline parallelism), so every stage has a step to work on. Prefill steps
-(of sequences in no other step) may be up to ``PREFILL_DEPTH`` per stage in flight: prompts differ in length, and
-with one per stage a stage that finishes a short one would idle while a long one passes the stages after it.
+With K stages on their own cores, up to K decode steps are in flight and a sequence is in at most one: the
+running sequences are dealt into K groups (vLLM's rule for pipeline parallelism), so every stage has a step to work
+on. Prefill steps (of sequences in no other step) may be up to ``PREFILL_DEPTH`` per stage in flight: prompts
+differ in length, and with one per stage a stage that finishes a short one would idle while a long one passes the
+stages after it.
+
+Stages whose workers share one node's CPUs *take turns* instead: one step in flight, all running sequences in it,
+and each stage's session runs as many threads as the workers reserved CPUs together (:func:`turn_threads`). On
+shared cores K groups buy no extra compute, and each group's step reads every stage's weights again: a CPU decode
+step is mostly that read, so K groups of n rows cost nearly K times one group of K x n (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -34,10 +40,26 @@ class Ready:
     cached: int
 
 
-def next_step(ready: list[Ready], running: int, stages: int, max_rows: int, max_prefill_tokens: int) -> list[Ready]:
+def turn_threads(nodes: list[str], cpus_per_worker: float, gpus_per_worker: float, ranks: int) -> int | None:
+    """The threads each stage's session runs when the stages take turns, or ``None`` when they work at once:
+    they take turns when every worker (one per stage, ``nodes`` where each landed) is on one node's CPUs; each then
+    runs the CPUs the workers reserved together. GPU stages and tensor-parallel ones (whose ranks run together)
+    work at once."""
+    if gpus_per_worker or ranks > 1 or len(set(nodes)) != 1:
+        return None
+    return max(1, round(cpus_per_worker * len(nodes)))
+
+
+def step_groups(stages: int, turns: bool) -> int:
+    """Decode steps in flight: one per stage, or one when the stages take turns."""
+    return 1 if turns else stages
+
+
+def next_step(ready: list[Ready], running: int, groups: int, max_rows: int, max_prefill_tokens: int) -> list[Ready]:
     """The rows of the next step from ``ready`` (oldest first), with ``running`` sequences admitted in all.
     Prefills go first (time to first token), as many prompts of the first one's length as fit
-    ``max_prefill_tokens``; then decodes, a K-th of the running sequences (at least one, at most ``max_rows``)."""
+    ``max_prefill_tokens``; then decodes, a ``groups``-th of the running sequences (at least one, at most
+    ``max_rows``)."""
     if not ready:
         return []
     prefills = [r for r in ready if r.new > 1]
@@ -45,13 +67,16 @@ def next_step(ready: list[Ready], running: int, stages: int, max_rows: int, max_
         first = prefills[0]
         rows = max(1, min(max_rows, max_prefill_tokens // first.new))
         return [r for r in prefills if r.new == first.new][:rows]
-    group = max(1, min(max_rows, math.ceil(running / stages)))
+    group = max(1, min(max_rows, math.ceil(running / groups)))
     return ready[:group]
 
 
-def room(rows: list[Ready], in_flight: int, stages: int) -> bool:
+def room(rows: list[Ready], in_flight: int, stages: int, turns: bool = False) -> bool:
     """Whether a step of ``rows`` may go while ``in_flight`` steps are under way: a decode step while fewer than
-    one per stage are, a prefill step while fewer than ``PREFILL_DEPTH`` per stage are."""
+    one per stage are, a prefill step while fewer than ``PREFILL_DEPTH`` per stage are; when the stages take
+    turns, any step while none is."""
+    if turns:
+        return bool(rows) and in_flight == 0
     return bool(rows) and in_flight < stages * (PREFILL_DEPTH if rows[0].new > 1 else 1)
 
 

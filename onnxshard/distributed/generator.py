@@ -2,11 +2,11 @@
 token ids cross the cuts, and many sequences share the pipeline (continuous batching).
 
 One engine thread owns the schedule (see :mod:`.decoding` for the rules): it admits waiting sequences while the
-cache has room, keeps up to one decode step per stage in flight (two prefill steps: ``decoding.room``; over the
-direct links or actor calls: ``gen_steps``), and hands each finished step's next tokens to the callers. The
-last stage samples them, with uniform numbers this thread draws from each sequence's seeded generator. A lost
-worker is replaced and every sequence is prefilled again from its tokens so far, so the tokens are the ones an
-undisturbed run gives.
+cache has room, keeps up to one decode step per stage in flight (two prefill steps: ``decoding.room``), or one
+step when the stages take turns on one node's CPUs (over the direct links or actor calls: ``gen_steps``), and
+hands each finished step's next tokens to the callers. The last stage samples them, with uniform numbers this
+thread draws from each sequence's seeded generator. A lost worker is replaced and every sequence is prefilled
+again from its tokens so far, so the tokens are the ones an undisturbed run gives.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from onnxshard import plan_store
 from onnxshard.distributed import cluster
 from onnxshard.distributed.config import PipelineConfig, check_config
-from onnxshard.distributed.decoding import Ready, admit, next_step, room, step_ids
+from onnxshard.distributed.decoding import Ready, admit, next_step, room, step_groups, step_ids
 from onnxshard.distributed.gen_steps import LinkedSteps, RaySteps, StepFailed, StepLost
 from onnxshard.distributed.placement import Placement
 from onnxshard.distributed.sequences import Sequence, SequenceState
@@ -46,7 +46,10 @@ class Generator:
         for its prompt plus ``max_tokens`` in every stage when it starts; one that would not fit waits, one that
         could never fit is refused. max_model_len: the longest sequence (prompt + generated) the model takes.
     max_rows: rows in one step. max_prefill_tokens: prompt tokens in one prefill step.
-    step_timeout_s: a step not back in this long counts as a hung worker. Other options as for Pipeline
+    step_timeout_s: a step not back in this long counts as a hung worker. take_turns: when every stage worker is
+    on one node's CPUs, the stages take turns (one step in flight, each stage's session on the CPUs all of them
+    reserved: ``decoding``); ``False`` keeps one step per stage in flight, each stage on its own CPUs, as where
+    the workers are on several nodes or GPUs. ``turns`` says which. Other options as for Pipeline
     (cpus_per_stage, gpus_per_stage, runtime, placement_timeout_s, max_restarts, restart_window_s, ...).
 
         with Generator("plan/") as gen:
@@ -55,7 +58,7 @@ class Generator:
 
     def __init__(self, plan: Plan | str | Path, *, kv_cache_memory: int | None = None, max_model_len: int | None = None,
                  max_rows: int = 32, max_prefill_tokens: int = 2048, step_timeout_s: float = 120.0,
-                 eos_token_id: int | None = None, address: str | None = None, **options):
+                 eos_token_id: int | None = None, take_turns: bool = True, address: str | None = None, **options):
         self.config = replace(PipelineConfig(), **options)
         check_config(self.config)
         self.plan = plan if isinstance(plan, Plan) else plan_store.open_plan(plan)
@@ -65,6 +68,7 @@ class Generator:
         self.step_timeout_s, self.eos_token_id = step_timeout_s, eos_token_id
         self._owns_ray = cluster.connect(address, self.config.connect_timeout_s)
         self.placement: Placement | None = None
+        self.turns = False
         self._lock = threading.Condition()
         self._waiting: collections.deque[SequenceState] = collections.deque()
         self._running: dict[str, SequenceState] = {}
@@ -78,7 +82,8 @@ class Generator:
         self.finished: collections.Counter[str] = collections.Counter()  # sequences ended, by finish reason
         self._losses: collections.deque[float] = collections.deque(maxlen=64)
         try:
-            self.placement = Placement(self.plan, self.config, owns_ray=self._owns_ray)
+            self.placement = Placement(self.plan, self.config, owns_ray=self._owns_ray, turns=take_turns)
+            self.turns = self.placement.turn_threads is not None
             self.token_bytes = self._open_caches(kv_cache_memory)
             self.kv_cache_memory = kv_cache_memory
             per_token = [b for b in self.token_bytes if b]
@@ -169,7 +174,7 @@ class Generator:
             return {"waiting": len(self._waiting), "running": len(self._running), "in_flight": len(self._in_flight),
                     "peak_running": self.peak_running, "aborted": self.finished["abort"], "ended": dict(self.finished),
                     "steps": sum(self.step_rows.values()), "rows": sum(k * v for k, v in self.step_rows.items()),
-                    "recoveries": len(self.recoveries)}
+                    "recoveries": len(self.recoveries), "turns": self.turns}
 
     def close(self) -> None:
         with self._lock:
@@ -239,8 +244,10 @@ class Generator:
     def _launch(self) -> bool:
         idle = sorted((s for s in self._running.values() if not s.busy), key=lambda s: s.arrived)
         ready = [Ready(s.seq.id, len(s.all_tokens) - s.cached, s.cached) for s in idle]
-        rows = next_step(ready, len(self._running), self.plan.num_stages, self.max_rows, self.max_prefill_tokens)
-        if not room(rows, len(self._in_flight), self.plan.num_stages):
+        stages = self.plan.num_stages
+        rows = next_step(ready, len(self._running), step_groups(stages, self.turns), self.max_rows,
+                         self.max_prefill_tokens)
+        if not room(rows, len(self._in_flight), stages, self.turns):
             return False
         states = [self._running[r.seq] for r in rows]
         batch = arrow.encode({"input_ids": step_ids([s.all_tokens for s in states], rows)})

@@ -10,6 +10,7 @@ import logging
 import socket
 import time
 from collections import deque
+from dataclasses import replace
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -22,6 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from onnxshard.distributed import cluster, groups
 from onnxshard.distributed.config import PipelineConfig
+from onnxshard.distributed.decoding import turn_threads
 from onnxshard.errors import ClusterError, OnnxShardError, PlanError, WorkerError
 from onnxshard.plans import Plan
 from onnxshard.workers import StageWorker
@@ -44,9 +46,12 @@ class _NeverStarted(WorkerError):
 
 class Placement:
     """The workers of every replica: ``workers[replica][stage][rank]`` (actor handles) and ``info`` (what each
-    said when ready: node, pid, threads, warm-up seconds)."""
+    said when ready: node, pid, threads, warm-up seconds).
 
-    def __init__(self, plan: Plan, config: PipelineConfig, *, owns_ray: bool):
+    turns: the stages may take turns (a generator, one step in flight at a time): when every worker's bundle is on
+    one node's CPUs, ``turn_threads`` is what each session runs (``decoding.turn_threads``), else ``None``."""
+
+    def __init__(self, plan: Plan, config: PipelineConfig, *, owns_ray: bool, turns: bool = False):
         self.plan, self.config = plan, config
         count = plan.num_workers * config.replicas
         self.bundle = worker_bundle(config)
@@ -60,7 +65,12 @@ class Placement:
             self.group = self._reserve(count, owns_ray)
         else:
             self.group = self._current(count)
+        self.turn_threads = None
         try:
+            if turns:
+                nodes = cluster.bundle_nodes(self.group)[self.first_bundle:self.first_bundle + count]
+                self.turn_threads = turn_threads(nodes, config.cpus_per_stage, config.gpus_per_stage,
+                                                 max(s.tensor_parallel for s in plan.stages))
             for r in range(config.replicas):
                 self.workers.append([])
                 for s in range(plan.num_stages):
@@ -106,11 +116,14 @@ class Placement:
         first = self.first_bundle + replica * self.plan.num_workers + sum(s.tensor_parallel for s in self.plan.stages[:stage])
         group = self.moved.get((replica, stage))
         group, first = (self.group, first) if group is None else (group, 0)
+        runtime = cfg.runtime
+        if self.turn_threads is not None and group is self.group:  # a moved stage is on a node of its own
+            runtime = replace(runtime, intra_op_threads=runtime.intra_op_threads or self.turn_threads, turns=True)
         return [_stage_worker().options(
             num_cpus=cfg.cpus_per_stage, num_gpus=cfg.gpus_per_stage, resources=cfg.resources or None,
             max_restarts=0, max_task_retries=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=first + rank),
-        ).remote(self.plan.location, stage, cfg.runtime, rank) for rank in range(self.plan.stages[stage].tensor_parallel)]
+        ).remote(self.plan.location, stage, runtime, rank) for rank in range(self.plan.stages[stage].tensor_parallel)]
 
     def await_ready(self, workers: list, timeout: float | None = None) -> list[dict]:
         timeout = self.config.worker_start_timeout_s if timeout is None else timeout

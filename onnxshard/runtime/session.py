@@ -32,6 +32,8 @@ class RuntimeConfig:
     prepacking: ORT copies MatMul weights into anonymous memory in a faster layout. Off keeps weights memory-mapped
         and shared between processes at some speed cost.
     optimization: ``"all"``, ``"extended"``, ``"basic"`` or ``"none"``.
+    turns: the session takes turns on its node's CPUs with other sessions (a generator's stages on one node): its
+        threads stop spinning as each run ends, and a worker runs no more of them than its machine has cores.
     """
 
     intra_op_threads: int = 0
@@ -39,6 +41,7 @@ class RuntimeConfig:
     device_id: int = 0
     prepacking: bool = True
     optimization: str = "all"
+    turns: bool = False
 
     def session_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
@@ -54,6 +57,8 @@ class RuntimeConfig:
             so.add_session_config_entry("session.disable_prepacking", "1")
         if self.intra_op_threads == 1:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif self.turns:  # spin while a run lasts, not into the next stage's turn
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         return so
 
     def providers(self) -> list:

@@ -49,8 +49,7 @@ class StageWorker(RankSteps):
         self.index, self.rank = stage_index, rank
         config = config or RuntimeConfig()
         threads, device_id, provider = _assigned(config)
-        self.config = RuntimeConfig(intra_op_threads=threads, provider=provider, device_id=device_id,
-                                    prepacking=config.prepacking, optimization=config.optimization)
+        self.config = dataclasses.replace(config, intra_op_threads=threads, provider=provider, device_id=device_id)
         if self.stage.steps:
             self.shard = RankShard(plan, self.stage, rank, self.config)
             sessions = list(self.shard.sessions.values())
@@ -324,6 +323,8 @@ def _assigned(config: RuntimeConfig) -> tuple[int, int, str]:
     cpus = ctx.get_assigned_resources().get("CPU", 0)
     if not threads:
         threads = max(1, int(round(cpus))) if cpus else 1
+    if config.turns:
+        threads = min(threads, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     gpu_ids = ray.get_gpu_ids()
     if gpu_ids and provider in ("auto", "cuda"):
         # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs, so inside the actor the first one is device 0.
