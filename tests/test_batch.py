@@ -141,13 +141,21 @@ def test_on_error_skip_writes_bad_rows_to_a_rejects_file(data, ray_session, tmp_
 def test_resume_after_the_driver_is_killed_writes_each_row_once(data, ray_session, tmp_path):
     """The driver is SIGKILLed once some input files are done; ``--resume`` skips those (their outputs are not
     rewritten) and finishes the rest: every row exactly once, equal to ORT."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import ray.data
 
     rng = np.random.default_rng(1)
-    n, files = 96, 8  # 12 rows a file, one at a time: a file takes ~1 s, so the kill lands mid-job
+    # rows one at a time; seven files of 4 rows and one of 68: however fast the machine, the long file is still
+    # running when a short one is done (with 8 equal files, a fast run once finished them all between two polls)
+    n, sizes = 96, [4] * 7 + [68]
+    files = len(sizes)
     x1, x2 = (rng.standard_normal((n, 8)).astype(np.float32) for _ in range(2))
-    ray.data.from_items([{"id": i, "a": x1[i], "b": x2[i]} for i in range(n)]).repartition(files) \
-        .write_parquet(str(tmp_path / "in"))
+    table = ray.data.from_items([{"id": i, "a": x1[i], "b": x2[i]} for i in range(n)]).to_arrow_refs()
+    table = pa.concat_tables(ray_session.get(table)).sort_by("id")
+    (tmp_path / "in").mkdir()
+    for i, start in enumerate(np.cumsum([0] + sizes[:-1])):
+        pq.write_table(table.slice(int(start), sizes[i]), tmp_path / "in" / f"part-{i}.parquet")
     out, manifest = tmp_path / "out", tmp_path / "out" / "_onnxshard_manifest.jsonl"
     address = ray_session.get_runtime_context().gcs_address
     args = [sys.executable, "-m", "onnxshard.cli", "batch", data["model"], "--input", tmp_path / "in", "--output", out,
