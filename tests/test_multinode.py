@@ -94,6 +94,26 @@ def test_hops_within_a_node_stay_unix_sockets(cluster, model):
         _exact(references[:6], list(pipe.stream(batches[:6])))
 
 
+@pytest.mark.parametrize("strategy,resource,turns", [("STRICT_SPREAD", "single", False), ("STRICT_PACK", "pair", True)])
+def test_a_generators_stages_take_turns_only_when_they_share_a_nodes_cpus(cluster, tmp_path, strategy, resource, turns):
+    """Two stages on two nodes work at once, a thread each; on one node they take turns, each on both CPUs."""
+    from test_generation import _prompts, ort_greedy
+
+    from onnxshard import decoder_models as dm
+    from onnxshard.distributed.generator import Generator
+    from onnxshard.sampling import SamplingParams
+
+    path = onnxshard.models.save(dm.llama_cached(layers=2), tmp_path / "decoder", external=True)
+    plan = onnxshard.plan(path, tmp_path / "plan", stages=2)
+    prompts = _prompts(4)
+    with Generator(plan, cpus_per_stage=1, resources={resource: 1}, placement_strategy=strategy) as gen:
+        assert len(set(_node_of(cluster, gen.placement.info))) == (1 if turns else 2)
+        assert gen.turns is turns
+        assert [ranks[0]["threads"] for ranks in gen.placement.info[0]] == [2 if turns else 1] * 2
+        got = gen.generate(prompts, SamplingParams(max_tokens=6))
+    assert got == [ort_greedy(path, p, 6) for p in prompts]
+
+
 def test_tensor_parallel_ranks_on_two_nodes_reduce_over_tcp(cluster, model):
     import ray
 
