@@ -109,6 +109,7 @@ class Recoverer:
         self._transport.relink(replica)
         first = min(stages) if stages else None  # None: the chain broke with every worker alive
         replayed, spent, waited = 0, None, window[0] if window else None  # the coordinator waits for the oldest
+        failed = []  # batches out of retries: their callers hear once the recovery is on record
         for flight in self._transport.lost(replica, first, window, force):  # oldest first: the new worker gets
             try:                                                            # them in order
                 self._count_replay(flight, cause, first)
@@ -117,13 +118,15 @@ class Recoverer:
                     spent = e  # raised below: the coordinator takes it out of the window
                 else:
                     window.remove(flight)
-                    self._fail(flight.group, e)
+                    failed.append((flight.group, e))
                 continue
             if not self._transport.resend(flight, first):
                 break  # the replica broke again: the next wait finds out and recovers again
             replayed += 1
         self.recoveries.append(Recovery(-1 if first is None else first, replica, cause, time.perf_counter() - t0,
                                         replayed))
+        for group, error in failed:
+            self._fail(group, error)
         if spent is not None:
             raise spent
 
