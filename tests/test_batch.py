@@ -103,6 +103,27 @@ def _place(file, id_):
     return pq.read_table(file).column("id").to_pylist().index(id_)
 
 
+
+def test_each_row_set_aside_is_named_whether_or_not_good_rows_share_its_batch():
+    """A bad row among good ones is blamed alone; a batch of bad rows only (Ray Data batches rows in any order)
+    fails them all, and each reason still names its row."""
+    from onnxshard.data.columns import good_rows
+    from onnxshard.plans import TensorSpec
+
+    def batch(lengths):
+        cells = np.empty(len(lengths), object)
+        cells[:] = [np.full(n, 0.5, np.float32) for n in lengths]
+        return {"b": cells, "id": np.arange(10, 10 + len(lengths))}
+
+    inputs = (TensorSpec("x2", "float32", ("batch", 8)),)
+    good, feeds, reasons = good_rows(batch([8, 7, 8]), inputs, {"x2": "b"}, "a batch of 3 rows", ("id",))
+    assert good.tolist() == [0, 2] and feeds["x2"].shape == (2, 8) and list(reasons) == [1]
+    assert "column 'b' row 1 (id=11) has shape [7], the other rows [8]" in reasons[1]
+    good, feeds, reasons = good_rows(batch([7, 7]), inputs, {"x2": "b"}, "a batch of 2 rows", ("id",))
+    assert feeds is None and sorted(reasons) == [0, 1]
+    for i in (0, 1):
+        assert reasons[i].startswith(f"row {i} (id={10 + i}): a batch of 2 rows: column 'b' gives rows of shape [7]")
+
 def test_a_bad_row_names_its_file_row_and_column(data, ray_session, tmp_path):
     """Through the CLI, as a user runs it (its own driver, which exits with status 2)."""
     file = _bad_rows(tmp_path / "bad")
@@ -135,7 +156,10 @@ def test_on_error_skip_writes_bad_rows_to_a_rejects_file(data, ray_session, tmp_
     np.testing.assert_allclose(np.stack([np.asarray(v) for v in good["out"]]), np.stack([want] * 7), rtol=1e-5)
     rejects = sorted(pq.read_table(out / "_rejects" / file.name).to_pylist(), key=lambda r: r["id"])
     assert [(r["id"], r["row"]) for r in rejects] == [(i, _place(file, i)) for i in (0, 5, 9)]
-    assert all(f"of file {file}" in r["error"] and "has shape [7]" in r["error"] for r in rejects)
+    # a bad row among good ones "has shape [7], the other rows [8]"; one that Ray Data batched alone (or with bad
+    # ones only) "gives rows of shape [7]" where the model takes [8]: either way its reason names it and its file
+    assert all(f"of file {file}" in r["error"] and "shape [7]" in r["error"] for r in rejects), \
+        [r["error"] for r in rejects]
 
 
 def test_resume_after_the_driver_is_killed_writes_each_row_once(data, ray_session, tmp_path):

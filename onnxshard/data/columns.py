@@ -74,8 +74,8 @@ def good_rows(batch: dict[str, np.ndarray], inputs: tuple[TensorSpec, ...], mapp
         except RowError as e:
             reasons[int(good[e.row])] = str(e)
             good = np.delete(good, e.row)
-        except InputError as e:
-            reasons.update((int(i), str(e)) for i in good)
+        except InputError as e:  # each row's reason names it, as a RowError's does
+            reasons.update((int(i), f"{name_row(int(i))}: {e}") for i in good)
             good = good[:0]
     return good, None, reasons
 
