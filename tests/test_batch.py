@@ -124,17 +124,20 @@ def test_each_row_set_aside_is_named_whether_or_not_good_rows_share_its_batch():
     for i in (0, 1):
         assert reasons[i].startswith(f"row {i} (id={10 + i}): a batch of 2 rows: column 'b' gives rows of shape [7]")
 
-def test_a_bad_row_names_its_file_row_and_column(data, ray_session, tmp_path):
-    """Through the CLI, as a user runs it (its own driver, which exits with status 2)."""
+@pytest.mark.parametrize("batch_size", [10, 1])
+def test_a_bad_row_names_its_file_row_and_column(data, ray_session, tmp_path, batch_size):
+    """Through the CLI, as a user runs it (its own driver, which exits with status 2); the bad row among good ones,
+    or alone in its batch."""
     file = _bad_rows(tmp_path / "bad")
     run = _cli(data["model"], "--input", tmp_path / "bad", "--output", tmp_path / "out", "--columns", "x1=a",
-               "--columns", "x2=b", "--keep", "id", "--batch-size", "10",
+               "--columns", "x2=b", "--keep", "id", "--batch-size", batch_size,
                address=ray_session.get_runtime_context().gcs_address)
     errors = [line for line in run.stderr.splitlines() if line.startswith("onnxshard: error:")]
     assert run.returncode == 2 and len(errors) == 1, run.stderr[-2000:]
-    row = _place(file, 5)
-    assert re.search(rf"column 'b' row {row} of file {re.escape(str(file))} \(id=5\) has shape \[7\], the other "
-                     r"rows \[8\]", errors[0]), errors
+    row, name = _place(file, 5), re.escape(str(file))
+    want = rf"column 'b' row {row} of file {name} \(id=5\) has shape \[7\], the other rows \[8\]" if batch_size > 1 \
+        else rf"row {row} of file {name} \(id=5\): a batch of 1 rows: column 'b' gives rows of shape \[7\]"
+    assert re.search(want, errors[0]), errors
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["_onnxshard_manifest.jsonl"]  # no partial file
 
 

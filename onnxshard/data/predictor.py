@@ -13,7 +13,7 @@ import numpy as np
 from onnxshard import dtypes
 from onnxshard.data import provenance
 from onnxshard.data.columns import column_map, good_rows, keep_label, row_outputs, to_columns, to_feeds
-from onnxshard.errors import InputError
+from onnxshard.errors import InputError, RowError
 from onnxshard.memory import private_bytes
 
 ERROR = "_onnxshard_error"  # with on_error="skip": why the row was rejected ("" for a good row)
@@ -63,7 +63,13 @@ class Predictor:
             return provenance.name_row(batch, i, keep_label(batch, self.named_by, i))
 
         if self.on_error == "raise":
-            outputs = self._run(to_feeds(batch, self.pipe.plan.inputs, self.mapping, where, self.keep, name))
+            try:
+                feeds = to_feeds(batch, self.pipe.plan.inputs, self.mapping, where, self.keep, name)
+            except RowError:
+                raise
+            except InputError as e:  # the whole batch is at fault (no good row in it): its first row names the file
+                raise InputError(f"{name(0)}: {e}") from None
+            outputs = self._run(feeds)
             return to_columns({k: outputs[k] for k in self.outputs}, batch, self.keep, where)
         good, feeds, reasons = good_rows(batch, self.pipe.plan.inputs, self.mapping, where, self.keep, name)
         outputs = {}
