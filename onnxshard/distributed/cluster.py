@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 import ray
+from ray.util import placement_group_table
 
 from onnxshard.errors import ClusterError
 
@@ -145,8 +146,6 @@ def node_totals() -> list[dict[str, float]]:
 
 def bundle_nodes(group) -> list[str]:
     """The node each bundle of a ready placement group is on, by bundle index."""
-    from ray.util.placement_group import placement_group_table
-
     where = placement_group_table(group)["bundles_to_node_id"]
     return [where[i] for i in range(len(where))]
 

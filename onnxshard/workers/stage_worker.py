@@ -323,8 +323,9 @@ def _assigned(config: RuntimeConfig) -> tuple[int, int, str]:
     cpus = ctx.get_assigned_resources().get("CPU", 0)
     if not threads:
         threads = max(1, int(round(cpus))) if cpus else 1
-    if config.turns:
-        threads = min(threads, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    if config.turns:  # no more threads than the cores this process may run on (cpu_count may say None)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or threads
+        threads = min(threads, cores)
     gpu_ids = ray.get_gpu_ids()
     if gpu_ids and provider in ("auto", "cuda"):
         # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs, so inside the actor the first one is device 0.
